@@ -1,0 +1,27 @@
+"""hf-graft: knowledge grafting on the Hugging Face Hub.
+
+Importing the package registers the graft models with transformers' Auto classes, so
+``AutoModel.from_pretrained("org/grafted-...")`` works without ``trust_remote_code``.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+
+from .errors import HfGraftError
+from .models.configuration_grafted import GraftedConfig
+from .models.configuration_grafted_vision import GraftedVisionConfig
+from .models.modeling_grafted import GraftedModel
+from .models.modeling_grafted_vision import GraftedModelForImageClassification
+
+__version__ = "0.1.0"
+
+AutoConfig.register(GraftedVisionConfig.model_type, GraftedVisionConfig, exist_ok=True)
+AutoModel.register(GraftedVisionConfig, GraftedModelForImageClassification, exist_ok=True)
+AutoModelForImageClassification.register(GraftedVisionConfig, GraftedModelForImageClassification, exist_ok=True)
+
+__all__ = [
+    "GraftedConfig",
+    "GraftedModel",
+    "GraftedModelForImageClassification",
+    "GraftedVisionConfig",
+    "HfGraftError",
+]

@@ -1,0 +1,73 @@
+"""``GraftedModel``: the base class of every hf-graft model.
+
+It adds to ``PreTrainedModel`` what every graft needs on the Hub: an ``auto_map`` naming all the
+Auto classes the graft answers to (so ``AutoModel`` and the task's Auto class both load it with
+``trust_remote_code=True``), a model card written on every save when hf-graft is installed, and a
+``push_to_hub`` that uploads exactly what ``save_pretrained`` wrote, card included.
+"""
+
+import tempfile
+from typing import Callable, ClassVar, Optional
+
+from huggingface_hub import HfApi
+from transformers import PreTrainedModel
+
+from .configuration_grafted import GraftedConfig
+
+
+class GraftedModel(PreTrainedModel):
+    """Base class of hf-graft models; see the concrete classes for the architectures."""
+
+    config_class = GraftedConfig
+    base_model_prefix = "graft"
+    #: Auto classes written into ``config.auto_map``; concrete classes name their task class too.
+    auto_classes: ClassVar[tuple] = ("AutoModel",)
+    #: ``writer(model, save_directory)`` writes the model card; hf-graft sets it when imported.
+    model_card_writer: ClassVar[Optional[Callable]] = None
+
+    def _record_auto_map(self):
+        model_ref = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
+        config_ref = f"{type(self.config).__module__.rsplit('.', 1)[-1]}.{type(self.config).__name__}"
+        auto_map = {"AutoConfig": config_ref}
+        auto_map.update({name: model_ref for name in self.auto_classes})
+        self.config.auto_map = auto_map
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save weights (safetensors), config, the modeling code and, with hf-graft, a model card."""
+        self._record_auto_map()
+        super().save_pretrained(save_directory, *args, **kwargs)
+        writer = GraftedModel.model_card_writer
+        if writer is not None and kwargs.get("is_main_process", True):
+            writer(self, save_directory, tags=getattr(self, "_push_tags", None))
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: Optional[str] = None,
+        private: Optional[bool] = None,
+        token: Optional[str] = None,
+        revision: Optional[str] = None,
+        create_pr: bool = False,
+        tags: Optional[list] = None,
+        max_shard_size="5GB",
+    ):
+        """Create ``repo_id`` if needed and upload what ``save_pretrained`` writes, in one commit.
+
+        The Hub endpoint comes from ``HF_ENDPOINT`` as for every huggingface_hub call.
+        """
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self._push_tags = tags
+            try:
+                self.save_pretrained(folder, max_shard_size=max_shard_size)
+            finally:
+                self._push_tags = None
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message or f"Upload {type(self).__name__}",
+                revision=revision,
+                create_pr=create_pr,
+            )
