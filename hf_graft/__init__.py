@@ -6,6 +6,7 @@ Importing the package registers the graft models with transformers' Auto classes
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
+from . import hub, vision
 from .errors import HfGraftError
 from .models.configuration_grafted import GraftedConfig
 from .models.configuration_grafted_vision import GraftedVisionConfig
@@ -13,6 +14,8 @@ from .models.modeling_grafted import GraftedModel
 from .models.modeling_grafted_vision import GraftedModelForImageClassification
 
 __version__ = "0.1.0"
+
+GraftedModel.model_card_writer = staticmethod(hub.write_model_card)
 
 AutoConfig.register(GraftedVisionConfig.model_type, GraftedVisionConfig, exist_ok=True)
 AutoModel.register(GraftedVisionConfig, GraftedModelForImageClassification, exist_ok=True)

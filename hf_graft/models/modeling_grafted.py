@@ -22,7 +22,7 @@ class GraftedModel(PreTrainedModel):
     base_model_prefix = "graft"
     #: Auto classes written into ``config.auto_map``; concrete classes name their task class too.
     auto_classes: ClassVar[tuple] = ("AutoModel",)
-    #: ``writer(model, save_directory)`` writes the model card; hf-graft sets it when imported.
+    #: ``writer(model, save_directory, tags=, repo_id=)`` writes the model card; hf-graft sets it.
     model_card_writer: ClassVar[Optional[Callable]] = None
 
     def _record_auto_map(self):
@@ -38,7 +38,7 @@ class GraftedModel(PreTrainedModel):
         super().save_pretrained(save_directory, *args, **kwargs)
         writer = GraftedModel.model_card_writer
         if writer is not None and kwargs.get("is_main_process", True):
-            writer(self, save_directory, tags=getattr(self, "_push_tags", None))
+            writer(self, save_directory, **getattr(self, "_push_context", {}))
 
     def push_to_hub(
         self,
@@ -59,11 +59,11 @@ class GraftedModel(PreTrainedModel):
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
-            self._push_tags = tags
+            self._push_context = {"tags": tags, "repo_id": repo_id}
             try:
                 self.save_pretrained(folder, max_shard_size=max_shard_size)
             finally:
-                self._push_tags = None
+                del self._push_context
             return api.upload_folder(
                 repo_id=repo_id,
                 folder_path=folder,

@@ -1,0 +1,71 @@
+"""Model cards for everything hf-graft saves or pushes, rendered from ``hub_templates/``."""
+
+import os
+from importlib import resources
+from typing import Optional
+
+import jinja2
+from huggingface_hub import EvalResult, ModelCardData
+
+from . import metrics
+from .safetensors_io import atomic_write_text
+
+TEMPLATES = {"grafted_vision": "vision_model_card.md.j2"}
+TASKS = {"grafted_vision": "image-classification"}
+
+
+def template_environment() -> jinja2.Environment:
+    """The Jinja environment over the packaged ``hub_templates``."""
+    folder = resources.files("hf_graft.hub_templates")
+    return jinja2.Environment(
+        loader=jinja2.FunctionLoader(lambda name: folder.joinpath(name).read_text(encoding="utf-8")),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
+
+
+def _card_data(config, task: str, tags: Optional[list], title: str) -> ModelCardData:
+    dataset = config.graft_dataset
+    results = [
+        EvalResult(
+            task_type=task,
+            dataset_type=dataset or "custom",
+            dataset_name=dataset or "custom",
+            metric_type="accuracy",
+            metric_name=name,
+            metric_value=value,
+        )
+        for name, value in config.graft_metrics.items()
+        if name.endswith("accuracy") and not name.startswith("donor")
+    ]
+    return ModelCardData(
+        library_name="transformers",
+        pipeline_tag=task,
+        tags=sorted({"hf-graft", "knowledge-grafting", task, *(tags or [])}),
+        datasets=[dataset] if dataset and "/" in dataset else None,
+        model_name=title,
+        eval_results=results or None,
+    )
+
+
+def write_model_card(model, save_directory: str, tags: Optional[list] = None, repo_id: Optional[str] = None) -> str:
+    """Render and write ``README.md`` for a saved graft; return its path."""
+    config = model.config
+    model_type = config.model_type
+    if model_type not in TEMPLATES:
+        raise ValueError(f"No model card template for model_type {model_type!r}.")
+    size = metrics.footprint(model)
+    title = os.path.basename(repo_id) if repo_id else f"grafted-{config.donor_name}"
+    data = _card_data(config, TASKS[model_type], tags, title)
+    card = template_environment().get_template(TEMPLATES[model_type]).render(
+        metadata=data.to_yaml(),
+        title=title,
+        config=config,
+        params=size["parameters"],
+        megabytes=size["megabytes"],
+        metrics=config.graft_metrics,
+        repo_id=repo_id or "path/to/this/model",
+    )
+    path = os.path.join(save_directory, "README.md")
+    atomic_write_text(path, card)
+    return path
