@@ -39,7 +39,7 @@ def _int8_row(result, out_dir: str):
         "bytes": comparison["int8_bytes"],
         "fp32_mb": round(comparison["int8_bytes"] / 2**20, 2),
         "test_accuracy": comparison["int8_accuracy"],
-        "top1_agreement_with_fp32": comparison["agreement"],
+        "top1_agreement_with_fp32": comparison["top1_agreement"],
         "size_reduction_percent": 100 * (1 - comparison["int8_bytes"] / donor_bytes),
     }
 

@@ -25,6 +25,20 @@ class GraftedModel(PreTrainedModel):
     #: ``writer(model, save_directory, tags=, repo_id=)`` writes the model card; hf-graft sets it.
     model_card_writer: ClassVar[Optional[Callable]] = None
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained``, with one clear error for a corrupt weights file."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as error:
+            if type(error).__name__ != "SafetensorError":
+                raise
+            raise ValueError(
+                f"The weights of {str(pretrained_model_name_or_path)!r} are not a valid safetensors file "
+                f"({error}): the file is truncated or corrupt. Download it again (force_download=True) "
+                "or save the model again."
+            ) from error
+
     def _record_auto_map(self):
         model_ref = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
         config_ref = f"{type(self.config).__module__.rsplit('.', 1)[-1]}.{type(self.config).__name__}"

@@ -84,10 +84,14 @@ def cut_layers(layers: list, cut: str, donor_name: str) -> list:
 
 
 def output_shape(module: nn.Module, input_shape: tuple) -> torch.Size:
-    """Output shape for an input shape, computed on the meta device (no real compute)."""
+    """Output shape of one sample, computed on the meta device (no real compute).
+
+    The probe batch holds two samples: batch norm in training mode refuses a single value
+    per channel.
+    """
     probe = module if all(t.is_meta for t in module.parameters()) else copy.deepcopy(module).to("meta")
     with torch.no_grad():
-        return probe(torch.empty(input_shape, device="meta")).shape
+        return probe(torch.empty((2, *input_shape[1:]), device="meta")).shape[1:]
 
 
 def dense_head(in_width: int, widths: list, num_labels: int, dropout: float) -> nn.Sequential:
@@ -144,7 +148,7 @@ class GraftedModelForImageClassification(GraftedModel):
                 feature_layers(config.donor_name, config.num_channels), config.scion_cut, config.donor_name
             )
             self.scion = nn.Sequential(OrderedDict(layers))
-            width += output_shape(self.scion, size)[1]
+            width += output_shape(self.scion, size)[0]
         self.rootstock = None
         if config.rootstock is not None:
             self.rootstock = create_timm(config.rootstock, num_classes=0, in_chans=config.num_channels)

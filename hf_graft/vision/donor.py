@@ -39,7 +39,7 @@ class DonorClassifier(nn.Module):
         layers = feature_layers(config.donor_name, config.num_channels, body=body)
         self.body = nn.Sequential(OrderedDict(layers))
         size = (1, config.num_channels, config.image_size, config.image_size)
-        flat = math.prod(output_shape(self.body, size)[1:])
+        flat = math.prod(output_shape(self.body, size))
         self.head = dense_head(flat, config.donor_head_widths, config.num_labels, config.head_dropout)
         if body is None:
             materialise(self)

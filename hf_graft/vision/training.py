@@ -175,7 +175,7 @@ def train_classifier(
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
-            totals += torch.tensor([float(loss) * len(labels), float((logits.argmax(-1) == labels).sum()), len(labels)])
+            totals += torch.tensor([loss.item() * len(labels), (logits.argmax(-1) == labels).sum().item(), len(labels)])
             bar.set_postfix(loss=f"{totals[0] / totals[2]:.4f}")
         totals = accelerator.reduce(totals.to(accelerator.device), reduction="sum").cpu()
         val = evaluate_classifier(model, val_set, args.eval_batch_size, accelerator)
