@@ -193,9 +193,9 @@ def test_training_resumes_bit_exactly_after_a_kill(tmp_path, monkeypatch):
 
 
 def test_graft_vision_trains_donor_and_graft_and_reports(tmp_path):
-    config = small_config()
+    config = small_config(scion_trainable=True)
     splits = _digits_subset(config, 300)
-    fast = dict(output_dir="", epochs=2, batch_size=32, learning_rate=3e-3)
+    fast = dict(output_dir="", epochs=4, batch_size=16, learning_rate=3e-3)
     result = graft_vision(
         config,
         str(tmp_path / "out"),
