@@ -11,8 +11,6 @@ import json
 import os
 import sys
 
-from .errors import HfGraftError
-
 
 def _add_training_flags(parser, prefix: str, epochs: int, lr: float):
     parser.add_argument(f"--{prefix}-epochs", type=int, default=epochs, help=f"{prefix} training epochs")
@@ -156,7 +154,7 @@ def main(argv=None) -> int:
             _vision_eval(args)
         elif args.vision_command == "export":
             _vision_export(args)
-    except HfGraftError as error:
+    except ValueError as error:  # HfGraftError and the model configs' own checks: user errors
         print(f"hf-graft: error: {error}", file=sys.stderr)
         return 2
     return 0

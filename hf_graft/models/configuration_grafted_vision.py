@@ -7,6 +7,7 @@ features are concatenated; a dense head classifies the result. Knowledge Graftin
 """
 
 import copy
+import difflib
 
 import timm
 
@@ -51,7 +52,7 @@ def _positive_ints(name, values):
 
 def _check_timm_name(field, name):
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        close = difflib.get_close_matches(str(name), timm.list_models(), n=6, cutoff=0.6)
         hint = f" Close names: {', '.join(close)}." if close else ""
         raise ValueError(f"{field}={name!r} is not a timm model name.{hint} See timm.list_models().")
 
