@@ -28,31 +28,38 @@ class ImageSplits:
     name: str
 
 
-class TensorImageDataset(Dataset):
-    """Images kept small in memory and resized on access (digits are 8x8 before resizing)."""
+class _NormalisedImages(Dataset):
+    """Base of the image datasets: resizes to ``image_size`` and normalises per channel."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, image_size: int, mean, std):
-        self.images, self.labels = images, labels
+    def __init__(self, image_size: int, mean, std):
         self.image_size = image_size
         self.mean = torch.tensor(mean).view(-1, 1, 1)
         self.std = torch.tensor(std).view(-1, 1, 1)
+
+    def _prepare(self, image: torch.Tensor) -> torch.Tensor:
+        return (_resize(image, self.image_size, len(self.mean)) - self.mean) / self.std
+
+
+class TensorImageDataset(_NormalisedImages):
+    """Images kept small in memory and resized on access (digits are 8x8 before resizing)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, image_size: int, mean, std):
+        super().__init__(image_size, mean, std)
+        self.images, self.labels = images, labels
 
     def __len__(self):
         return len(self.labels)
 
     def __getitem__(self, index):
-        image = _resize(self.images[index], self.image_size, len(self.mean))
-        return (image - self.mean) / self.std, int(self.labels[index])
+        return self._prepare(self.images[index]), int(self.labels[index])
 
 
-class HFImageDataset(Dataset):
+class HFImageDataset(_NormalisedImages):
     """A ``datasets.Dataset`` split with one image column and one integer label column."""
 
     def __init__(self, split, image_column: str, label_column: str, image_size: int, mean, std):
+        super().__init__(image_size, mean, std)
         self.split, self.image_column, self.label_column = split, image_column, label_column
-        self.image_size = image_size
-        self.mean = torch.tensor(mean).view(-1, 1, 1)
-        self.std = torch.tensor(std).view(-1, 1, 1)
 
     def __len__(self):
         return len(self.split)
@@ -62,8 +69,7 @@ class HFImageDataset(Dataset):
         mode = "L" if len(self.mean) == 1 else "RGB"
         pixels = np.asarray(row[self.image_column].convert(mode), dtype=np.float32) / 255.0
         image = torch.from_numpy(pixels).reshape(pixels.shape[0], pixels.shape[1], -1).permute(2, 0, 1)
-        image = _resize(image, self.image_size, len(self.mean))
-        return (image - self.mean) / self.std, int(row[self.label_column])
+        return self._prepare(image), int(row[self.label_column])
 
 
 def _resize(image: torch.Tensor, size: int, channels: int) -> torch.Tensor:
@@ -74,15 +80,17 @@ def _resize(image: torch.Tensor, size: int, channels: int) -> torch.Tensor:
     return image.contiguous()
 
 
-def _three_way_split(labels: np.ndarray, seed: int, val_fraction: float, test_fraction: float):
+def _split(labels: np.ndarray, fraction: float, seed: int):
+    """Indices of a stratified ``(1 - fraction, fraction)`` split."""
     from sklearn.model_selection import train_test_split
 
-    index = np.arange(len(labels))
-    rest, test = train_test_split(index, test_size=test_fraction, stratify=labels, random_state=seed)
-    train, val = train_test_split(
-        rest, test_size=val_fraction / (1 - test_fraction), stratify=labels[rest], random_state=seed
-    )
-    return train, val, test
+    return train_test_split(np.arange(len(labels)), test_size=fraction, stratify=labels, random_state=seed)
+
+
+def _three_way_split(labels: np.ndarray, seed: int, val_fraction: float, test_fraction: float):
+    rest, test = _split(labels, test_fraction, seed)
+    train, val = _split(labels[rest], val_fraction / (1 - test_fraction), seed)
+    return rest[train], rest[val], test
 
 
 def load_digits_splits(config, seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15) -> ImageSplits:
@@ -155,12 +163,16 @@ def load_image_splits(
     val = loaded.get("validation") or loaded.get("val")
     test = loaded.get("test")
     if val is None or test is None:
-        train_idx, val_idx, test_idx = _three_way_split(labels, seed, val_fraction, test_fraction)
-        if val is None:
-            val = train.select(val_idx)
-        if test is None:
-            test = train.select(test_idx)
-        train = train.select(train_idx)
+        missing = (val_fraction if val is None else 0.0) + (test_fraction if test is None else 0.0)
+        rest, carved = _split(labels, missing, seed)
+        if val is None and test is None:
+            val_part, test_part = _split(labels[carved], test_fraction / missing, seed)
+            val, test = train.select(carved[val_part]), train.select(carved[test_part])
+        elif val is None:
+            val = train.select(carved)
+        else:
+            test = train.select(carved)
+        train = train.select(rest)
     wrap = lambda split: HFImageDataset(  # noqa: E731
         split, image_column, label_column, config.image_size, config.image_mean, config.image_std
     )
