@@ -1,0 +1,294 @@
+"""Group-wise asymmetric quantization of low-rank factors, uniform or mixed precision per column block.
+
+A factor is a ``[rows, rank]`` matrix whose columns are singular vectors scaled by the square root
+of their singular value. Each column is cut into groups of ``group_size`` consecutive rows, and each
+group gets its own fp16 ``scale`` and fp16 ``zero`` (the value code 0 decodes to):
+``value ~= code * scale + zero`` with ``code`` in ``[0, 2**bits - 1]``. Scales per column matter
+because the columns differ in magnitude by their singular values; the zero makes the grid fit the
+group's own ``[min, max]`` rather than a symmetric range around 0.
+
+Mixed precision follows Delta-CoMe (Ping et al., 2024), which GraftLLM (arXiv 2505.18502) uses for
+its SkillPacks: a delta's singular values decay, so the first columns carry most of its energy and
+get the most bits. :data:`DEFAULT_SCHEME` spends 8 bits on the top 2 singular vectors, 4 on the
+next 6 and 2 on the rest.
+
+Codes are really bit-packed (:mod:`.bitpack`), so a 2-bit column costs a quarter byte per entry
+plus ``4 / group_size`` bytes of scale and zero per entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import HfGraftError
+from .bitpack import (
+    check_int,
+    meta_int,
+    meta_keys,
+    meta_shape,
+    pack_bits,
+    packed_size,
+    stored_tensor,
+    unpack_bits,
+)
+
+__all__ = [
+    "DEFAULT_GROUP_SIZE",
+    "DEFAULT_SCHEME",
+    "MixedPrecisionFactor",
+    "QuantizedMatrix",
+    "Scheme",
+    "quantize",
+    "quantize_factor",
+    "quantized_nbytes",
+    "resolve_scheme",
+]
+
+Scheme = Sequence[tuple[int, int | None]]
+"""Bit widths over consecutive column blocks: ``(bits, columns)`` pairs, the last ``columns`` may be
+``None`` for "all remaining columns". See :func:`resolve_scheme`."""
+
+DEFAULT_SCHEME: tuple[tuple[int, int | None], ...] = ((8, 2), (4, 6), (2, None))
+"""Delta-CoMe-style 8/4/2 mix: top 2 singular vectors at 8 bits, next 6 at 4, the rest at 2."""
+
+DEFAULT_GROUP_SIZE = 128
+"""Rows per scale/zero pair: 4 bytes per 128 entries add 0.25 bit per entry to every width."""
+
+
+def quantized_nbytes(rows: int, cols: int, bits: int, group_size: int) -> int:
+    """Exact bytes :func:`quantize` stores for a ``[rows, cols]`` matrix: codes, fp16 scales and zeros."""
+    groups = -(-rows // group_size)
+    return packed_size(rows * cols, bits) + 2 * 2 * groups * cols
+
+
+@dataclass(frozen=True)
+class QuantizedMatrix:
+    """A ``[rows, cols]`` matrix quantized to ``bits`` bits in groups of ``group_size`` rows per column.
+
+    ``packed`` holds the codes in row-major order, bit-packed; ``scales`` and ``zeros`` are fp16
+    ``[groups, cols]`` with ``groups = ceil(rows / group_size)``, the last group possibly shorter.
+    """
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bits: int
+    shape: tuple[int, int]
+    group_size: int
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 ``[rows, cols]`` matrix the codes stand for."""
+        rows, cols = self.shape
+        codes = unpack_bits(self.packed, self.bits, rows * cols).reshape(rows, cols).float()
+        scales = self.scales.float().repeat_interleave(self.group_size, dim=0)[:rows]
+        zeros = self.zeros.float().repeat_interleave(self.group_size, dim=0)[:rows]
+        return codes * scales + zeros
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored tensors (what :meth:`to_tensors` writes, without file headers)."""
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.zeros))
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The JSON-able description :meth:`from_tensors` needs beside the tensors."""
+        return {"bits": self.bits, "shape": list(self.shape), "group_size": self.group_size}
+
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """``{prefix}.packed`` (uint8), ``{prefix}.scales`` and ``{prefix}.zeros`` (fp16)."""
+        return {f"{prefix}.packed": self.packed, f"{prefix}.scales": self.scales, f"{prefix}.zeros": self.zeros}
+
+    @classmethod
+    def from_tensors(
+        cls, prefix: str, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
+    ) -> QuantizedMatrix:
+        """Rebuild from :meth:`to_tensors` output and :attr:`meta`, checking every shape and dtype."""
+        what = f"quantized matrix {prefix!r}"
+        meta_keys(meta, ("bits", "shape", "group_size"), what)
+        bits = meta_int(meta, "bits", what, 1, 8)
+        rows, cols = meta_shape(meta, "shape", what, ndim=2)
+        group_size = meta_int(meta, "group_size", what, 1)
+        groups = -(-rows // group_size)
+        return cls(
+            packed=stored_tensor(tensors, f"{prefix}.packed", (packed_size(rows * cols, bits),), torch.uint8),
+            scales=stored_tensor(tensors, f"{prefix}.scales", (groups, cols), torch.float16),
+            zeros=stored_tensor(tensors, f"{prefix}.zeros", (groups, cols), torch.float16),
+            bits=bits,
+            shape=(rows, cols),
+            group_size=group_size,
+        )
+
+
+def quantize(matrix: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> QuantizedMatrix:
+    """Quantize a 2-D float ``matrix`` to ``bits`` bits with one scale and zero per ``group_size`` rows per column.
+
+    The zero is the group minimum rounded down to fp16 and the scale ``(max - zero) / (2**bits - 1)``
+    rounded up, so the grid covers the whole group and every entry is within ``scale / 2`` of its
+    decoded value. Raises :class:`~hf_graft.errors.HfGraftError` for a non-2-D or non-finite input,
+    a bad width or group size, or values beyond the fp16 range of the scales.
+    """
+    if not (
+        isinstance(matrix, torch.Tensor) and matrix.dim() == 2 and matrix.is_floating_point() and matrix.numel()
+    ):
+        raise HfGraftError("quantize needs a non-empty 2-D floating-point tensor.")
+    check_int(bits, "bits", 1, 8)
+    check_int(group_size, "group_size", 1)
+    values = matrix.detach().float()
+    if not torch.isfinite(values).all():
+        raise HfGraftError("quantize: the matrix holds NaN or infinite values.")
+    rows, cols = values.shape
+    groups = -(-rows // group_size)
+    # Padding rows repeat the last row, which lies in the last group: no group's min or max moves.
+    padded = torch.cat([values, values[-1:].expand(groups * group_size - rows, cols)])
+    grouped = padded.reshape(groups, group_size, cols)
+    levels = (1 << bits) - 1
+    zeros = _to_fp16(grouped.amin(dim=1), toward=-float("inf"))
+    scales = _to_fp16((grouped.amax(dim=1) - zeros.float()) / levels, toward=float("inf"))
+    if not (torch.isfinite(zeros).all() and torch.isfinite(scales).all()):
+        raise HfGraftError("quantize: the values exceed the float16 range of the scales and zeros.")
+    expanded_scales = scales.float().repeat_interleave(group_size, dim=0)[:rows]
+    expanded_zeros = zeros.float().repeat_interleave(group_size, dim=0)[:rows]
+    # A zero scale means a constant group equal to its zero: code 0 decodes it exactly.
+    divisor = torch.where(expanded_scales > 0, expanded_scales, torch.ones_like(expanded_scales))
+    codes = torch.round((values - expanded_zeros) / divisor).clamp_(0, levels).to(torch.uint8)
+    return QuantizedMatrix(
+        packed=pack_bits(codes, bits),
+        scales=scales,
+        zeros=zeros,
+        bits=bits,
+        shape=(rows, cols),
+        group_size=group_size,
+    )
+
+
+def _to_fp16(values: torch.Tensor, toward: float) -> torch.Tensor:
+    """``values`` in fp16, rounded toward ``toward`` (+inf or -inf) where fp16 cannot hold them exactly."""
+    rounded = values.half()
+    overshoot = rounded.float() > values if toward < 0 else rounded.float() < values
+    return torch.where(overshoot, torch.nextafter(rounded, torch.full_like(rounded, toward)), rounded)
+
+
+def resolve_scheme(scheme: Scheme, rank: int) -> tuple[tuple[int, int], ...]:
+    """Turn ``scheme`` into ``(bits, columns)`` blocks that cover exactly ``rank`` columns.
+
+    Blocks are taken in order; the one that reaches ``rank`` is cut short and later ones are
+    dropped, so one scheme serves every rank (column ``j`` always gets the same width). A final
+    ``(bits, None)`` takes all remaining columns. Raises
+    :class:`~hf_graft.errors.HfGraftError` for a malformed scheme or one that covers fewer than
+    ``rank`` columns.
+    """
+    blocks: list[tuple[int, int]] = []
+    remaining = rank
+    for position, entry in enumerate(scheme):
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
+            raise HfGraftError(f"Scheme entries must be (bits, columns) pairs, got {entry!r}.")
+        bits, columns = entry
+        check_int(bits, f"Scheme entry {entry!r}: bits", 1, 8)
+        if columns is None:
+            if position != len(scheme) - 1:
+                raise HfGraftError(f"Scheme entry {entry!r}: only the last block may take the remaining columns.")
+            columns = remaining
+        else:
+            check_int(columns, f"Scheme entry {entry!r}: columns (or None for the rest)", 1)
+        taken = min(columns, remaining)
+        if taken:
+            blocks.append((bits, taken))
+        remaining -= taken
+    if remaining:
+        raise HfGraftError(
+            f"Scheme {list(scheme)!r} covers {rank - remaining} of {rank} columns; "
+            "give more columns or end it with (bits, None)."
+        )
+    return tuple(blocks)
+
+
+@dataclass(frozen=True)
+class MixedPrecisionFactor:
+    """A ``[rows, rank]`` factor quantized in consecutive column blocks of different bit widths."""
+
+    blocks: tuple[QuantizedMatrix, ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.blocks[0].shape[0], sum(block.shape[1] for block in self.blocks))
+
+    @property
+    def scheme(self) -> tuple[tuple[int, int], ...]:
+        """The resolved ``(bits, columns)`` blocks."""
+        return tuple((block.bits, block.shape[1]) for block in self.blocks)
+
+    @property
+    def group_size(self) -> int:
+        return self.blocks[0].group_size
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 ``[rows, rank]`` factor."""
+        return torch.cat([block.dequantize() for block in self.blocks], dim=1)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all stored tensors."""
+        return sum(block.nbytes for block in self.blocks)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """``{"shape", "scheme", "group_size"}``: enough to rebuild every block's metadata."""
+        return {
+            "shape": list(self.shape),
+            "scheme": [list(block) for block in self.scheme],
+            "group_size": self.group_size,
+        }
+
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Block ``i`` as ``{prefix}.{i}.packed`` / ``.scales`` / ``.zeros``."""
+        tensors: dict[str, torch.Tensor] = {}
+        for index, block in enumerate(self.blocks):
+            tensors.update(block.to_tensors(f"{prefix}.{index}"))
+        return tensors
+
+    @classmethod
+    def from_tensors(
+        cls, prefix: str, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
+    ) -> MixedPrecisionFactor:
+        """Rebuild from :meth:`to_tensors` output and :attr:`meta`, checking every block."""
+        what = f"mixed-precision factor {prefix!r}"
+        meta_keys(meta, ("shape", "scheme", "group_size"), what)
+        rows, cols = meta_shape(meta, "shape", what, ndim=2)
+        group_size = meta_int(meta, "group_size", what, 1)
+        scheme = meta["scheme"]
+        if not (isinstance(scheme, list) and scheme) or resolve_scheme(scheme, cols) != tuple(map(tuple, scheme)):
+            raise HfGraftError(
+                f"Metadata 'scheme' of {what} must list [bits, columns] blocks covering exactly {cols} columns, "
+                f"got {scheme!r}."
+            )
+        return cls(
+            tuple(
+                QuantizedMatrix.from_tensors(
+                    f"{prefix}.{index}",
+                    tensors,
+                    {"bits": bits, "shape": [rows, columns], "group_size": group_size},
+                )
+                for index, (bits, columns) in enumerate(scheme)
+            )
+        )
+
+
+def quantize_factor(
+    factor: torch.Tensor, scheme: Scheme = DEFAULT_SCHEME, group_size: int = DEFAULT_GROUP_SIZE
+) -> MixedPrecisionFactor:
+    """Quantize the columns of a ``[rows, rank]`` factor block by block as ``scheme`` says.
+
+    Column order matters: pass columns by decreasing singular value so the widest codes go to the
+    directions that carry the most energy.
+    """
+    if not isinstance(factor, torch.Tensor) or factor.dim() != 2 or factor.shape[1] == 0:
+        raise HfGraftError("quantize_factor needs a 2-D tensor with at least one column.")
+    blocks, start = [], 0
+    for bits, columns in resolve_scheme(scheme, factor.shape[1]):
+        blocks.append(quantize(factor[:, start : start + columns], bits, group_size))
+        start += columns
+    return MixedPrecisionFactor(tuple(blocks))
