@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import HfGraftError
-from .bitpack import check_fraction, check_int, meta_int, meta_keys, meta_shape, stored_tensor
+from .bitpack import check_fraction, check_int, meta_int, meta_keys, meta_shape, packed_size, stored_tensor
 from .lowrank import lowrank_factors, rank_for_energy
 from .prune import SparseDelta, kept_count, prune, sparse_nbytes
 from .quantize import (
@@ -50,6 +50,7 @@ __all__ = [
     "measure_candidates",
     "normalize_spec",
     "select",
+    "stored_layout",
 ]
 
 Kind = Literal["lowrank", "sparse", "dense_fp16"]
@@ -432,3 +433,33 @@ def allocate(
         for name in tqdm(deltas, desc="Measuring SkillPack candidates", disable=not progress)
     }
     return {name: choice.spec for name, choice in select(measured, byte_budget).items()}
+
+
+def stored_layout(prefix: str, meta: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> ``(shape, dtype)`` of every tensor :meth:`CompressedDelta.to_tensors` stores for ``meta``.
+
+    Lets a loader allocate or check a delta's tensors before reading any of them.
+    """
+    kind = meta.get("kind") if isinstance(meta, Mapping) else None
+    shape = tuple(int(n) for n in meta.get("shape", ()))
+    if kind == "dense_fp16":
+        return {f"{prefix}.delta": (shape, torch.float16)}
+    if kind == "sparse":
+        count = int(meta["count"])
+        index = (
+            {f"{prefix}.indices": ((count,), torch.int32)}
+            if meta["format"] == "indices"
+            else {f"{prefix}.bitmap": ((packed_size(math.prod(shape), 1),), torch.uint8)}
+        )
+        return {f"{prefix}.values": ((count,), torch.float16), **index}
+    if kind == "lowrank":
+        layout = {}
+        for factor, rows in (("A", shape[1]), ("B", shape[0])):
+            groups = -(-rows // int(meta["group_size"]))
+            for index, (bits, columns) in enumerate(meta["scheme"]):
+                name = f"{prefix}.{factor}.{index}"
+                layout[f"{name}.packed"] = ((packed_size(rows * columns, bits),), torch.uint8)
+                layout[f"{name}.scales"] = ((groups, columns), torch.float16)
+                layout[f"{name}.zeros"] = ((groups, columns), torch.float16)
+        return layout
+    raise HfGraftError(f"Metadata 'kind' of {prefix!r} must be one of {sorted(_SPEC_KEYS)}, got {meta!r}.")

@@ -1,0 +1,216 @@
+"""SkillPack tuner layers: a module plus the packed delta(s) of one or more SkillPacks.
+
+Each adapter's packed tensors live in a ``BufferDict`` (so ``state_dict``, ``save_pretrained``
+and ``PeftModel.from_pretrained`` carry them as they are, bit-packed). The unmerged forward adds
+the low-rank term ``x @ A.T @ B.T`` from factors dequantized once and cached; it never rebuilds
+the full ``dW``. Merging adds ``dW`` to the base weight in place.
+"""
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .compress import CompressedDelta, stored_layout
+
+
+def _buffer_name(tensor_name: str) -> str:
+    return tensor_name.replace(".", "_")
+
+
+class SkillPackLayer(BaseTunerLayer):
+    """What every SkillPack layer shares: storage, decoding with a cache, merging."""
+
+    adapter_layer_names = ("skillpack_tensors",)
+    other_param_names = ("skillpack_specs",)
+
+    def __init__(self, base_layer: nn.Module, **kwargs):
+        self.base_layer = base_layer
+        self.skillpack_tensors = nn.ModuleDict()
+        self.skillpack_specs: dict = {}
+        self._decoded: dict = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+        self.register_load_state_dict_post_hook(_forget_decoded)
+
+    def update_layer(self, adapter_name: str, spec: dict, compressed: Optional[dict] = None) -> None:
+        """Allocate (or fill, from ``compressed``: part -> ``CompressedDelta``) an adapter's tensors.
+
+        ``spec`` maps each stored part (``"weight"``, ``"bias"``) to its compression metadata.
+        """
+        weight = self.get_base_layer().weight
+        buffers = BufferDict({}, persistent=True)
+        for part, meta in spec.items():
+            tensors = compressed[part].to_tensors(part) if compressed else None
+            for name, (shape, dtype) in stored_layout(part, meta).items():
+                value = tensors[name] if tensors else torch.zeros(shape, dtype=dtype)
+                buffers[_buffer_name(name)] = value.to(weight.device)
+        self.skillpack_tensors[adapter_name] = buffers
+        self.skillpack_specs[adapter_name] = spec
+        self._decoded.pop(adapter_name, None)
+        self.set_adapter(self.active_adapters)
+
+    def compressed(self, adapter_name: str, part: str) -> CompressedDelta:
+        """One stored part of an adapter, validated against its metadata."""
+        meta = self.skillpack_specs[adapter_name][part]
+        buffers = self.skillpack_tensors[adapter_name]
+        tensors = {name: buffers[_buffer_name(name)] for name in stored_layout(part, meta)}
+        return CompressedDelta.from_tensors(part, tensors, meta)
+
+    def decoded(self, adapter_name: str) -> dict:
+        """The adapter's parts ready to compute with, dequantized once and cached.
+
+        ``weight`` is ``(A, B)`` for a low-rank delta, a sparse COO matrix for a pruned one, a dense
+        tensor otherwise; ``bias`` is dense.
+        """
+        if adapter_name not in self._decoded:
+            dtype = self.get_base_layer().weight.dtype
+            parts = {}
+            for part in self.skillpack_specs[adapter_name]:
+                delta = self.compressed(adapter_name, part)
+                if delta.kind == "lowrank":
+                    parts[part] = tuple(t.to(dtype) for t in delta.lowrank())
+                elif delta.kind == "sparse":
+                    parts[part] = delta.delta().to(dtype).to_sparse_coo().coalesce()
+                else:
+                    parts[part] = delta.delta().to(dtype)
+            self._decoded[adapter_name] = parts
+        return self._decoded[adapter_name]
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``dW`` of one adapter, dense, in the base weight's layout and dtype (for merging)."""
+        weight = self.get_base_layer().weight
+        return self.compressed(adapter_name, "weight").delta().to(weight.dtype)
+
+    def _bias_delta(self, adapter_name: str) -> Optional[torch.Tensor]:
+        if "bias" not in self.skillpack_specs[adapter_name]:
+            return None
+        return self.compressed(adapter_name, "bias").delta()
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list] = None) -> None:
+        """Add the active (or named) adapters' deltas to the base weights."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if name not in self.skillpack_tensors:
+                continue
+            delta = self.get_delta_weight(name)
+            if safe_merge and not torch.isfinite(base.weight.data + delta).all():
+                raise ValueError(f"Merging SkillPack {name!r} gives non-finite weights; the pack is broken.")
+            base.weight.data += delta
+            bias = self._bias_delta(name)
+            if bias is not None:
+                base.bias.data += bias.to(base.bias.dtype)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract merged deltas again, newest first."""
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            base.weight.data -= self.get_delta_weight(name)
+            bias = self._bias_delta(name)
+            if bias is not None:
+                base.bias.data -= bias.to(base.bias.dtype)
+
+    def _unmerged_adapters(self):
+        return [name for name in self.active_adapters if name in self.skillpack_tensors]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self._base_forward(x, *args, **kwargs)
+        for name in self._unmerged_adapters():
+            result = result + self._delta_output(x, self.decoded(name))
+        return result
+
+    def _base_forward(self, x, *args, **kwargs):
+        return self.base_layer(x, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "skillpack." + super().__repr__()
+
+
+def _forget_decoded(module, incompatible_keys) -> None:
+    module._decoded.clear()
+
+
+class Linear(nn.Module, SkillPackLayer):
+    """``nn.Linear`` or GPT-2's ``Conv1D`` (weight stored ``[in, out]``) with SkillPacks."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, spec: dict, compressed=None, **kwargs):
+        super().__init__()
+        SkillPackLayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, spec, compressed)
+
+    forward = SkillPackLayer.forward  # nn.Module's placeholder comes first in the MRO
+
+    def _delta_output(self, x: torch.Tensor, parts: dict) -> torch.Tensor:
+        weight = parts["weight"]
+        flat = x.reshape(-1, x.shape[-1]).to(self.get_base_layer().weight.dtype)
+        if isinstance(weight, tuple):
+            a, b = weight  # dW = B @ A, in the weight's own layout
+            out = (flat @ b) @ a if self.fan_in_fan_out else (flat @ a.T) @ b.T
+        elif weight.is_sparse:
+            out = torch.sparse.mm(weight.T, flat.T).T if self.fan_in_fan_out else torch.sparse.mm(weight, flat.T).T
+        else:
+            out = flat @ weight if self.fan_in_fan_out else flat @ weight.T
+        if "bias" in parts:
+            out = out + parts["bias"]
+        return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
+
+
+class Embedding(nn.Module, SkillPackLayer):
+    """``nn.Embedding`` with SkillPacks: looked-up rows of ``dW`` are added, never the whole table."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, spec: dict, compressed=None, **kwargs):
+        super().__init__()
+        SkillPackLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, spec, compressed)
+
+    forward = SkillPackLayer.forward  # nn.Module's placeholder comes first in the MRO
+
+    def _delta_output(self, ids: torch.Tensor, parts: dict) -> torch.Tensor:
+        weight = parts["weight"]
+        if isinstance(weight, tuple):
+            a, b = weight
+            return F.embedding(ids, b) @ a
+        if weight.is_sparse:
+            rows = weight.index_select(0, ids.reshape(-1)).to_dense()
+            return rows.reshape(*ids.shape, weight.shape[1])
+        return F.embedding(ids, weight)
+
+
+class Norm(nn.Module, SkillPackLayer):
+    """A norm (LayerNorm, RMSNorm, ...) whose weight and bias deltas are added before it runs."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, spec: dict, compressed=None, **kwargs):
+        super().__init__()
+        SkillPackLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, spec, compressed)
+
+    forward = SkillPackLayer.forward  # nn.Module's placeholder comes first in the MRO
+
+    def _base_forward(self, x, *args, **kwargs):
+        base = self.get_base_layer()
+        params = {name: p for name, p in base.named_parameters(recurse=False)}
+        for name in self._unmerged_adapters():
+            for part, delta in self.decoded(name).items():
+                params[part] = params[part] + delta
+        return torch.func.functional_call(base, params, (x, *args), kwargs)
+
+    def _delta_output(self, x, parts):
+        return 0.0
