@@ -58,6 +58,13 @@ class SkillPackConfig(PeftConfig):
     check_base_fingerprint: bool = field(default=True, metadata={"help": "refuse another base"})
     measured: dict = field(default_factory=dict, metadata={"help": "figures measured at extraction"})
 
+    def to_dict(self) -> dict:
+        """The saved config. ``check_base_fingerprint`` is a loading option, not a property of the pack:
+        it is left out so ``PeftModel.from_pretrained(..., check_base_fingerprint=False)`` takes effect."""
+        data = super().to_dict()
+        data.pop("check_base_fingerprint", None)
+        return data
+
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = SKILLPACK

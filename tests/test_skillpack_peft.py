@@ -1,0 +1,165 @@
+"""SkillPacks as a PEFT method: extraction, save/load, merge, several adapters, Hub, safety."""
+
+import copy
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors import safe_open
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+import hf_graft.skillpack as sp
+from hf_graft.errors import HfGraftError
+
+TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+FAMILIES = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**TINY, num_key_value_heads=2, tie_word_embeddings=False)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**TINY, num_key_value_heads=2, tie_word_embeddings=False)),
+    "gpt_neox": lambda: GPTNeoXForCausalLM(GPTNeoXConfig(**TINY, tie_word_embeddings=False)),
+    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, tie_word_embeddings=False)),
+}
+
+
+def tuned_copy(base, seed=1, rank=3, scale=0.05):
+    """A 'fine-tuned' copy: low-rank changes to the projections, a few embedding rows, norms."""
+    generator = torch.Generator().manual_seed(seed)
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, param in tuned.named_parameters():
+            if param.dim() == 2 and not any(s in name for s in ("embed", "wte", "wpe", "lm_head")):
+                u = torch.randn(param.shape[0], rank, generator=generator)
+                v = torch.randn(rank, param.shape[1], generator=generator)
+                param += scale * (u @ v) / rank
+            elif param.dim() == 2:
+                param[:5] += scale * torch.randn(5, param.shape[1], generator=generator)
+            else:
+                param += 0.01 * torch.randn(param.shape, generator=generator)
+    return tuned.eval()
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.fixture(scope="module")
+def llama_pair():
+    torch.manual_seed(0)
+    base = FAMILIES["llama"]().eval()
+    return base, tuned_copy(base)
+
+
+IDS = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_extract_save_load_merge_on_every_family(family, tmp_path):
+    torch.manual_seed(0)
+    base = FAMILIES[family]().eval()
+    tuned = tuned_copy(base)
+    pack = sp.extract_skillpack(base, tuned, sp.SkillPackConfig(target_ratio=4)).eval()
+    measured = pack.peft_config["default"].measured
+    assert measured["compression_ratio"] >= 4
+    base_logits, tuned_logits, pack_logits = logits(base, IDS), logits(tuned, IDS), logits(pack, IDS)
+    # the pack moves the base most of the way to the tuned model
+    assert (pack_logits - tuned_logits).norm() < 0.5 * (base_logits - tuned_logits).norm()
+
+    pack.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    assert torch.equal(logits(loaded, IDS), pack_logits)
+    merged = loaded.merge_and_unload()
+    assert torch.allclose(logits(merged, IDS), pack_logits, atol=1e-5, rtol=0)
+
+
+def test_file_holds_packed_integers_not_dense_deltas(llama_pair, tmp_path):
+    base, tuned = llama_pair
+    pack = sp.extract_skillpack(base, tuned, sp.SkillPackConfig(target_ratio=8))
+    pack.save_pretrained(tmp_path)
+    measured = pack.peft_config["default"].measured
+    with safe_open(tmp_path / "adapter_model.safetensors", "pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    stored = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert stored == measured["stored_bytes"]
+    assert stored * 8 <= measured["delta_bf16_bytes"] * 1.001
+    assert {t.dtype for t in tensors.values()} <= {torch.uint8, torch.float16, torch.int32}
+    assert not any("embed_tokens.weight" in key and t.dtype != torch.uint8 and t.numel() >= 96 * 32 for key, t in tensors.items())
+
+
+def test_unmerge_and_disable_restore_the_base(llama_pair):
+    base, tuned = llama_pair
+    pack = sp.extract_skillpack(base, tuned, sp.SkillPackConfig(target_ratio=4)).eval()
+    base_logits, pack_logits = logits(base, IDS), logits(pack, IDS)
+    with pack.disable_adapter():
+        assert torch.equal(logits(pack, IDS), base_logits)
+    pack.merge_adapter()
+    assert torch.allclose(logits(pack, IDS), pack_logits, atol=1e-5, rtol=0)
+    pack.unmerge_adapter()
+    assert torch.allclose(logits(pack, IDS), pack_logits, atol=1e-5, rtol=0)
+    original = base.state_dict()
+    for name, value in pack.get_base_model().named_parameters():
+        assert torch.allclose(value, original[name.replace(".base_layer", "")], atol=1e-6), name
+
+
+def test_several_packs_on_one_model(llama_pair, tmp_path):
+    base, tuned = llama_pair
+    other = tuned_copy(base, seed=7)
+    sp.extract_skillpack(base, tuned, sp.SkillPackConfig(target_ratio=4)).save_pretrained(tmp_path / "a")
+    sp.extract_skillpack(base, other, sp.SkillPackConfig(target_ratio=4)).save_pretrained(tmp_path / "b")
+    model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a", adapter_name="a").eval()
+    model.load_adapter(tmp_path / "b", adapter_name="b")
+    only_a = logits(model, IDS)
+    model.set_adapter("b")
+    only_b = logits(model, IDS)
+    alone_b = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "b").eval()
+    assert torch.equal(only_b, logits(alone_b, IDS))
+    assert not torch.allclose(only_a, only_b)
+
+
+def test_pack_for_another_base_is_refused_unless_overridden(llama_pair, tmp_path):
+    base, tuned = llama_pair
+    sp.extract_skillpack(base, tuned, sp.SkillPackConfig(target_ratio=4)).save_pretrained(tmp_path)
+    torch.manual_seed(123)
+    stranger = FAMILIES["llama"]().eval()
+    with pytest.raises(HfGraftError, match="extracted from another base model.*check_base_fingerprint=False"):
+        PeftModel.from_pretrained(stranger, tmp_path)
+    forced = PeftModel.from_pretrained(stranger, tmp_path, check_base_fingerprint=False)
+    assert logits(forced, IDS).shape == (2, 10, 96)
+
+
+def test_pack_for_another_architecture_is_refused(llama_pair, tmp_path):
+    base, tuned = llama_pair
+    sp.extract_skillpack(base, tuned, sp.SkillPackConfig(target_ratio=4)).save_pretrained(tmp_path)
+    with pytest.raises(HfGraftError, match="changes modules this model does not have"):
+        PeftModel.from_pretrained(FAMILIES["gpt2"](), tmp_path)
+
+
+def test_identical_models_have_no_skill(llama_pair):
+    base, _ = llama_pair
+    with pytest.raises(HfGraftError, match="no skill to extract"):
+        sp.extract_skillpack(base, copy.deepcopy(base))
+
+
+def test_config_without_stored_deltas_is_refused(llama_pair):
+    from peft import get_peft_model
+
+    base, _ = llama_pair
+    with pytest.raises(HfGraftError, match="module_specs is empty"):
+        get_peft_model(copy.deepcopy(base), sp.SkillPackConfig())
+
+
+def test_push_to_hub_and_load_by_repo_id(llama_pair, hub, repo_id):
+    base, tuned = llama_pair
+    pack = sp.extract_skillpack(base, tuned, sp.SkillPackConfig(target_ratio=4)).eval()
+    pack.push_to_hub(repo_id)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(hub.files(repo_id))
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), repo_id).eval()
+    assert torch.equal(logits(loaded, IDS), logits(pack, IDS))
