@@ -30,13 +30,13 @@ def _vision_parser(sub):
     train.add_argument("--image-size", type=int, help="override the preset's input size")
     train.add_argument("--donor-name", help="timm name of the donor CNN")
     train.add_argument("--scion-cut", help="donor layer after which the scion is cut (e.g. features.13)")
-    train.add_argument("--scion-trainable", action="store_true", help="keep training the scion's donor weights")
+    train.add_argument("--freeze-scion", action="store_true", help="keep the scion's donor weights fixed")
     train.add_argument("--rootstock", help="timm name of a rootstock backbone concatenated with the scion")
     train.add_argument("--donor", help="a donor checkpoint directory to graft from instead of training one")
     train.add_argument("--donor-pretrained", action="store_true", help="start the donor from timm's pretrained weights")
-    _add_training_flags(train, "donor", 4, 3e-4)
-    _add_training_flags(train, "graft", 4, 1e-3)
-    train.add_argument("--batch-size", type=int, default=64)
+    _add_training_flags(train, "donor", 3, 1e-4)
+    _add_training_flags(train, "graft", 3, 1e-3)
+    train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--distill-weight", type=float, default=0.5)
     train.add_argument("--distill-temperature", type=float, default=4.0)
     train.add_argument("--seed", type=int, default=0)
@@ -81,8 +81,8 @@ def _vision_train(args):
         }.items()
         if v is not None
     }
-    if args.scion_trainable:
-        overrides["scion_trainable"] = True
+    if args.freeze_scion:
+        overrides["scion_trainable"] = False
     config = GraftedVisionConfig.from_preset(args.preset, **overrides)
     splits = load_image_splits(args.dataset, config, image_column=args.image_column, label_column=args.label_column)
     config = GraftedVisionConfig.from_preset(args.preset, **overrides, num_labels=len(splits.label_names))

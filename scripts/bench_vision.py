@@ -65,7 +65,7 @@ def main():
     epochs, repeats = (2, 5) if args.quick else (6, 20)
     runs = os.path.join(args.out, "runs")
 
-    config = hf_graft.GraftedVisionConfig.from_preset("paper", num_labels=10, image_size=args.image_size, scion_trainable=True)
+    config = hf_graft.GraftedVisionConfig.from_preset("paper", num_labels=10, image_size=args.image_size)
     splits = load_digits_splits(config)
     train = dict(output_dir="", epochs=epochs, batch_size=32)
     paper = graft_vision(
@@ -76,7 +76,7 @@ def main():
         graft_args=TrainingArguments(**train, learning_rate=1e-3),
     )
     rootstock_config = hf_graft.GraftedVisionConfig.from_preset(
-        "paper-mobilenetv2", num_labels=10, image_size=args.image_size, scion_trainable=True
+        "paper-mobilenetv2", num_labels=10, image_size=args.image_size
     )
     with_rootstock = graft_vision(
         rootstock_config,

@@ -62,8 +62,8 @@ def test_rootstock_only_graft_has_no_donor_prefix():
     assert model(torch.randn(1, 3, 32, 32)).logits.shape == (1, 4)
 
 
-def test_from_donor_copies_the_scion_and_freezes_it():
-    config = small_config()
+def test_from_donor_copies_the_scion_and_can_freeze_it():
+    config = small_config(scion_trainable=False)
     donor = donor_model(config)
     grafted = hf_graft.GraftedModelForImageClassification.from_donor(donor, config)
     scion = grafted.scion.state_dict()
@@ -193,7 +193,7 @@ def test_training_resumes_bit_exactly_after_a_kill(tmp_path, monkeypatch):
 
 
 def test_graft_vision_trains_donor_and_graft_and_reports(tmp_path):
-    config = small_config(scion_trainable=True)
+    config = small_config()
     splits = _digits_subset(config, 300)
     fast = dict(output_dir="", epochs=4, batch_size=16, learning_rate=3e-3)
     result = graft_vision(

@@ -67,8 +67,11 @@ class GraftedVisionConfig(GraftedConfig):
             The donor layer after which the scion is cut, as timm names it (``"features.13"``,
             ``"layer2"``, ``"blocks.3"``); ``None`` grafts no scion (a rootstock that learns the
             scion's knowledge by distillation, for edge models without the donor prefix).
-        scion_trainable (`bool`, defaults to `False`):
-            Whether the scion's donor weights keep training with the head.
+        scion_trainable (`bool`, defaults to `True`):
+            Whether the scion's donor weights keep training with the head (at a lower rate, see
+            ``TrainingArguments.scion_lr_scale``): the fine-tuning of the grafted model that
+            Knowledge Grafting describes. A frozen scion only suits features that survive global
+            average pooling as they are (textures more than shapes).
         rootstock (`str`, *optional*):
             timm name of a light backbone whose GAP features are concatenated to the scion's.
         head_widths (`list[int]`, defaults to ``[512, 1024, 128]``):
@@ -92,7 +95,7 @@ class GraftedVisionConfig(GraftedConfig):
         self,
         donor_name="vgg16",
         scion_cut="features.13",
-        scion_trainable=False,
+        scion_trainable=True,
         rootstock=None,
         head_widths=(512, 1024, 128),
         head_dropout=0.0,

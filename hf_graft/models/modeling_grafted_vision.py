@@ -110,13 +110,17 @@ def dense_head(in_width: int, widths: list, num_labels: int, dropout: float) -> 
 
 
 def init_cnn_weights(module: nn.Module) -> None:
-    """He-normal convolutions (as timm's VGG/ResNet), PyTorch-default linears, unit norms."""
-    if isinstance(module, nn.Conv2d):
-        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    """He-normal (fan-in) convolutions and linears with zero biases, unit norms.
+
+    Fan-in scaling (He et al., 2015; Keras' ``he_normal``) keeps the activation scale through a
+    plain ReLU stack. A donor without normalisation layers, such as VGG16, needs that: with
+    timm's fan-out convolutions and PyTorch's default linears its logits start near zero and
+    training sits on the chance-level plateau for its first epoch or more.
+    """
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Linear):
-        module.reset_parameters()
     elif isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)):
         if getattr(module, "weight", None) is not None:
             nn.init.ones_(module.weight)
@@ -129,6 +133,9 @@ def init_cnn_weights(module: nn.Module) -> None:
 
 class GraftedModelForImageClassification(GraftedModel):
     """A scion of donor layers (and/or a timm rootstock), pooled by GAP, classified by a dense head.
+
+    The head standardises the pooled features (``head.norm``, a batch norm without parameters,
+    so the parameter count is the paper's) before its dense layers.
 
     Build it from a config (random weights), from a donor with [`from_donor`] (the scion takes the
     donor's weights) or with ``from_pretrained``.
@@ -153,7 +160,11 @@ class GraftedModelForImageClassification(GraftedModel):
         if config.rootstock is not None:
             self.rootstock = create_timm(config.rootstock, num_classes=0, in_chans=config.num_channels)
             width += self.rootstock.num_features
-        self.head = dense_head(width, config.head_widths, config.num_labels, config.head_dropout)
+        dense = dense_head(width, config.head_widths, config.num_labels, config.head_dropout)
+        # GAP features of a donor prefix sit on large per-channel offsets with a small
+        # image-dependent part; a parameter-free batch norm standardises them for the head.
+        norm = nn.BatchNorm1d(width, affine=False)
+        self.head = nn.Sequential(OrderedDict([("norm", norm), *dense.named_children()]))
         materialise(self)
         self.post_init()
         if self.scion is not None and not config.scion_trainable:

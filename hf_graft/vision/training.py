@@ -34,6 +34,9 @@ class TrainingArguments:
         learning_rate, weight_decay: AdamW settings; the rate follows a cosine decay.
         distill_weight: share of the distillation term in the loss, in [0, 1] (0: plain CE).
         distill_temperature: softmax temperature of the distillation term.
+        scion_lr_scale: the scion (donor layers) trains at this fraction of ``learning_rate``: it
+            already holds the donor's features, and the head's large early steps would wreck
+            them (VGG without batch norm collapses to one class at the head's rate).
         seed: seeds initialisation-independent randomness (data order, dropout).
         resume: continue from ``<output_dir>/checkpoint`` when it exists.
     """
@@ -45,6 +48,7 @@ class TrainingArguments:
     weight_decay: float = 1e-4
     distill_weight: float = 0.5
     distill_temperature: float = 4.0
+    scion_lr_scale: float = 0.1
     seed: int = 0
     resume: bool = True
     eval_batch_size: int = 256
@@ -72,6 +76,20 @@ class _Indexed(Dataset):
         return pixels, label, index
 
 
+def _parameter_groups(model, args: TrainingArguments) -> list:
+    """Trainable parameters; a graft's scion in its own group at ``scion_lr_scale`` of the rate."""
+    scion = getattr(model, "scion", None)
+    scion_ids = {id(p) for p in scion.parameters()} if scion is not None else set()
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in scion_ids]
+    scion_params = [p for p in scion.parameters() if p.requires_grad] if scion is not None else []
+    if not rest and not scion_params:
+        raise HfGraftError("The model has no trainable parameters.")
+    groups = [{"params": rest}] if rest else []
+    if scion_params:
+        groups.append({"params": scion_params, "lr": args.learning_rate * args.scion_lr_scale})
+    return groups
+
+
 def distillation_loss(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
     """KL(teacher || student) of temperature-softened distributions, times T^2."""
     return (
@@ -86,7 +104,11 @@ def distillation_loss(student_logits, teacher_logits, temperature: float) -> tor
 
 
 class _TeacherCache:
-    """The teacher's logits per training sample, computed once (training data is not augmented)."""
+    """The teacher's logits per training sample, computed once (training data is not augmented).
+
+    A batch with any new sample runs through the teacher whole, so a sample's logits do not depend
+    on which of its batch-mates were seen before (a resumed run gets the same bits).
+    """
 
     def __init__(self, teacher, size: int, device):
         self.teacher = teacher.to(device).eval()
@@ -98,10 +120,10 @@ class _TeacherCache:
         indices = indices.cpu()
         missing = ~self.known[indices]
         if missing.any():
-            fresh = self.teacher(pixels[missing.to(pixels.device)]).logits.float().cpu()
+            fresh = self.teacher(pixels).logits.float().cpu()
             if self.logits is None:
                 self.logits = torch.zeros(len(self.known), fresh.shape[-1])
-            self.logits[indices[missing]] = fresh
+            self.logits[indices[missing]] = fresh[missing]
             self.known[indices[missing]] = True
         return self.logits[indices].to(pixels.device)
 
@@ -143,11 +165,12 @@ def train_classifier(
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     set_seed(args.seed)
     checkpoint_dir = os.path.join(args.output_dir, "checkpoint")
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
-        raise HfGraftError("The model has no trainable parameters.")
-    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
-    steps_per_epoch = math.ceil(len(train_set) / (args.batch_size * accelerator.num_processes))
+    optimizer = torch.optim.AdamW(_parameter_groups(model, args), lr=args.learning_rate, weight_decay=args.weight_decay)
+    # A trailing partial batch is dropped (the order changes every epoch, so no sample is left
+    # out for good): batch norm, as in a graft's head, cannot train on a batch of one.
+    drop_last = len(train_set) >= args.batch_size
+    batches = len(train_set) // args.batch_size if drop_last else 1
+    steps_per_epoch = math.ceil(batches / accelerator.num_processes)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * steps_per_epoch)
     history, start_epoch = [], 0
     if args.resume and os.path.isdir(checkpoint_dir):
@@ -160,7 +183,9 @@ def train_classifier(
     for epoch in range(start_epoch, args.epochs):
         order = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
         loader = accelerator.prepare(
-            DataLoader(_Indexed(train_set), batch_size=args.batch_size, shuffle=True, generator=order)
+            DataLoader(
+                _Indexed(train_set), batch_size=args.batch_size, shuffle=True, generator=order, drop_last=drop_last
+            )
         )
         model.train()
         totals = torch.zeros(3)  # loss sum, correct, seen
