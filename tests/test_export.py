@@ -50,12 +50,14 @@ def digits_graft(digits, tmp_path_factory):
     model = small_graft(head_widths=[128])
     with torch.no_grad():
         features = model.pooled_features(images[:300])
+    model.head.train()  # the head's batch norm learns the feature statistics
     optimizer = torch.optim.Adam(model.head.parameters(), lr=1e-2)
     for _ in range(200):
         loss = F.cross_entropy(model.head(features), labels[:300])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    model.eval()
     report = export.export_onnx(model, tmp_path_factory.mktemp("digits") / "onnx")
     return model, report
 
