@@ -70,8 +70,8 @@ class GraftedVisionConfig(GraftedConfig):
         scion_trainable (`bool`, defaults to `True`):
             Whether the scion's donor weights keep training with the head (at a lower rate, see
             ``TrainingArguments.scion_lr_scale``): the fine-tuning of the grafted model that
-            Knowledge Grafting describes. A frozen scion only suits features that survive global
-            average pooling as they are (textures more than shapes).
+            Knowledge Grafting describes. ``False`` keeps the donor's weights fixed (cheaper to
+            train: no gradients through the scion).
         rootstock (`str`, *optional*):
             timm name of a light backbone whose GAP features are concatenated to the scion's.
         head_widths (`list[int]`, defaults to ``[512, 1024, 128]``):
