@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import hf_graft
 from hf_graft import metrics
 from hf_graft.reporting import markdown_table, scatter_plot, write_results
-from hf_graft.vision import TrainingArguments, evaluate_classifier, graft_vision, load_digits_splits, stack_images
+from hf_graft.vision import TrainingArguments, donor_model, evaluate_classifier, graft_vision, load_digits_splits, stack_images
 
 
 def eager_latency_ms(model, batch: torch.Tensor, repeats: int) -> float:
@@ -151,8 +151,16 @@ def main():
         "speedup_b1_vs_donor_eager", "speedup_b32_vs_donor_eager", "int8_top1_agreement",
     ]
     graft, int8_row = rows[1], next((r for r in rows if "int8" in r["model"]), None)
+    # The donor's flatten layer grows with the input: at the paper's geometry (128x128, 9 labels)
+    # the same graft is 88.54% smaller, at 32x32 less. Sizes need no training, so report both.
+    paper_config = hf_graft.GraftedVisionConfig.from_preset("paper", num_labels=9, image_size=128)
+    paper_reduction = metrics.footprint(
+        hf_graft.GraftedModelForImageClassification(paper_config),
+        reference_bytes=metrics.footprint(donor_model(paper_config))["bytes"],
+    )["reduction_percent"]
     targets = [
-        {"target": "graft >= 88.5% smaller than the donor", "measured": f"{graft['reduction_percent']:.2f}%", "met": graft["reduction_percent"] >= 88.5},
+        {"target": "graft >= 88.5% smaller than the donor (paper geometry, 128x128, 9 labels)", "measured": f"{paper_reduction:.2f}%", "met": paper_reduction >= 88.5},
+        {"target": f"graft >= 88.5% smaller than the donor (this run, {args.image_size}x{args.image_size})", "measured": f"{graft['reduction_percent']:.2f}%", "met": graft["reduction_percent"] >= 88.5},
         {"target": "graft accuracy >= donor's", "measured": f"{graft['accuracy_minus_donor']:+.4f}", "met": graft["accuracy_minus_donor"] >= 0},
     ]
     if int8_row is not None:
