@@ -285,3 +285,13 @@ def test_cli_bad_input_exits_with_one_message_and_writes_nothing(tmp_path, capsy
     assert not out.exists()
     with pytest.raises(SystemExit):
         main(["vision", "train"])  # --out is required: argparse's own usage error
+
+
+def test_cli_eval_prints_accuracy_and_size_of_a_saved_graft(tmp_path, capsys):
+    from hf_graft.cli import main
+
+    hf_graft.GraftedModelForImageClassification(small_config()).save_pretrained(tmp_path / "graft")
+    assert main(["vision", "eval", str(tmp_path / "graft"), "--dataset", "digits", "--split", "val"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["split"] == "val" and 0.0 <= report["accuracy"] <= 1.0
+    assert report["params"] == metrics.footprint(hf_graft.GraftedModelForImageClassification(small_config()))["parameters"]
