@@ -36,6 +36,7 @@ def write_results(directory: str, name: str, data: dict, markdown: str) -> dict:
 def scatter_plot(points: list, path: str, *, x: str, y: str, title: str, log_x: bool = False) -> str:
     """A labelled scatter plot of ``points`` (dicts with ``label``, ``x`` and ``y`` keys) as PNG."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -46,6 +47,10 @@ def scatter_plot(points: list, path: str, *, x: str, y: str, title: str, log_x: 
         ax.annotate(point["label"], (point["x"], point["y"]), textcoords="offset points", xytext=(6, 6))
     if log_x:
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.margins(x=0.15, y=0.15)  # room for the labels of the outermost points
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     ax.set_title(title)

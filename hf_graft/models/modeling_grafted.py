@@ -1,8 +1,8 @@
 """``GraftedModel``: the base class of every hf-graft model.
 
 It adds to ``PreTrainedModel`` what every graft needs on the Hub: an ``auto_map`` naming all the
-Auto classes the graft answers to (so ``AutoModel`` and the task's Auto class both load it with
-``trust_remote_code=True``), a model card written on every save when hf-graft is installed, and a
+Auto classes the graft answers to (so ``AutoModel`` and the task's Auto class both load it as remote
+code where hf-graft is absent), a model card written on every save when hf-graft is installed, and a
 ``push_to_hub`` that uploads exactly what ``save_pretrained`` wrote, card included.
 """
 

@@ -144,17 +144,24 @@ def _forget_decoded(module, incompatible_keys) -> None:
     module._decoded.clear()
 
 
-class Linear(nn.Module, SkillPackLayer):
-    """``nn.Linear`` or GPT-2's ``Conv1D`` (weight stored ``[in, out]``) with SkillPacks."""
+class _SkillPackModule(nn.Module, SkillPackLayer):
+    """A torch module wrapping ``base_layer``, created with its first SkillPack."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, spec: dict, compressed=None, **kwargs):
         super().__init__()
         SkillPackLayer.__init__(self, base_layer, **kwargs)
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, spec, compressed)
 
     forward = SkillPackLayer.forward  # nn.Module's placeholder comes first in the MRO
+
+
+class Linear(_SkillPackModule):
+    """``nn.Linear`` or GPT-2's ``Conv1D`` (weight stored ``[in, out]``) with SkillPacks."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, spec: dict, compressed=None, **kwargs):
+        super().__init__(base_layer, adapter_name, spec, compressed, **kwargs)
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
 
     def _delta_output(self, x: torch.Tensor, parts: dict) -> torch.Tensor:
         weight = parts["weight"]
@@ -171,16 +178,8 @@ class Linear(nn.Module, SkillPackLayer):
         return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
 
 
-class Embedding(nn.Module, SkillPackLayer):
+class Embedding(_SkillPackModule):
     """``nn.Embedding`` with SkillPacks: looked-up rows of ``dW`` are added, never the whole table."""
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, spec: dict, compressed=None, **kwargs):
-        super().__init__()
-        SkillPackLayer.__init__(self, base_layer, **kwargs)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, spec, compressed)
-
-    forward = SkillPackLayer.forward  # nn.Module's placeholder comes first in the MRO
 
     def _delta_output(self, ids: torch.Tensor, parts: dict) -> torch.Tensor:
         weight = parts["weight"]
@@ -193,16 +192,8 @@ class Embedding(nn.Module, SkillPackLayer):
         return F.embedding(ids, weight)
 
 
-class Norm(nn.Module, SkillPackLayer):
+class Norm(_SkillPackModule):
     """A norm (LayerNorm, RMSNorm, ...) whose weight and bias deltas are added before it runs."""
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, spec: dict, compressed=None, **kwargs):
-        super().__init__()
-        SkillPackLayer.__init__(self, base_layer, **kwargs)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, spec, compressed)
-
-    forward = SkillPackLayer.forward  # nn.Module's placeholder comes first in the MRO
 
     def _base_forward(self, x, *args, **kwargs):
         base = self.get_base_layer()
