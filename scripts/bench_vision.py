@@ -62,6 +62,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    torch.manual_seed(0)  # initialisation too, so a rerun gives the same accuracies
     epochs, repeats = (2, 5) if args.quick else (6, 20)
     runs = os.path.join(args.out, "runs")
 
