@@ -7,10 +7,22 @@ Importing this package registers the ``SKILLPACK`` method with peft, so ``get_pe
 from peft.utils import register_peft_method
 
 from .config import SkillPackConfig
-from .extract import extract_skillpack, weight_deltas
+from .extract import extract_skillpack, lora_deltas, weight_deltas
+from .files import SkillPackFile, load_skillpack, read_skillpack
 from .model import SkillPackModel, base_fingerprint
 from .peft_type import SKILLPACK
 
 register_peft_method(name="skillpack", config_cls=SkillPackConfig, model_cls=SkillPackModel)
 
-__all__ = ["SKILLPACK", "SkillPackConfig", "SkillPackModel", "base_fingerprint", "extract_skillpack", "weight_deltas"]
+__all__ = [
+    "SKILLPACK",
+    "SkillPackConfig",
+    "SkillPackFile",
+    "SkillPackModel",
+    "base_fingerprint",
+    "extract_skillpack",
+    "load_skillpack",
+    "lora_deltas",
+    "read_skillpack",
+    "weight_deltas",
+]

@@ -45,6 +45,8 @@ __all__ = [
     "quantize",
     "quantize_factor",
     "quantized_nbytes",
+    "encode",
+    "group_grid",
     "resolve_scheme",
 ]
 
@@ -145,24 +147,38 @@ def quantize(matrix: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP_SI
     # Padding rows repeat the last row, which lies in the last group: no group's min or max moves.
     padded = torch.cat([values, values[-1:].expand(groups * group_size - rows, cols)])
     grouped = padded.reshape(groups, group_size, cols)
-    levels = (1 << bits) - 1
-    zeros = _to_fp16(grouped.amin(dim=1), toward=-float("inf"))
-    scales = _to_fp16((grouped.amax(dim=1) - zeros.float()) / levels, toward=float("inf"))
-    if not (torch.isfinite(zeros).all() and torch.isfinite(scales).all()):
-        raise HfGraftError("quantize: the values exceed the float16 range of the scales and zeros.")
+    scales, zeros = group_grid(grouped.amin(dim=1), grouped.amax(dim=1), bits)
     expanded_scales = scales.float().repeat_interleave(group_size, dim=0)[:rows]
     expanded_zeros = zeros.float().repeat_interleave(group_size, dim=0)[:rows]
-    # A zero scale means a constant group equal to its zero: code 0 decodes it exactly.
-    divisor = torch.where(expanded_scales > 0, expanded_scales, torch.ones_like(expanded_scales))
-    codes = torch.round((values - expanded_zeros) / divisor).clamp_(0, levels).to(torch.uint8)
     return QuantizedMatrix(
-        packed=pack_bits(codes, bits),
+        packed=pack_bits(encode(values, expanded_scales, expanded_zeros, bits), bits),
         scales=scales,
         zeros=zeros,
         bits=bits,
         shape=(rows, cols),
         group_size=group_size,
     )
+
+
+def group_grid(minimum: torch.Tensor, maximum: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 ``(scales, zeros)`` of grids that cover ``[minimum, maximum]`` elementwise with ``2**bits`` levels.
+
+    The zero is the minimum rounded down to fp16 and the scale ``(maximum - zero) / (2**bits - 1)``
+    rounded up, so every value in the range is within ``scale / 2`` of a level.
+    """
+    zeros = _to_fp16(minimum.float(), toward=-float("inf"))
+    scales = _to_fp16((maximum.float() - zeros.float()) / ((1 << bits) - 1), toward=float("inf"))
+    if not (torch.isfinite(zeros).all() and torch.isfinite(scales).all()):
+        raise HfGraftError("quantize: the values exceed the float16 range of the scales and zeros.")
+    return scales, zeros
+
+
+def encode(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes of ``values`` on the grids ``scales``, ``zeros`` (broadcast to ``values``'s shape)."""
+    scales, zeros = scales.float(), zeros.float()
+    # A zero scale means a constant group equal to its zero: code 0 decodes it exactly.
+    divisor = torch.where(scales > 0, scales, torch.ones_like(scales))
+    return torch.round((values - zeros) / divisor).clamp_(0, (1 << bits) - 1).to(torch.uint8)
 
 
 def _to_fp16(values: torch.Tensor, toward: float) -> torch.Tensor:

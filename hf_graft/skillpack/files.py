@@ -1,0 +1,232 @@
+"""SkillPack files on disk or on the Hub, read with every field, header, shape and dtype checked.
+
+A SkillPack folder is a PEFT adapter folder: ``adapter_config.json`` (a :class:`SkillPackConfig`)
+and ``adapter_model.safetensors`` (the packed tensors, one group per module and part).
+:func:`read_skillpack` validates both before anything is decoded: a truncated or corrupt file, a
+header with wrong dtypes or shapes, a missing or unexpected tensor, malformed metadata, each
+raises one :class:`~hf_graft.errors.HfGraftError`. Only JSON and safetensors are read; a
+pickled ``adapter_model.bin`` is refused, never opened. :func:`load_skillpack` applies a pack read
+this way to a base model (or adds it to a ``PeftModel`` that already holds other packs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Optional
+
+from peft import PeftModel, get_peft_model
+from torch import nn
+
+from ..errors import HfGraftError
+from ..safetensors_io import load_tensors
+from .compress import CompressedDelta, stored_layout
+from .config import SkillPackConfig
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "SkillPackFile", "attach", "load_skillpack", "read_skillpack", "tensor_key"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+MAX_CONFIG_BYTES = 64 << 20
+PARTS = ("weight", "bias")
+
+# Config fields read from a file, with the JSON types each may hold (None: may be null).
+_FIELD_TYPES: dict[str, tuple] = {
+    "target_ratio": (int, float, type(None)),
+    "byte_budget": (int, type(None)),
+    "calibration_samples": (int,),
+    "sparse_modules": (list,),
+    "module_specs": (dict,),
+    "base_fingerprint": (str, type(None)),
+    "measured": (dict,),
+    "base_model_name_or_path": (str, type(None)),
+    "revision": (str, type(None)),
+    "task_type": (str, type(None)),
+    "inference_mode": (bool,),
+}
+
+
+def tensor_key(module: str, tensor_name: str) -> str:
+    """The key of one stored tensor in ``adapter_model.safetensors``, as peft saves it."""
+    return f"base_model.model.{module}.skillpack_tensors.{tensor_name.replace('.', '_')}"
+
+
+@dataclass(frozen=True)
+class SkillPackFile:
+    """A validated SkillPack: its config and, per module and part, the stored delta."""
+
+    config: SkillPackConfig
+    deltas: dict[str, dict[str, CompressedDelta]]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored tensors."""
+        return sum(delta.nbytes for parts in self.deltas.values() for delta in parts.values())
+
+    def summary(self) -> list[dict[str, Any]]:
+        """One row per stored delta: module, part, kind, shape, rank, bit scheme, kept entries, bytes, error."""
+        errors = self.config.measured.get("module_errors", {})
+        rows = []
+        for module, parts in self.deltas.items():
+            for part, delta in parts.items():
+                meta = delta.meta
+                rows.append(
+                    {
+                        "module": module,
+                        "part": part,
+                        "kind": delta.kind,
+                        "shape": "x".join(map(str, delta.shape)),
+                        "rank": meta.get("rank"),
+                        "bits": "/".join(f"{bits}x{cols}" for bits, cols in meta["scheme"]) if "scheme" in meta else None,
+                        "kept": meta.get("count"),
+                        "bytes": delta.nbytes,
+                        "relative_error": errors.get(f"{module}.{part}"),
+                    }
+                )
+        return rows
+
+
+def _resolve(path_or_repo: str | os.PathLike, revision: Optional[str], token) -> tuple[str, str]:
+    """Local paths of the config and weights of a folder or a Hub repo."""
+    path = os.fspath(path_or_repo)
+    if os.path.isdir(path):
+        config_path, weights_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
+        if not os.path.isfile(config_path):
+            raise HfGraftError(f"{path} holds no {CONFIG_NAME}: it is not a SkillPack folder.")
+        if not os.path.isfile(weights_path):
+            found = " (it holds a pickled adapter_model.bin, which is never read)" if os.path.exists(
+                os.path.join(path, "adapter_model.bin")
+            ) else ""
+            raise HfGraftError(f"{path} holds no {WEIGHTS_NAME}{found}: SkillPacks are read from safetensors only.")
+        return config_path, weights_path
+    if os.path.exists(path):
+        raise HfGraftError(f"{path} is a file; give the SkillPack's folder or Hub repo id.")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+
+    try:
+        return tuple(hf_hub_download(path, name, revision=revision, token=token) for name in (CONFIG_NAME, WEIGHTS_NAME))
+    except HFValidationError as error:
+        raise HfGraftError(f"{path!r} is neither a SkillPack folder nor a Hub repo id.") from error
+    except (HfHubHTTPError, OSError) as error:
+        raise HfGraftError(f"Could not download the SkillPack {path!r} from the Hub: {error}") from error
+
+
+def read_config(path: str | os.PathLike) -> SkillPackConfig:
+    """Parse and check ``adapter_config.json``: a SkillPack config whose fields have the right types."""
+    if os.path.getsize(path) > MAX_CONFIG_BYTES:
+        raise HfGraftError(f"{path} is larger than {MAX_CONFIG_BYTES >> 20} MiB: not a SkillPack config.")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise HfGraftError(f"{path} is not valid JSON ({error}); the file is truncated or corrupt.") from None
+    if not isinstance(data, dict):
+        raise HfGraftError(f"{path} must hold a JSON object.")
+    if data.get("peft_type") != "SKILLPACK":
+        raise HfGraftError(f"{path} describes a {data.get('peft_type')!r} adapter, not a SkillPack.")
+    known = {field.name for field in fields(SkillPackConfig)}
+    values = {}
+    for name, types in _FIELD_TYPES.items():
+        if name in data:
+            value = data[name]
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                raise HfGraftError(f"{path}: field {name!r} has the wrong type ({type(value).__name__}).")
+            values[name] = value
+    values = {name: value for name, value in values.items() if name in known}
+    if not all(isinstance(name, str) for name in values.get("sparse_modules", [])):
+        raise HfGraftError(f"{path}: 'sparse_modules' must list module name suffixes.")
+    specs = values.get("module_specs", {})
+    for module, parts in specs.items():
+        if not (isinstance(parts, dict) and parts and set(parts) <= set(PARTS)):
+            raise HfGraftError(f"{path}: module_specs[{module!r}] must map 'weight' and/or 'bias' to metadata.")
+        if not all(isinstance(meta, dict) for meta in parts.values()):
+            raise HfGraftError(f"{path}: module_specs[{module!r}] holds metadata that is not an object.")
+    try:
+        return SkillPackConfig(**values)
+    except (TypeError, ValueError) as error:
+        raise HfGraftError(f"{path}: {error}") from None
+
+
+def _reject_constant(name: str):
+    raise HfGraftError(f"JSON constant {name} is not allowed in a SkillPack config.")
+
+
+def _expected_layout(config: SkillPackConfig) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Key -> (shape, dtype) of every tensor the config's metadata says the weights file holds."""
+    expected = {}
+    for module, parts in config.module_specs.items():
+        for part, meta in parts.items():
+            try:
+                layout = stored_layout(part, meta)
+                shapes_ok = all(
+                    all(isinstance(n, int) and 0 <= n for n in shape) and math.prod(shape) < 1 << 40
+                    for shape, _ in layout.values()
+                )
+            except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as error:
+                raise HfGraftError(f"Metadata of {module}.{part} is malformed ({type(error).__name__}: {error}).") from None
+            if not shapes_ok:
+                raise HfGraftError(f"Metadata of {module}.{part} gives impossible tensor shapes.")
+            expected.update({tensor_key(module, name): value for name, value in layout.items()})
+    return expected
+
+
+def read_skillpack(
+    path_or_repo: str | os.PathLike, *, revision: Optional[str] = None, token: Optional[str] = None
+) -> SkillPackFile:
+    """Read and validate a SkillPack from a folder or a Hub repo; nothing is applied to any model.
+
+    Raises :class:`~hf_graft.errors.HfGraftError` for a missing or corrupt file, a config that is
+    not a SkillPack's or is malformed, and tensors that are missing, unexpected, or of the wrong
+    shape or dtype for the metadata.
+    """
+    config_path, weights_path = _resolve(path_or_repo, revision, token)
+    config = read_config(config_path)
+    if not config.module_specs:
+        raise HfGraftError(f"{config_path} describes no stored deltas (module_specs is empty).")
+    tensors, _ = load_tensors(weights_path, _expected_layout(config))
+    deltas: dict[str, dict[str, CompressedDelta]] = {}
+    for module, parts in config.module_specs.items():
+        for part, meta in parts.items():
+            stored = {name: tensors[tensor_key(module, name)] for name in stored_layout(part, meta)}
+            delta = CompressedDelta.from_tensors(part, stored, meta)
+            delta.delta()  # decode once: codes, indices and bitmaps are checked against the metadata
+            deltas.setdefault(module, {})[part] = delta
+    return SkillPackFile(config, deltas)
+
+
+def attach(model: nn.Module, pack: SkillPackFile, adapter_name: str = "default") -> PeftModel:
+    """Put ``pack`` on ``model`` under ``adapter_name``: a new ``PeftModel``, or one more adapter on one."""
+    if isinstance(model, PeftModel):
+        if adapter_name in model.peft_config:
+            raise HfGraftError(f"The model already holds an adapter named {adapter_name!r}; choose another name.")
+        model.add_adapter(adapter_name, pack.config)
+    else:
+        model = get_peft_model(model, pack.config, adapter_name=adapter_name)
+    for name, module in model.base_model.model.named_modules():
+        if name in pack.deltas:
+            module.update_layer(adapter_name, pack.config.module_specs[name], pack.deltas[name])
+    return model
+
+
+def load_skillpack(
+    model: nn.Module,
+    path_or_repo: str | os.PathLike,
+    *,
+    adapter_name: str = "default",
+    check_base_fingerprint: bool = True,
+    revision: Optional[str] = None,
+    token: Optional[str] = None,
+) -> PeftModel:
+    """Read a SkillPack with every check of :func:`read_skillpack` and apply it to ``model``, unmerged.
+
+    ``model`` is a base model (a ``PeftModel`` is returned) or a ``PeftModel`` already holding
+    SkillPacks (the pack is added as ``adapter_name``). The pack's base fingerprint must match
+    unless ``check_base_fingerprint=False``.
+    """
+    pack = read_skillpack(path_or_repo, revision=revision, token=token)
+    pack.config.check_base_fingerprint = check_base_fingerprint
+    return attach(model, pack, adapter_name)
+
