@@ -12,6 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save as serialize
 
 import hf_graft.safetensors_io as safetensors_io
+from fuzzing import byte_mutations, json_values, mutate
 from hf_graft.errors import HfGraftError
 from hf_graft.safetensors_io import (
     atomic_write_json,
@@ -232,44 +233,12 @@ def test_allow_extra_skips_unexpected_tensors(tmp_path):
 
 # Fuzzing: whatever bytes are on disk, loading returns tensors or raises HfGraftError, nothing else.
 
-_positions = st.one_of(st.integers(0, SMALL_HEADER_END), st.integers(0, len(SMALL_BYTES)))
-_byte_mutations = st.one_of(
-    st.tuples(st.just("flip"), _positions, st.integers(0, 7)),
-    st.tuples(st.just("set"), _positions, st.integers(0, 255)),
-    st.tuples(st.just("digit"), _positions, st.sampled_from(b"0123456789")),
-    st.tuples(st.just("truncate"), _positions),
-    st.tuples(st.just("insert"), _positions, st.binary(min_size=1, max_size=8)),
-    st.tuples(st.just("delete"), _positions, st.integers(1, 8)),
-    st.tuples(st.just("extend"), st.binary(min_size=1, max_size=16)),
-)
-_json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=4)
-    | st.sampled_from(["F32", "I16", "BOOL", "F8_E8M0", "C64", "U64"]),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
-    max_leaves=6,
-)
+_byte_mutations = byte_mutations(SMALL_HEADER_END, len(SMALL_BYTES))
 _field_values = st.one_of(
-    _json_values,
+    json_values,
     st.lists(st.integers(-2, 40), max_size=3),
     st.tuples(st.integers(-2, 40), st.integers(-2, 40)).map(list),
 )
-
-
-def _mutate(data: bytearray, mutation: tuple) -> bytearray:
-    kind, *args = mutation
-    if kind == "extend":
-        return data + args[0]
-    position = args[0] % (len(data) + 1)
-    if kind == "truncate":
-        return data[:position]
-    if kind == "insert":
-        return data[:position] + args[1] + data[position:]
-    if kind == "delete":
-        return data[:position] + data[position + args[1]:]
-    if position == len(data):
-        return data
-    data[position] = data[position] ^ (1 << args[1]) if kind == "flip" else args[1]
-    return data
 
 
 @pytest.fixture(scope="module")
@@ -292,7 +261,7 @@ def _load_or_clear_error(path) -> None:
 def test_fuzzed_bytes_load_or_raise_hf_graft_error(fuzz_path, mutations):
     data = bytearray(SMALL_BYTES)
     for mutation in mutations:
-        data = _mutate(data, mutation)
+        data = mutate(data, mutation)
     fuzz_path.write_bytes(bytes(data))
     _load_or_clear_error(fuzz_path)
 

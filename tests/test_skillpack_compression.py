@@ -487,3 +487,38 @@ def test_allocate_rejects_bad_requests():
         CandidateLadder(energies=())
     with pytest.raises(HfGraftError, match=r"CandidateLadder keep_fraction must be a number in \(0, 1\]"):
         CandidateLadder(keep_fractions=(0.1, 2.0))
+
+
+# Calibrated compression (GPTQ-style)
+
+from hf_graft.skillpack.calibrate import _ColumnQuantizer, compress_delta_calibrated, gptq  # noqa: E402
+
+
+def test_gptq_with_an_identity_hessian_is_plain_rounding():
+    matrix = torch.randn(300, 6, generator=torch.Generator().manual_seed(0))
+    quantizer = _ColumnQuantizer(torch.tensor([8, 8, 4, 4, 2, 2]), 128, 300)
+    result = gptq(matrix, torch.eye(6), quantizer, damping=0.0)
+    for start, bits in ((0, 8), (2, 4), (4, 2)):
+        plain = quantize(matrix[:, start : start + 2], bits, 128)
+        assert torch.equal(result[:, start : start + 2], plain.dequantize())
+
+
+def test_calibration_lowers_the_output_error_on_anisotropic_inputs():
+    generator = torch.Generator().manual_seed(0)
+    delta = torch.randn(192, 24, generator=generator) @ torch.randn(24, 256, generator=generator) / 24
+    inputs = torch.randn(2048, 256, generator=generator) * torch.logspace(-1.5, 1.5, 256)
+    hessian = inputs.T @ inputs / len(inputs)
+    spec = {"kind": "lowrank", "rank": 16}
+
+    def output_error(compressed):
+        error = delta - compressed.delta()
+        return float(torch.trace(error @ hessian @ error.T) / torch.trace(delta @ hessian @ delta.T)) ** 0.5
+
+    plain = compress_delta(delta, spec)
+    calibrated = compress_delta_calibrated(delta, spec, hessian)
+    assert calibrated.nbytes == plain.nbytes and calibrated.meta == plain.meta
+    assert output_error(calibrated) < 0.8 * output_error(plain)  # measured: 0.41 vs 0.58
+    transposed = compress_delta_calibrated(delta.T.contiguous(), spec, hessian, fan_in_fan_out=True)
+    assert torch.allclose(transposed.delta(), calibrated.delta().T, atol=1e-6)
+    with pytest.raises(HfGraftError, match=r"needs a \[256, 256\] Hessian"):
+        compress_delta_calibrated(delta, spec, torch.eye(192))

@@ -163,3 +163,67 @@ def test_push_to_hub_and_load_by_repo_id(llama_pair, hub, repo_id):
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(hub.files(repo_id))
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), repo_id).eval()
     assert torch.equal(logits(loaded, IDS), logits(pack, IDS))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_tied_embeddings_store_one_delta_and_merge_it_once(family, tmp_path):
+    torch.manual_seed(0)
+    if family == "llama":
+        base = LlamaForCausalLM(LlamaConfig(**TINY, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+    else:
+        base = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4)).eval()
+    head, embedding = ("lm_head", "model.embed_tokens") if family == "llama" else ("lm_head", "transformer.wte")
+    assert base.get_submodule(head).weight is base.get_submodule(embedding).weight
+    pack = sp.extract_skillpack(base, tuned_copy(base), sp.SkillPackConfig(target_ratio=4)).eval()
+    config = pack.peft_config["default"]
+    assert config.tied_modules == {head: embedding} and head not in config.module_specs
+    pack.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    unmerged = logits(loaded, IDS)
+    assert torch.equal(unmerged, logits(pack, IDS))
+    merged = loaded.merge_and_unload()
+    assert torch.allclose(logits(merged, IDS), unmerged, atol=1e-5, rtol=0)
+    assert merged.get_submodule(head).weight is merged.get_submodule(embedding).weight
+
+    untied = copy.deepcopy(base)
+    untied.get_submodule(head).weight = torch.nn.Parameter(base.get_submodule(head).weight.clone())
+    with pytest.raises(HfGraftError, match="shares its weight with.*tie_word_embeddings=True"):
+        PeftModel.from_pretrained(untied, tmp_path)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_lora_adapter_as_the_delta(family, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = FAMILIES[family]().eval()
+    targets = ["q_proj", "v_proj", "down_proj"] if family == "llama" else ["c_attn", "c_proj"]
+    lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=targets, init_lora_weights=False)).eval()
+    lora.save_pretrained(tmp_path / "lora")
+    reference = logits(lora, IDS)
+    for tuned in (lora, tmp_path / "lora"):
+        pack = sp.extract_skillpack(base, tuned, sp.SkillPackConfig(target_ratio=4)).eval()
+        assert sorted(pack.peft_config["default"].module_specs) == sorted(
+            name for name, module in lora.base_model.model.named_modules() if hasattr(module, "lora_A")
+        )
+        drift = (logits(pack, IDS) - reference).norm() / (logits(base, IDS) - reference).norm()
+        assert drift < 0.05
+    assert not any("lora" in name for name, _ in base.named_modules())
+
+
+def test_calibrated_extraction_records_its_samples_and_loads(tmp_path):
+    torch.manual_seed(0)
+    base = FAMILIES["gpt2"]().eval()  # Conv1D: the calibrated factors swap roles
+    tuned = tuned_copy(base)
+    batches = [torch.randint(0, 96, (4, 12), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    pack = sp.extract_skillpack(base, tuned, sp.SkillPackConfig(target_ratio=8, calibration_samples=10), calibration=batches)
+    config = pack.peft_config["default"]
+    assert config.calibration_samples == 10
+    drift = (logits(pack.eval(), IDS) - logits(tuned, IDS)).norm() / (logits(base, IDS) - logits(tuned, IDS)).norm()
+    assert drift < 0.05
+    pack.save_pretrained(tmp_path)
+    assert torch.equal(logits(PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval(), IDS), logits(pack, IDS))
+    with pytest.raises(HfGraftError, match="calibration_samples=4 asks for calibrated compression"):
+        sp.extract_skillpack(base, tuned, sp.SkillPackConfig(calibration_samples=4))
+    with pytest.raises(HfGraftError, match="calibration set is empty"):
+        sp.extract_skillpack(base, tuned, sp.SkillPackConfig(), calibration=[])

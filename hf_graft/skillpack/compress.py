@@ -46,6 +46,7 @@ __all__ = [
     "CandidateLadder",
     "CompressedDelta",
     "allocate",
+    "check_meta",
     "compress_delta",
     "measure_candidates",
     "normalize_spec",
@@ -438,10 +439,11 @@ def allocate(
 def stored_layout(prefix: str, meta: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Name -> ``(shape, dtype)`` of every tensor :meth:`CompressedDelta.to_tensors` stores for ``meta``.
 
-    Lets a loader allocate or check a delta's tensors before reading any of them.
+    Lets a loader allocate or check a delta's tensors before reading any of them. ``meta`` is
+    checked first (:func:`check_meta`).
     """
-    kind = meta.get("kind") if isinstance(meta, Mapping) else None
-    shape = tuple(int(n) for n in meta.get("shape", ()))
+    meta = check_meta(meta, repr(prefix))
+    kind, shape = meta["kind"], tuple(meta["shape"])
     if kind == "dense_fp16":
         return {f"{prefix}.delta": (shape, torch.float16)}
     if kind == "sparse":
@@ -452,14 +454,42 @@ def stored_layout(prefix: str, meta: Mapping[str, Any]) -> dict[str, tuple[tuple
             else {f"{prefix}.bitmap": ((packed_size(math.prod(shape), 1),), torch.uint8)}
         )
         return {f"{prefix}.values": ((count,), torch.float16), **index}
-    if kind == "lowrank":
-        layout = {}
-        for factor, rows in (("A", shape[1]), ("B", shape[0])):
-            groups = -(-rows // int(meta["group_size"]))
-            for index, (bits, columns) in enumerate(meta["scheme"]):
-                name = f"{prefix}.{factor}.{index}"
-                layout[f"{name}.packed"] = ((packed_size(rows * columns, bits),), torch.uint8)
-                layout[f"{name}.scales"] = ((groups, columns), torch.float16)
-                layout[f"{name}.zeros"] = ((groups, columns), torch.float16)
-        return layout
-    raise HfGraftError(f"Metadata 'kind' of {prefix!r} must be one of {sorted(_SPEC_KEYS)}, got {meta!r}.")
+    layout = {}
+    for factor, rows in (("A", shape[1]), ("B", shape[0])):
+        groups = -(-rows // meta["group_size"])
+        for index, (bits, columns) in enumerate(meta["scheme"]):
+            name = f"{prefix}.{factor}.{index}"
+            layout[f"{name}.packed"] = ((packed_size(rows * columns, bits),), torch.uint8)
+            layout[f"{name}.scales"] = ((groups, columns), torch.float16)
+            layout[f"{name}.zeros"] = ((groups, columns), torch.float16)
+    return layout
+
+
+def check_meta(meta: Any, what: str) -> Mapping[str, Any]:
+    """``meta`` (a :attr:`CompressedDelta.meta` read from a file), checked to be complete and consistent.
+
+    Raises :class:`~hf_graft.errors.HfGraftError` naming the first bad or missing entry.
+    """
+    kind = meta.get("kind") if isinstance(meta, Mapping) else None
+    what = f"compressed delta {what}"
+    if kind == "dense_fp16":
+        meta_keys(meta, ("kind", "shape"), what)
+        meta_shape(meta, "shape", what)
+    elif kind == "sparse":
+        meta_keys(meta, ("kind", "shape", "format", "count"), what)
+        meta_int(meta, "count", what, 0, math.prod(meta_shape(meta, "shape", what)))
+        if meta["format"] not in ("indices", "bitmap"):
+            raise HfGraftError(f"Metadata 'format' of {what} must be 'indices' or 'bitmap', got {meta['format']!r}.")
+    elif kind == "lowrank":
+        meta_keys(meta, ("kind", "shape", "rank", "scheme", "group_size"), what)
+        rank = meta_int(meta, "rank", what, 1, min(meta_shape(meta, "shape", what, ndim=2)))
+        meta_int(meta, "group_size", what, 1)
+        scheme = meta["scheme"]
+        if not (isinstance(scheme, list) and scheme) or resolve_scheme(scheme, rank) != tuple(map(tuple, scheme)):
+            raise HfGraftError(
+                f"Metadata 'scheme' of {what} must list [bits, columns] blocks covering exactly {rank} columns, "
+                f"got {scheme!r}."
+            )
+    else:
+        raise HfGraftError(f"Metadata 'kind' of {what} must be one of {sorted(_SPEC_KEYS)}, got {meta!r}.")
+    return meta

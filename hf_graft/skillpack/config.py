@@ -36,6 +36,9 @@ class SkillPackConfig(PeftConfig):
         module_specs (`dict`):
             Per changed module, ``{"weight": meta, "bias": meta}``: how each delta is stored (kind,
             shape, rank, bit scheme, group size, or kept count). Written by extraction.
+        tied_modules (`dict`):
+            ``{module: source}`` for output heads whose weight is tied to a packed embedding; their
+            delta is the source's, stored once. Written by extraction.
         base_fingerprint (`str`, *optional*):
             SHA-256 over the base model's weights of the changed modules, recorded at extraction.
         check_base_fingerprint (`bool`, defaults to `True`):
@@ -54,6 +57,7 @@ class SkillPackConfig(PeftConfig):
         default=None, metadata={"help": "unused: module_specs names the changed modules exactly"}
     )
     module_specs: dict = field(default_factory=dict, metadata={"help": "per-module storage, set by extraction"})
+    tied_modules: dict = field(default_factory=dict, metadata={"help": "heads tied to a packed embedding"})
     base_fingerprint: Optional[str] = field(default=None, metadata={"help": "sha256 of the base's changed weights"})
     check_base_fingerprint: bool = field(default=True, metadata={"help": "refuse another base"})
     measured: dict = field(default_factory=dict, metadata={"help": "figures measured at extraction"})

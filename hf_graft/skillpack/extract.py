@@ -18,7 +18,7 @@ from .calibrate import compress_delta_calibrated, input_hessians
 from .compress import allocate, compress_delta
 from .config import SkillPackConfig
 from .files import SkillPackFile, attach
-from .model import base_fingerprint, layer_class
+from .model import base_fingerprint, layer_class, tied_partners
 
 BF16_BYTES = 2
 
@@ -193,6 +193,7 @@ def extract_skillpack(
         error_sq += error
         total_sq += norm
     config.module_specs = {name: {part: c.meta for part, c in parts.items()} for name, parts in by_module.items()}
+    config.tied_modules = tied_partners(clean_base, config.module_specs)
     config.base_fingerprint = base_fingerprint(clean_base, config.module_specs)
     config.measured = {
         "delta_bf16_bytes": bf16_bytes,

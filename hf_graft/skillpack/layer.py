@@ -205,3 +205,41 @@ class Norm(_SkillPackModule):
 
     def _delta_output(self, x, parts):
         return 0.0
+
+
+class TiedLinear(Linear):
+    """An output head whose weight is tied to a SkillPack'd embedding: it stores nothing of its own.
+
+    The pack holds the shared matrix's delta once, on ``source`` (the embedding). Unmerged, this
+    layer adds ``x @ dW.T`` from the source's decoded delta; merging is the source's job, as the
+    weight is shared (the tuner refuses models where it is not).
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, source: str, root: nn.Module, **kwargs):
+        self.source = source
+        # A plain attribute, not a submodule: the model contains this layer. deepcopy maps it consistently.
+        object.__setattr__(self, "_root", root)
+        super().__init__(base_layer, adapter_name, {}, None, **kwargs)
+
+    def _source_layer(self) -> SkillPackLayer:
+        layer = self._root.get_submodule(self.source)
+        if not isinstance(layer, SkillPackLayer):
+            raise ValueError(f"The SkillPack layer {self.source!r} this head is tied to is gone.")
+        return layer
+
+    def decoded(self, adapter_name: str) -> dict:
+        source = self._source_layer()
+        return {"weight": source.decoded(adapter_name)["weight"]} if adapter_name in source.skillpack_tensors else {}
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        return self._source_layer().get_delta_weight(adapter_name)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list] = None) -> None:
+        """The source's merge changes the shared weight; this layer only records the merge."""
+        self.merged_adapters.extend(name for name in check_adapters_to_merge(self, adapter_names) if name in self.skillpack_tensors)
+
+    def unmerge(self) -> None:
+        self.merged_adapters.clear()
+
+    def _delta_output(self, x: torch.Tensor, parts: dict) -> torch.Tensor:
+        return super()._delta_output(x, parts) if parts else torch.zeros((), dtype=x.dtype)

@@ -8,8 +8,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import HfGraftError
+from .compress import check_meta
 from .config import SkillPackConfig
-from .layer import Embedding, Linear, Norm, SkillPackLayer
+from .layer import Embedding, Linear, Norm, SkillPackLayer, TiedLinear
 
 #: Elements of each weight that enter the fingerprint: a fixed stride over the flat tensor.
 FINGERPRINT_SAMPLES = 65_536
@@ -33,6 +34,30 @@ def base_fingerprint(model: nn.Module, module_names) -> str:
         digest.update(f"{name}|{tuple(weight.shape)}|{weight.dtype}|".encode())
         digest.update(sample.numpy().tobytes())
     return digest.hexdigest()
+
+
+def tied_partners(model: nn.Module, module_names) -> dict:
+    """``{module: source}`` for modules outside ``module_names`` whose weight is a named module's weight.
+
+    A causal LM with tied embeddings has one matrix under two names (``embed_tokens`` and
+    ``lm_head``); a SkillPack stores its delta once, under the name in ``module_names``.
+    """
+    owners = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and name in module_names:
+            owners.setdefault(id(weight), name)
+    partners = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        owner = owners.get(id(weight)) if isinstance(weight, torch.Tensor) else None
+        if owner is not None and name != owner and name not in module_names and not isinstance(module, BaseTunerLayer):
+            partners[name] = owner
+    return partners
+
+
+def _weight(module: nn.Module):
+    return (module.get_base_layer() if isinstance(module, BaseTunerLayer) else module).weight
 
 
 def layer_class(module: nn.Module):
@@ -71,7 +96,7 @@ class SkillPackModel(BaseTuner):
     def _check_target_module_exists(peft_config: SkillPackConfig, key: str) -> bool:
         # Modules are named exactly by module_specs. target_modules stays unset: peft reads embedding
         # names there as "save the full embedding matrix", which would defeat the compression.
-        return key in peft_config.module_specs
+        return key in peft_config.module_specs or key in peft_config.tied_modules
 
     def _pre_injection_hook(self, model: nn.Module, config: SkillPackConfig, adapter_name: str) -> None:
         modules = dict(model.named_modules())
@@ -81,6 +106,24 @@ class SkillPackModel(BaseTuner):
                 f"SkillPack {adapter_name!r} changes modules this model does not have ({', '.join(missing[:5])}"
                 f"{' ...' if len(missing) > 5 else ''}): it was extracted from another architecture."
             )
+        for name, parts in config.module_specs.items():
+            base = modules[name].get_base_layer() if isinstance(modules[name], BaseTunerLayer) else modules[name]
+            for part, meta in parts.items():
+                check_meta(meta, f"{name}.{part}")
+                param = getattr(base, part, None)
+                if not isinstance(param, torch.Tensor) or tuple(param.shape) != tuple(meta["shape"]):
+                    found = tuple(param.shape) if isinstance(param, torch.Tensor) else "none"
+                    raise HfGraftError(
+                        f"SkillPack {adapter_name!r} stores a {tuple(meta['shape'])} delta for {name}.{part}, "
+                        f"which is {found} in this model: it was extracted from another architecture."
+                    )
+        for head, source in config.tied_modules.items():
+            if head not in modules or source not in modules or _weight(modules[head]) is not _weight(modules[source]):
+                raise HfGraftError(
+                    f"SkillPack {adapter_name!r} was extracted from a model whose {head} shares its weight with "
+                    f"{source}; in this model it does not. Load the base with its embeddings tied "
+                    "(tie_word_embeddings=True)."
+                )
         if config.check_base_fingerprint and config.base_fingerprint:
             found = base_fingerprint(model, config.module_specs)
             if found != config.base_fingerprint:
@@ -91,18 +134,62 @@ class SkillPackModel(BaseTuner):
                 )
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
-        spec = config.module_specs[current_key]
-        compressed = kwargs.get("compressed", {}).get(current_key)
-        if isinstance(target, SkillPackLayer):
-            target.update_layer(adapter_name, spec, compressed)
-            return
-        cls = layer_class(target)
-        if cls is None:
-            raise HfGraftError(f"SkillPacks cannot be applied to {current_key} ({type(target).__name__}).")
-        new_module = cls(target, adapter_name, spec, compressed)
+        if current_key in config.tied_modules:
+            new_module = self._tied_layer(config, adapter_name, target, current_key)
+            if new_module is None:
+                return
+        else:
+            spec = config.module_specs[current_key]
+            if isinstance(target, SkillPackLayer):
+                target.update_layer(adapter_name, spec)
+                return
+            cls = layer_class(target)
+            if cls is None:
+                raise HfGraftError(f"SkillPacks cannot be applied to {current_key} ({type(target).__name__}).")
+            new_module = cls(target, adapter_name, spec)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """peft's key remapping, then every SkillPack tensor checked: none missing, none extra, right shape and dtype."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        marker = f".skillpack_tensors.{adapter_name}."
+        expected = {key: value for key, value in model.state_dict().items() if marker in key}
+        found = {key: value for key, value in remapped.items() if ".skillpack_tensors." in key}
+        missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+        if missing or unexpected:
+            names = (missing or unexpected)[:3]
+            raise HfGraftError(
+                f"SkillPack {adapter_name!r}: the weights file {'lacks' if missing else 'has unexpected'} tensors "
+                f"{', '.join(names)}{' ...' if len(missing or unexpected) > 3 else ''}; it does not match its config."
+            )
+        for key, value in found.items():
+            want = expected[key]
+            if value.shape != want.shape or value.dtype != want.dtype:
+                raise HfGraftError(
+                    f"SkillPack {adapter_name!r}: {key} is {value.dtype} {tuple(value.shape)} in the file, "
+                    f"its config needs {want.dtype} {tuple(want.shape)}."
+                )
+        return remapped
+
+    def _get_tied_target_modules(self, model: nn.Module) -> list:
+        # peft warns that merging into tied embeddings is unsafe; SkillPacks store a tied matrix's delta
+        # once and merge it once (TiedLinear), so there is nothing to warn about.
+        return []
+
+    def _tied_layer(self, config, adapter_name, target, key):
+        """A :class:`TiedLinear` for an output head tied to a packed embedding (``None``: added to an existing one)."""
+        source = config.tied_modules[key]
+        if isinstance(target, TiedLinear):
+            if target.source != source:
+                raise HfGraftError(f"{key} is tied to {target.source} in one SkillPack and to {source} in another.")
+            target.update_layer(adapter_name, {})
+            return None
+        if not isinstance(target, (nn.Linear, Conv1D)):
+            raise HfGraftError(f"SkillPacks tie {key} to {source}, but {key} is a {type(target).__name__}, not a linear head.")
+        return TiedLinear(target, adapter_name, source, self.model)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for parameter in model.parameters():
