@@ -1,5 +1,6 @@
 """Model cards for everything hf-graft saves or pushes, rendered from ``hub_templates/``."""
 
+import math
 import os
 from importlib import resources
 from typing import Optional
@@ -12,6 +13,7 @@ from .safetensors_io import atomic_write_text
 
 TEMPLATES = {"grafted_vision": "vision_model_card.md.j2"}
 TASKS = {"grafted_vision": "image-classification"}
+SKILLPACK_TAGS = ("hf-graft", "skillpack", "graftllm", "knowledge-grafting")
 
 
 def template_environment() -> jinja2.Environment:
@@ -65,6 +67,47 @@ def write_model_card(model, save_directory: str, tags: Optional[list] = None, re
         megabytes=size["megabytes"],
         metrics=config.graft_metrics,
         repo_id=repo_id or "path/to/this/model",
+    )
+    path = os.path.join(save_directory, "README.md")
+    atomic_write_text(path, card)
+    return path
+
+
+def write_skillpack_card(
+    pack, save_directory: str, *, repo_id: Optional[str] = None, tags: Optional[list] = None
+) -> str:
+    """Render and write ``README.md`` for a SkillPack (a :class:`~hf_graft.skillpack.SkillPackFile`); return its path.
+
+    The card gives the base model, the compression figures, the skill retention when
+    ``config.measured["evaluation"]`` holds one (:func:`hf_graft.skillpack.record_evaluation`)
+    and a per-module table.
+    """
+    config = pack.config
+    base_model = config.base_model_name_or_path or "the-base-model"
+    bf16_bytes = sum(2 * math.prod(delta.shape) for parts in pack.deltas.values() for delta in parts.values())
+    figures = {
+        "stored_bytes": pack.nbytes,
+        "delta_bf16_bytes": bf16_bytes,
+        "compression_ratio": bf16_bytes / max(1, pack.nbytes),
+        "relative_error": config.measured.get("relative_error"),
+    }
+    title = os.path.basename(repo_id) if repo_id else "SkillPack"
+    data = ModelCardData(
+        library_name="peft",
+        base_model=config.base_model_name_or_path or None,
+        pipeline_tag="text-generation",
+        tags=sorted({*SKILLPACK_TAGS, *(tags or [])}),
+        model_name=title,
+    )
+    card = template_environment().get_template("skillpack_model_card.md.j2").render(
+        metadata=data.to_yaml(),
+        title=title,
+        base_model=base_model,
+        config=config,
+        figures=figures,
+        evaluation=config.measured.get("evaluation"),
+        rows=pack.summary(),
+        repo_id=repo_id or "path/to/this/skillpack",
     )
     path = os.path.join(save_directory, "README.md")
     atomic_write_text(path, card)

@@ -227,3 +227,59 @@ def test_calibrated_extraction_records_its_samples_and_loads(tmp_path):
         sp.extract_skillpack(base, tuned, sp.SkillPackConfig(calibration_samples=4))
     with pytest.raises(HfGraftError, match="calibration set is empty"):
         sp.extract_skillpack(base, tuned, sp.SkillPackConfig(), calibration=[])
+
+
+def _projections_only(base, seed=2):
+    """A tuned copy whose only changes are low-rank changes of the attention and MLP projections."""
+    tuned = copy.deepcopy(base)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in tuned.named_parameters():
+            if param.dim() == 2 and not any(s in name for s in ("embed", "wte", "wpe", "lm_head")):
+                param += 0.05 * torch.randn(param.shape[0], 2, generator=generator) @ torch.randn(2, param.shape[1], generator=generator)
+    return tuned.eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_export_lora_is_exact_for_low_rank_deltas(family, tmp_path):
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    base = FAMILIES[family]().eval()
+    pack = sp.extract_skillpack(base, _projections_only(base), sp.SkillPackConfig(target_ratio=4)).eval()
+    report = sp.export_lora(pack, None, tmp_path, dtype="float32")
+    assert report.left_out == [] and report.approximated == {}
+    assert sorted(report.exact) == sorted(pack.peft_config["default"].module_specs)
+    config = LoraConfig.from_pretrained(tmp_path)
+    specs = pack.peft_config["default"].module_specs
+    assert config.rank_pattern == {name: spec["weight"]["rank"] for name, spec in specs.items()}
+    assert config.alpha_pattern == config.rank_pattern
+    lora = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    assert lora.peft_config["default"].peft_type.value == "LORA"
+    assert torch.allclose(logits(lora, IDS), logits(pack, IDS), atol=1e-5, rtol=0)
+
+
+def test_export_lora_reports_what_lora_cannot_hold(llama_pair, tmp_path):
+    base, tuned = llama_pair
+    pack = sp.extract_skillpack(base, tuned, sp.SkillPackConfig(target_ratio=4))
+    report = sp.export_lora(pack, None, tmp_path, sparse_rank=2)
+    assert "model.layers.0.input_layernorm.weight" in report.left_out
+    assert set(report.approximated) == {"model.embed_tokens", "lm_head"}
+    assert all(0 < error < 1 for error in report.approximated.values())
+
+
+def test_model_card_lists_base_ratio_modules_and_retention(llama_pair, tmp_path, hub, repo_id):
+    base, tuned = llama_pair
+    base = copy.deepcopy(base)
+    base.name_or_path = "org/tiny-llama"
+    pack = sp.extract_skillpack(base, tuned, sp.SkillPackConfig(target_ratio=8))
+    assert sp.record_evaluation(pack, "exact_match", base=0.1, tuned=0.9, pack=0.86) == pytest.approx(0.95)
+    pack.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    ratio = pack.peft_config["default"].measured["compression_ratio"]
+    assert "`org/tiny-llama`" in card and f"{ratio:.1f}x" in card
+    assert "**95.0%**" in card and "| `model.layers.1.mlp.down_proj` | weight | lowrank |" in card
+    assert "library_name: peft" in card and "- skillpack" in card and "PEFT " in card
+    pack.push_to_hub(repo_id)
+    pushed = hub.files(repo_id)["README.md"].decode()
+    assert f"# {repo_id.split('/')[1]}" in pushed and f'PeftModel.from_pretrained(base, "{repo_id}")' in pushed

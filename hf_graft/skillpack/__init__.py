@@ -8,7 +8,8 @@ from peft.utils import register_peft_method
 
 from .config import SkillPackConfig
 from .extract import extract_skillpack, lora_deltas, weight_deltas
-from .files import SkillPackFile, load_skillpack, read_skillpack
+from .files import SkillPackFile, load_skillpack, pack_of, read_skillpack, record_evaluation
+from .lora_export import LoraExport, export_lora
 from .model import SkillPackModel, base_fingerprint
 from .peft_type import SKILLPACK
 
@@ -16,13 +17,17 @@ register_peft_method(name="skillpack", config_cls=SkillPackConfig, model_cls=Ski
 
 __all__ = [
     "SKILLPACK",
+    "LoraExport",
     "SkillPackConfig",
     "SkillPackFile",
     "SkillPackModel",
     "base_fingerprint",
+    "export_lora",
     "extract_skillpack",
     "load_skillpack",
     "lora_deltas",
+    "pack_of",
     "read_skillpack",
+    "record_evaluation",
     "weight_deltas",
 ]

@@ -193,6 +193,7 @@ def extract_skillpack(
         error_sq += error
         total_sq += norm
     config.module_specs = {name: {part: c.meta for part, c in parts.items()} for name, parts in by_module.items()}
+    config.base_model_name_or_path = config.base_model_name_or_path or getattr(clean_base, "name_or_path", None) or None
     config.tied_modules = tied_partners(clean_base, config.module_specs)
     config.base_fingerprint = base_fingerprint(clean_base, config.module_specs)
     config.measured = {

@@ -11,20 +11,37 @@ this way to a base model (or adds it to a ``PeftModel`` that already holds other
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import tempfile
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
+from huggingface_hub import HfApi, ModelCard
+from peft import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 from torch import nn
 
 from ..errors import HfGraftError
+from ..hub import SKILLPACK_TAGS, write_skillpack_card
 from ..safetensors_io import load_tensors
 from .compress import CompressedDelta, stored_layout
 from .config import SkillPackConfig
+from .peft_type import SKILLPACK
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "SkillPackFile", "attach", "load_skillpack", "read_skillpack", "tensor_key"]
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "SkillPackCardMixin",
+    "SkillPackFile",
+    "attach",
+    "load_skillpack",
+    "pack_of",
+    "read_skillpack",
+    "record_evaluation",
+    "tensor_key",
+]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -191,6 +208,71 @@ def read_skillpack(
     return SkillPackFile(config, deltas)
 
 
+def pack_of(model: PeftModel, adapter_name: str = "default") -> SkillPackFile:
+    """The SkillPack ``adapter_name`` of a ``PeftModel``, as stored (what ``save_pretrained`` writes)."""
+    config = model.peft_config.get(adapter_name)
+    if config is None or config.peft_type != SKILLPACK:
+        raise HfGraftError(f"The model holds no SkillPack named {adapter_name!r}.")
+    modules = dict(model.base_model.model.named_modules())
+    deltas = {
+        name: {part: modules[name].compressed(adapter_name, part) for part in parts}
+        for name, parts in config.module_specs.items()
+    }
+    return SkillPackFile(config, deltas)
+
+
+class SkillPackCardMixin:
+    """``PeftModel`` behaviour for SkillPacks: ``save_pretrained`` and ``push_to_hub`` write hf-graft's card.
+
+    peft then adds its own fields (library, tags, framework versions) to the card, as for any adapter.
+    """
+
+    def create_or_update_model_card(self, output_dir: str) -> None:
+        packs = [name for name, config in self.peft_config.items() if config.peft_type == SKILLPACK]
+        if not packs:
+            return super().create_or_update_model_card(output_dir)
+        pack = pack_of(self, packs[0])
+        path = write_skillpack_card(pack, output_dir, repo_id=getattr(self, "_card_repo_id", None))
+        super().create_or_update_model_card(output_dir)
+        card = ModelCard.load(path)  # peft replaced the tags and base model with its own guesses
+        card.data.tags = sorted(set(card.data.tags or []) | set(SKILLPACK_TAGS))
+        if pack.config.base_model_name_or_path:
+            card.data.base_model = pack.config.base_model_name_or_path
+        card.save(path)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: Optional[str] = None,
+        private: Optional[bool] = None,
+        token: Optional[str] = None,
+        revision: Optional[str] = None,
+        create_pr: bool = False,
+    ):
+        """Create ``repo_id`` if needed and upload what ``save_pretrained`` writes (card included), in one commit."""
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self._card_repo_id = repo_id
+            try:
+                self.save_pretrained(folder)
+            finally:
+                del self._card_repo_id
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message or "Upload SkillPack",
+                revision=revision,
+                create_pr=create_pr,
+            )
+
+
+@functools.cache
+def _with_card(cls: type) -> type:
+    return type(cls.__name__, (SkillPackCardMixin, cls), {"__module__": cls.__module__, "__doc__": cls.__doc__})
+
+
 def attach(model: nn.Module, pack: SkillPackFile, adapter_name: str = "default") -> PeftModel:
     """Put ``pack`` on ``model`` under ``adapter_name``: a new ``PeftModel``, or one more adapter on one."""
     if isinstance(model, PeftModel):
@@ -198,7 +280,8 @@ def attach(model: nn.Module, pack: SkillPackFile, adapter_name: str = "default")
             raise HfGraftError(f"The model already holds an adapter named {adapter_name!r}; choose another name.")
         model.add_adapter(adapter_name, pack.config)
     else:
-        model = get_peft_model(model, pack.config, adapter_name=adapter_name)
+        cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(pack.config.task_type, PeftModel)
+        model = _with_card(cls)(model, pack.config, adapter_name=adapter_name)
     for name, module in model.base_model.model.named_modules():
         if name in pack.deltas:
             module.update_layer(adapter_name, pack.config.module_specs[name], pack.deltas[name])
@@ -224,3 +307,17 @@ def load_skillpack(
     pack.config.check_base_fingerprint = check_base_fingerprint
     return attach(model, pack, adapter_name)
 
+
+
+def record_evaluation(model: PeftModel, metric: str, base: float, tuned: float, pack: float, *,
+                      dataset: Optional[str] = None, adapter_name: str = "default") -> float:
+    """Store a skill score of the base, the tuned model and the pack in the pack's config; return the retention.
+
+    Retention is ``(pack - base) / (tuned - base)``; the model card shows it.
+    """
+    if tuned == base:
+        raise HfGraftError(f"The tuned model scores the same {metric} as the base ({tuned}): there is no skill to retain.")
+    retention = (pack - base) / (tuned - base)
+    evaluation = {"metric": metric, "base": base, "tuned": tuned, "pack": pack, "retention": retention, "dataset": dataset}
+    model.peft_config[adapter_name].measured["evaluation"] = evaluation
+    return retention

@@ -1,0 +1,136 @@
+"""A SkillPack as a standard PEFT LoRA adapter, for serving engines that load LoRA and nothing else.
+
+Low-rank deltas become LoRA factors exactly (``lora_B @ lora_A = B @ A``, each module at its own
+rank through ``rank_pattern``, with ``alpha_pattern`` equal to it so the scaling is 1). Sparse
+deltas (embeddings, output heads) have no LoRA form: they are factored by a truncated SVD at
+``sparse_rank``, with the error reported. Norm and bias deltas cannot be expressed by LoRA at all
+and are left out, also reported. The exported file holds only the LoRA factors.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from peft import LoraConfig, PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..errors import HfGraftError
+from ..safetensors_io import atomic_write_json, save_tensors
+from .compress import CompressedDelta
+from .files import SkillPackFile, pack_of
+from .lowrank import lowrank_factors
+
+__all__ = ["LoraExport", "export_lora"]
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoraExport:
+    """What :func:`export_lora` wrote: modules exported exactly, approximated (with relative error), left out."""
+
+    path: str
+    exact: list = field(default_factory=list)
+    approximated: dict = field(default_factory=dict)
+    left_out: list = field(default_factory=list)
+    nbytes: int = 0
+
+
+def _lowrank(delta: CompressedDelta, sparse_rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(A [r, cols], B [rows, r], relative error)`` with ``B @ A`` approximating the stored delta."""
+    if delta.kind == "lowrank":
+        a, b = delta.lowrank()
+        return a, b, 0.0
+    dense = delta.delta()
+    factors = lowrank_factors(dense, energy=1.0, max_rank=min(sparse_rank, *dense.shape), min_rank=1)
+    error = float(torch.linalg.vector_norm(dense - factors.b @ factors.a) / torch.linalg.vector_norm(dense).clamp_min(1e-30))
+    return factors.a, factors.b, error
+
+
+def export_lora(
+    pack: SkillPackFile | PeftModel,
+    model: nn.Module | None,
+    out_dir: str | os.PathLike,
+    *,
+    sparse_rank: int = 64,
+    dtype: str = "float16",
+) -> LoraExport:
+    """Write ``pack`` as a PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    ``pack`` is a read pack (:func:`~.files.read_skillpack`) or a ``PeftModel`` holding it as
+    ``"default"``. ``model`` is the base architecture the pack is for (``None`` with a
+    ``PeftModel``); only its module types are read, so a model built on the meta device
+    (``with torch.device("meta"): AutoModelForCausalLM.from_config(...)``) will do. ``dtype`` is that
+    of the written factors.
+    """
+    if isinstance(pack, PeftModel):
+        model = model if model is not None else pack.get_base_model()
+        pack = pack_of(pack)
+    if model is None:
+        raise HfGraftError("export_lora needs the base architecture (model) to know each module's layout.")
+    if dtype not in DTYPES:
+        raise HfGraftError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
+    if sparse_rank < 1:
+        raise HfGraftError(f"sparse_rank must be at least 1, got {sparse_rank}.")
+    modules = {
+        name: module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        for name, module in model.named_modules()
+    }
+    missing = sorted(set(pack.deltas) - set(modules))
+    if missing:
+        raise HfGraftError(f"The model has no module {missing[0]!r}: the pack is for another architecture.")
+    report = LoraExport(os.fspath(out_dir))
+    tensors, ranks, factors, conv1d = {}, {}, {}, False
+    for name, parts in pack.deltas.items():
+        module = modules[name]
+        report.left_out += [f"{name}.{part}" for part in parts if part != "weight"]
+        weight = parts.get("weight")
+        if weight is None or weight.kind == "dense_fp16" or not isinstance(module, (nn.Linear, Conv1D, nn.Embedding)):
+            report.left_out += [f"{name}.weight"] if weight is not None else []
+            continue
+        a, b, error = _lowrank(weight, sparse_rank)
+        prefix = f"base_model.model.{name}"
+        if isinstance(module, nn.Embedding):  # peft: delta = (lora_embedding_B @ lora_embedding_A).T
+            tensors[f"{prefix}.lora_embedding_A"], tensors[f"{prefix}.lora_embedding_B"] = b.T, a.T
+        elif isinstance(module, Conv1D):  # peft: delta = (lora_B @ lora_A).T, in the [in, out] layout
+            tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = b.T, a.T
+            conv1d = True
+        else:
+            tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = a, b
+        ranks[name] = a.shape[0]
+        if error:
+            report.approximated[name] = error
+        else:
+            report.exact.append(name)
+        factors[name] = (a, b)
+    for head, source in pack.config.tied_modules.items():  # the shared delta, on the head's side as well
+        if source in factors and isinstance(modules.get(head), nn.Linear):
+            a, b = factors[source]
+            tensors[f"base_model.model.{head}.lora_A.weight"], tensors[f"base_model.model.{head}.lora_B.weight"] = a, b
+            ranks[head] = a.shape[0]
+    if not ranks:
+        raise HfGraftError("The pack holds no weight delta LoRA can express (only norms and biases).")
+    tensors = {key: value.to(DTYPES[dtype]).contiguous() for key, value in tensors.items()}
+    top = max(ranks.values())
+    config = LoraConfig(
+        r=top,
+        lora_alpha=top,
+        target_modules=sorted(ranks),
+        rank_pattern=dict(ranks),
+        alpha_pattern=dict(ranks),
+        fan_in_fan_out=conv1d,
+        lora_dropout=0.0,
+        bias="none",
+        base_model_name_or_path=pack.config.base_model_name_or_path,
+        task_type=pack.config.task_type,
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    save_tensors(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    data = {key: sorted(value) if isinstance(value, set) else value for key, value in config.to_dict().items()}
+    atomic_write_json(os.path.join(out_dir, "adapter_config.json"), data)
+    report.nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    return report
