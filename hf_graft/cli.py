@@ -4,12 +4,15 @@
     hf-graft vision train  --out DIR ...    donor -> graft with distillation -> report
     hf-graft vision eval   MODEL            accuracy and size of a saved graft
     hf-graft vision export MODEL --out DIR  ONNX (Optimum) + static int8, checked against PyTorch
+    hf-graft skillpack extract|inspect|apply|export-lora|push   SkillPacks (see hf_graft.skillpack.cli)
 """
 
 import argparse
 import json
 import os
 import sys
+
+from .skillpack import cli as skillpack_cli
 
 
 def _add_training_flags(parser, prefix: str, epochs: int, lr: float):
@@ -62,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("kind", nargs="?", default="vision", choices=["vision"])
     demo.add_argument("--out", default="hf-graft-demo", help="output directory")
     _vision_parser(sub)
+    skillpack_cli.add_parser(sub)
     return parser
 
 
@@ -148,6 +152,8 @@ def main(argv=None) -> int:
             from .demo import run_vision_demo
 
             run_vision_demo(args.out)
+        elif args.command == "skillpack":
+            skillpack_cli.run(args)
         elif args.vision_command == "train":
             _vision_train(args)
         elif args.vision_command == "eval":

@@ -1,0 +1,240 @@
+"""``hf-graft skillpack ...``: the SkillPack commands, one per Python entry point.
+
+    hf-graft skillpack extract --base B --tuned T --out DIR [--ratio 16] [--calibration DATA]
+    hf-graft skillpack inspect PACK [--json]
+    hf-graft skillpack apply PACK --base B --out DIR
+    hf-graft skillpack export-lora PACK --out DIR [--base B]
+    hf-graft skillpack push PACK REPO_ID
+
+``PACK`` is a SkillPack folder or Hub repo id; ``B`` and ``T`` are model folders or Hub ids, and
+``T`` may also be a LoRA adapter on ``B``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+from ..errors import HfGraftError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_parser(sub) -> None:
+    """Add ``skillpack`` and its subcommands to the top-level subparsers ``sub``."""
+    skillpack = sub.add_parser("skillpack", help="SkillPacks: skills as compressed, bit-packed PEFT adapters")
+    commands = skillpack.add_subparsers(dest="skillpack_command", required=True)
+
+    extract = commands.add_parser("extract", help="compress tuned - base into a SkillPack")
+    extract.add_argument("--base", required=True, help="base model folder or Hub id")
+    extract.add_argument("--tuned", required=True, help="tuned model, or a LoRA adapter on the base (folder or Hub id)")
+    extract.add_argument("--out", required=True, help="SkillPack folder to write")
+    budget = extract.add_mutually_exclusive_group()
+    budget.add_argument("--ratio", type=float, default=16.0, help="bf16 delta bytes / stored bytes (default 16)")
+    budget.add_argument("--bytes", type=int, help="an absolute byte budget instead of --ratio")
+    extract.add_argument(
+        "--calibration",
+        help="texts for GPTQ-style calibration: 'pydoc' (embedded), a .txt file (paragraphs), or a Hub dataset id",
+    )
+    extract.add_argument("--calibration-samples", type=int, default=128, help="sequences used (default 128)")
+    extract.add_argument("--calibration-length", type=int, default=256, help="tokens per sequence (default 256)")
+    extract.add_argument("--calibration-column", default="text", help="text column of a Hub dataset")
+    extract.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype the models are loaded in")
+    extract.add_argument("--push-to-hub", metavar="REPO_ID", help="push the pack when done")
+
+    inspect = commands.add_parser("inspect", help="per module: kind, rank, bits, bytes, reconstruction error")
+    inspect.add_argument("pack")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    apply = commands.add_parser("apply", help="merge a SkillPack into its base and save the merged model")
+    apply.add_argument("pack")
+    apply.add_argument("--base", help="base model (default: the one the pack names)")
+    apply.add_argument("--out", required=True)
+    apply.add_argument("--dtype", choices=DTYPES, default="float32")
+    apply.add_argument("--no-check-base", action="store_true", help="apply even if the base's fingerprint differs")
+
+    export = commands.add_parser("export-lora", help="write the pack as a standard PEFT LoRA adapter")
+    export.add_argument("pack")
+    export.add_argument("--out", required=True)
+    export.add_argument("--base", help="base model whose architecture to read (default: the one the pack names)")
+    export.add_argument("--sparse-rank", type=int, default=64, help="SVD rank for sparse (embedding) deltas")
+    export.add_argument("--dtype", choices=DTYPES, default="float16", help="dtype of the LoRA factors")
+
+    push = commands.add_parser("push", help="push a SkillPack folder to the Hub with its model card")
+    push.add_argument("pack")
+    push.add_argument("repo_id")
+    push.add_argument("--private", action="store_true")
+
+
+def run(args) -> None:
+    """Run the parsed ``skillpack`` subcommand."""
+    {
+        "extract": _extract,
+        "inspect": _inspect,
+        "apply": _apply,
+        "export-lora": _export_lora,
+        "push": _push,
+    }[args.skillpack_command](args)
+
+
+def _load_model(reference: str, dtype: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(reference, dtype=getattr(torch, dtype)).eval()
+
+
+def _is_lora(reference: str) -> bool:
+    path = os.path.join(reference, "adapter_config.json")
+    if os.path.isdir(reference):
+        return os.path.isfile(path)
+    from huggingface_hub import file_exists
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+
+    try:
+        return file_exists(reference, "adapter_config.json")
+    except (HfHubHTTPError, HFValidationError, OSError):  # let the model loader report a bad id or no network
+        return False
+
+
+def calibration_texts(source: str, column: str = "text") -> list[str]:
+    """Texts for calibration: the embedded pydoc corpus, a text file's paragraphs, or a Hub dataset's column."""
+    if source == "pydoc":
+        from ..data import pydoc_corpus
+
+        return pydoc_corpus().train.split("\n\n")
+    if os.path.isfile(source):
+        with open(source, encoding="utf-8") as handle:
+            texts = [part.strip() for part in handle.read().split("\n\n") if part.strip()]
+    else:
+        import datasets
+
+        dataset = datasets.load_dataset(source, split="train")
+        if column not in dataset.column_names:
+            raise HfGraftError(f"Dataset {source!r} has no column {column!r} (it has {dataset.column_names}).")
+        texts = [text for text in dataset[column] if isinstance(text, str) and text.strip()]
+    if not texts:
+        raise HfGraftError(f"The calibration source {source!r} holds no text.")
+    return texts
+
+
+def calibration_batches(tokenizer, texts: list[str], samples: int, length: int, batch_size: int = 8) -> list:
+    """``samples`` sequences of ``length`` tokens cut from the concatenated ``texts``, in batches."""
+    import torch
+
+    if samples < 1 or length < 2:
+        raise HfGraftError("--calibration-samples must be >= 1 and --calibration-length >= 2.")
+    ids = tokenizer("\n\n".join(texts), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    count = min(samples, len(ids) // length)
+    if count == 0:
+        raise HfGraftError(f"The calibration text holds {len(ids)} tokens, fewer than one sequence of {length}.")
+    sequences = ids[: count * length].reshape(count, length).to(torch.long)
+    return list(sequences.split(batch_size))
+
+
+def _extract(args) -> None:
+    from transformers import AutoTokenizer
+
+    from . import SkillPackConfig, extract_skillpack
+
+    base = _load_model(args.base, args.dtype)
+    tuned = args.tuned if _is_lora(args.tuned) else _load_model(args.tuned, args.dtype)
+    config = SkillPackConfig(target_ratio=None if args.bytes else args.ratio, byte_budget=args.bytes)
+    batches = None
+    if args.calibration:
+        tokenizer = AutoTokenizer.from_pretrained(args.tuned if not isinstance(tuned, str) else args.base)
+        texts = calibration_texts(args.calibration, args.calibration_column)
+        batches = calibration_batches(tokenizer, texts, args.calibration_samples, args.calibration_length)
+    pack = extract_skillpack(base, tuned, config, calibration=batches, copy_base=False)
+    pack.save_pretrained(args.out)
+    measured = pack.peft_config["default"].measured
+    print(
+        f"SkillPack written to {args.out}: {measured['stored_bytes']:,} bytes, "
+        f"{measured['compression_ratio']:.1f}x smaller than the bf16 delta, "
+        f"relative error {measured['relative_error']:.4f}"
+    )
+    if args.push_to_hub:
+        print(f"pushed: {pack.push_to_hub(args.push_to_hub)}")
+
+
+def _inspect(args) -> None:
+    from ..reporting import markdown_table
+    from .files import read_skillpack
+
+    pack = read_skillpack(args.pack)
+    rows = pack.summary()
+    if args.json:
+        print(json.dumps({"measured": pack.config.measured, "modules": rows}, indent=2))
+        return
+    print(markdown_table(rows))
+    measured = pack.config.measured
+    total = f"{len(rows)} deltas, {pack.nbytes:,} bytes"
+    if "compression_ratio" in measured:
+        total += f", {measured['compression_ratio']:.1f}x smaller than the bf16 delta"
+    if "relative_error" in measured:
+        total += f", relative error {measured['relative_error']:.4f}"
+    print(f"\n{total}; base {pack.config.base_model_name_or_path or '(not recorded)'}")
+
+
+def _base_of(args, pack) -> str:
+    base = args.base or pack.config.base_model_name_or_path
+    if not base:
+        raise HfGraftError("The pack does not name its base model: pass --base.")
+    return base
+
+
+def _apply(args) -> None:
+    from .files import attach, read_skillpack
+
+    pack = read_skillpack(args.pack)
+    pack.config.check_base_fingerprint = not args.no_check_base
+    base = _base_of(args, pack)
+    merged = attach(_load_model(base, args.dtype), pack).merge_and_unload()
+    merged.save_pretrained(args.out)
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(base).save_pretrained(args.out)
+    except (OSError, ValueError):
+        print(f"merged model written to {args.out} ({base} has no tokenizer to copy)")
+        return
+    print(f"merged model and tokenizer written to {args.out}")
+
+
+def _export_lora(args) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .files import read_skillpack
+    from .lora_export import export_lora
+
+    pack = read_skillpack(args.pack)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(_base_of(args, pack)))
+    report = export_lora(pack, skeleton, args.out, sparse_rank=args.sparse_rank, dtype=args.dtype)
+    print(f"LoRA adapter written to {args.out}: {report.nbytes:,} bytes, {len(report.exact)} modules exact")
+    for name, error in sorted(report.approximated.items()):
+        print(f"  approximated at rank <= {args.sparse_rank}: {name} (relative error {error:.4f})")
+    for name in report.left_out:
+        print(f"  left out (LoRA cannot express it): {name}")
+
+
+def _push(args) -> None:
+    from huggingface_hub import HfApi
+
+    from ..hub import write_skillpack_card
+    from .files import CONFIG_NAME, WEIGHTS_NAME, read_skillpack
+
+    if not os.path.isdir(args.pack):
+        raise HfGraftError(f"{args.pack} is not a folder: push takes a SkillPack folder written by extract.")
+    pack = read_skillpack(args.pack)
+    api = HfApi()
+    repo_id = api.create_repo(args.repo_id, private=args.private or None, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as folder:
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            shutil.copyfile(os.path.join(args.pack, name), os.path.join(folder, name))
+        write_skillpack_card(pack, folder, repo_id=repo_id)
+        info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload SkillPack")
+    print(f"pushed: {info}")
