@@ -11,8 +11,8 @@ from huggingface_hub import EvalResult, ModelCardData
 from . import metrics
 from .safetensors_io import atomic_write_text
 
-TEMPLATES = {"grafted_vision": "vision_model_card.md.j2"}
-TASKS = {"grafted_vision": "image-classification"}
+TEMPLATES = {"grafted_vision": "vision_model_card.md.j2", "grafted_causal_lm": "causal_lm_model_card.md.j2"}
+TASKS = {"grafted_vision": "image-classification", "grafted_causal_lm": "text-generation"}
 SKILLPACK_TAGS = ("hf-graft", "skillpack", "graftllm", "knowledge-grafting")
 
 
@@ -33,12 +33,12 @@ def _card_data(config, task: str, tags: Optional[list], title: str) -> ModelCard
             task_type=task,
             dataset_type=dataset or "custom",
             dataset_name=dataset or "custom",
-            metric_type="accuracy",
+            metric_type=name,
             metric_name=name,
             metric_value=value,
         )
         for name, value in config.graft_metrics.items()
-        if name.endswith("accuracy") and not name.startswith("donor")
+        if not name.startswith(("donor", "host", "vanilla", "tuned"))
     ]
     return ModelCardData(
         library_name="transformers",
@@ -57,7 +57,7 @@ def write_model_card(model, save_directory: str, tags: Optional[list] = None, re
     if model_type not in TEMPLATES:
         raise ValueError(f"No model card template for model_type {model_type!r}.")
     size = metrics.footprint(model)
-    title = os.path.basename(repo_id) if repo_id else f"grafted-{config.donor_name}"
+    title = os.path.basename(repo_id) if repo_id else f"grafted-{config.donor_name or model_type}"
     data = _card_data(config, TASKS[model_type], tags, title)
     card = template_environment().get_template(TEMPLATES[model_type]).render(
         metadata=data.to_yaml(),

@@ -1,0 +1,214 @@
+"""``GraftedModelForCausalLM``: a host causal LM whose stack of blocks carries grafted donor blocks.
+
+The host is an ordinary transformers causal LM built from ``config.host_config``; each graft is a
+:class:`GraftedBlock` inserted in the host's block list, so the host's own forward, attention
+masks, KV cache and ``generate`` run unchanged. Attention modules are renumbered so every block
+has its own slot in the cache.
+"""
+
+import copy
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from .configuration_grafted_causal_lm import GraftedCausalLMConfig, _config_from_dict
+from .modeling_grafted import GraftedModel
+
+
+class Translator(nn.Linear):
+    """A linear map between two residual streams, initialised as the identity (truncated if sizes differ)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=True)
+        self.reset_to_identity()
+
+    @torch.no_grad()
+    def reset_to_identity(self) -> None:
+        self.weight.copy_(torch.eye(self.out_features, self.in_features))
+        self.bias.zero_()
+
+
+class GraftedBlock(nn.Module):
+    """``post(block(pre(h)))``: a donor block between a pre- and a post-translator.
+
+    It takes the host block's call (hidden states plus the host's keyword arguments) and returns
+    what the host's blocks return. Rotary position embeddings are recomputed with the donor's own
+    settings, as its head size may differ from the host's.
+    """
+
+    def __init__(self, host_config, donor_config, block_class, rotary_class, layer_idx: int):
+        super().__init__()
+        self.pre = Translator(host_config.hidden_size, donor_config.hidden_size)
+        self.block = block_class(donor_config, layer_idx)
+        self.post = Translator(donor_config.hidden_size, host_config.hidden_size)
+        self.rotary_emb = rotary_class(config=donor_config) if rotary_class is not None else None
+
+    def forward(self, hidden_states, *args, position_embeddings=None, position_ids=None, **kwargs):
+        inner = self.pre(hidden_states)
+        if self.rotary_emb is not None and position_embeddings is not None:
+            position_embeddings = self.rotary_emb(inner, position_ids)
+        output = self.block(inner, *args, position_embeddings=position_embeddings, position_ids=position_ids, **kwargs)
+        if isinstance(output, tuple):
+            return (self.post(output[0]),) + output[1:]
+        return self.post(output)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks of a transformers causal LM (``model.model.layers``, ``gpt_neox.layers``)."""
+    inner = model.base_model
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(model).__name__} keeps no list of blocks at .{model.base_model_prefix}.layers.")
+    return layers
+
+
+def _rotary_class(model: nn.Module):
+    rotary = getattr(model.base_model, "rotary_emb", None)
+    return type(rotary) if rotary is not None else None
+
+
+class GraftedModelForCausalLM(GraftedModel):
+    """A causal LM with blocks grafted from donors (layer grafting with translators).
+
+    Build it with :meth:`from_models` (host weights, donor block weights, identity translators);
+    train its translators with ``hf_graft.layers.train_translators``; swap the grafted block for a
+    specialised one with :meth:`swap_block`. ``generate`` is the host's and uses the KV cache.
+    """
+
+    config_class = GraftedCausalLMConfig
+    base_model_prefix = "host"
+    auto_classes = ("AutoModel", "AutoModelForCausalLM")
+    _supports_cache_class = True
+
+    def __init__(self, config: GraftedCausalLMConfig):
+        super().__init__(config)
+        host_config = config.host()
+        self.host = AutoModelForCausalLM.from_config(host_config)
+        layers = decoder_layers(self.host)
+        block_class, rotary_class = type(layers[0]), _rotary_class(self.host)
+        implementation = self.host.config._attn_implementation
+        blocks, self._graft_slots = [], [0] * len(config.grafts)
+        for position in range(len(layers) + 1):
+            for index, graft in enumerate(config.grafts):
+                if graft["position"] == position:
+                    donor_config = _config_from_dict(graft["donor_config"])
+                    donor_config._attn_implementation = implementation
+                    self._graft_slots[index] = len(blocks)
+                    blocks.append(GraftedBlock(host_config, donor_config, block_class, rotary_class, 0))
+            if position < len(layers):
+                blocks.append(layers[position])
+        self.host.base_model.layers = layers = nn.ModuleList(blocks)
+        for index, block in enumerate(layers):
+            for module in block.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = index
+        self.host.config.num_hidden_layers = len(layers)
+        if getattr(self.host.config, "layer_types", None) is not None:
+            self.host.config.layer_types = [self.host.config.layer_types[0]] * len(layers)
+        self.post_init()
+        # The host's own initialisation reaches the translators inside its stack: make them identities again.
+        for module in self.modules():
+            if isinstance(module, Translator):
+                module.reset_to_identity()
+
+    def _init_weights(self, module):
+        if isinstance(module, Translator):
+            module.reset_to_identity()
+
+    @property
+    def graft_blocks(self) -> list:
+        """The grafted blocks, in the order of ``config.grafts``."""
+        layers = decoder_layers(self.host)
+        return [layers[slot] for slot in self._graft_slots]
+
+    def get_input_embeddings(self):
+        return self.host.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.host.get_output_embeddings()
+
+    def forward(self, *args, **kwargs):
+        return self.host(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        """The host's ``generate``, through the grafted stack."""
+        return self.host.generate(*args, **kwargs)
+
+    @classmethod
+    def from_models(
+        cls,
+        host: nn.Module,
+        donor: nn.Module,
+        *,
+        donor_layer: int,
+        position: int,
+        translator_init: str = "identity",
+        donor_name: Optional[str] = None,
+    ) -> "GraftedModelForCausalLM":
+        """A copy of ``host`` with ``donor``'s block ``donor_layer`` inserted at ``position``.
+
+        Translators start as the identity; with ``translator_init="least_squares"`` (needed when
+        the hidden sizes differ) fit them with ``hf_graft.layers.fit_translators``.
+        """
+        if isinstance(host, GraftedModelForCausalLM):
+            raise ValueError("from_models takes a plain host model; use add_graft to graft into a grafted model.")
+        return cls.add_graft(
+            host, donor, donor_layer=donor_layer, position=position, translator_init=translator_init, donor_name=donor_name
+        )
+
+    @classmethod
+    def add_graft(cls, host, donor, *, donor_layer, position, translator_init="identity", donor_name=None):
+        """Like :meth:`from_models`; ``host`` may already be a grafted model, whose grafts are kept.
+
+        ``position`` counts the host's own blocks; a new graft at the position of an earlier one
+        runs after it.
+        """
+        grafted = isinstance(host, GraftedModelForCausalLM)
+        source = host.host if grafted else host
+        grafts = copy.deepcopy(host.config.grafts) if grafted else []
+        grafts.append(
+            {
+                "position": position,
+                "donor_config": donor.config.to_dict(),
+                "donor_layer": donor_layer,
+                "translator_init": translator_init,
+                "donor_name": donor_name or getattr(donor, "name_or_path", None) or None,
+                "block": "vanilla",
+            }
+        )
+        config = GraftedCausalLMConfig(
+            host_config=host.config.host_config if grafted else host.config.to_dict(),
+            grafts=grafts,
+            donor_name=grafts[0]["donor_name"],
+        )
+        model = cls(config)
+        prefix = f"{source.base_model_prefix}.layers."
+        outside = {k: v for k, v in source.state_dict().items() if not k.startswith(prefix)}
+        model.host.load_state_dict(outside, strict=False)
+        new_graft = model.graft_blocks[-1]
+        kept = [block for block in decoder_layers(model.host) if block is not new_graft]
+        for old, new in zip(decoder_layers(source), kept):
+            new.load_state_dict(old.state_dict())
+        new_graft.block.load_state_dict(decoder_layers(donor)[donor_layer].state_dict())
+        return model.train(host.training)
+
+    def swap_block(self, block: nn.Module, graft: int = 0) -> None:
+        """Replace grafted block ``graft``'s weights with ``block``'s (the paper's "original" strategy).
+
+        ``block`` is a transformer block of the donor's architecture, or a whole causal LM of it,
+        whose block ``donor_layer`` is taken (e.g. the model ``hf_graft.layers.specialise_block``
+        returns).
+        """
+        target = self.graft_blocks[graft]
+        if hasattr(block, "base_model") and not isinstance(block, type(target.block)):
+            block = decoder_layers(block)[self.config.grafts[graft]["donor_layer"]]
+        if not isinstance(block, type(target.block)):
+            raise ValueError(f"swap_block needs a {type(target.block).__name__}, got {type(block).__name__}.")
+        target.block.load_state_dict(block.state_dict())
+        self.config.grafts[graft]["block"] = "tuned"
+
+
+GraftedCausalLMConfig.register_for_auto_class()
+GraftedModelForCausalLM.register_for_auto_class("AutoModelForCausalLM")
