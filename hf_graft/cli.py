@@ -5,6 +5,7 @@
     hf-graft vision eval   MODEL            accuracy and size of a saved graft
     hf-graft vision export MODEL --out DIR  ONNX (Optimum) + static int8, checked against PyTorch
     hf-graft skillpack extract|inspect|apply|export-lora|push   SkillPacks (see hf_graft.skillpack.cli)
+    hf-graft layers specialise|graft|eval                        layer grafting (see hf_graft.layers.cli)
 """
 
 import argparse
@@ -12,6 +13,7 @@ import json
 import os
 import sys
 
+from .layers import cli as layers_cli
 from .skillpack import cli as skillpack_cli
 
 
@@ -66,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="hf-graft-demo", help="output directory")
     _vision_parser(sub)
     skillpack_cli.add_parser(sub)
+    layers_cli.add_parser(sub)
     return parser
 
 
@@ -154,6 +157,8 @@ def main(argv=None) -> int:
             run_vision_demo(args.out)
         elif args.command == "skillpack":
             skillpack_cli.run(args)
+        elif args.command == "layers":
+            layers_cli.run(args)
         elif args.vision_command == "train":
             _vision_train(args)
         elif args.vision_command == "eval":

@@ -180,3 +180,33 @@ def test_specialise_block_changes_that_block_only(tokenizer):
     assert not any("lora" in name for name, _ in tuned.named_parameters())
     with pytest.raises(HfGraftError, match="Layer 7 is outside the model, which has 3 blocks"):
         layers.specialise_block(model, 7, task, tokenizer=tokenizer)
+
+
+def test_cli_specialise_graft_eval(tmp_path, tokenizer, capsys):
+    from hf_graft.cli import main
+
+    for name, seed in (("vanilla", 1), ("host", 0)):
+        model = make("gpt_neox", seed)
+        model.config.pad_token_id, model.config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    assert main(["layers", "specialise", "--model", str(tmp_path / "vanilla"), "--layer", "1", "--out", str(tmp_path / "tuned"),
+                 "--steps", "3"]) == 0
+    assert main(["layers", "graft", "--host", str(tmp_path / "host"), "--donor", str(tmp_path / "vanilla"),
+                 "--tuned", str(tmp_path / "tuned"), "--donor-layer", "1", "--position", "2", "--steps", "5",
+                 "--out", str(tmp_path / "grafted")]) == 0
+    grafted = AutoModelForCausalLM.from_pretrained(tmp_path / "grafted")
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned")
+    assert grafted.config.grafts[0]["block"] == "tuned"
+    assert torch.equal(grafted.graft_blocks[0].block.attention.query_key_value.weight,
+                       layers.decoder_layers(tuned)[1].attention.query_key_value.weight)
+    capsys.readouterr()
+    assert main(["layers", "eval", str(tmp_path / "grafted"), "--samples", "8"]) == 0
+    import json
+
+    scores = json.loads(capsys.readouterr().out)
+    assert set(scores) == {"format_hard", "format_soft", "factual", "lexical_perplexity", "perplexity"}
+    assert all(0 <= scores[k] <= 1 for k in ("format_hard", "format_soft", "factual"))
+    assert main(["layers", "graft", "--host", str(tmp_path / "host"), "--donor", str(tmp_path / "vanilla"),
+                 "--donor-layer", "1", "--position", "9", "--out", str(tmp_path / "bad")]) == 2
+    assert "position 9 is outside the host" in capsys.readouterr().err

@@ -1,0 +1,130 @@
+"""``hf-graft layers ...``: layer grafting from the command line.
+
+    hf-graft layers specialise --model M --layer I --out DIR [--modulus 4]
+    hf-graft layers graft --host H --donor D --donor-layer I --position J --out DIR [--tuned T]
+    hf-graft layers eval MODEL [--modulus 4] [--mlm bert-base-uncased]
+
+Models are folders or Hub ids with their tokenizer; the task is modular addition
+(``"a + b mod n"`` -> ``"The result is x"``); translator data is the task, the embedded corpus, or both.
+"""
+
+from __future__ import annotations
+
+import json
+
+from ..errors import HfGraftError
+
+
+def add_parser(sub) -> None:
+    """Add ``layers`` and its subcommands to the top-level subparsers ``sub``."""
+    group = sub.add_parser("layers", help="layer grafting: specialise a block, graft it between translators")
+    commands = group.add_subparsers(dest="layers_command", required=True)
+
+    specialise = commands.add_parser("specialise", help="LoRA on one block only, trained on modular addition, merged")
+    specialise.add_argument("--model", required=True)
+    specialise.add_argument("--layer", type=int, required=True, help="index of the block to specialise")
+    specialise.add_argument("--out", required=True)
+    specialise.add_argument("--modulus", type=int, default=4, help="n of 'a + b mod n' (default 4)")
+    specialise.add_argument("--steps", type=int, default=300)
+    specialise.add_argument("--rank", type=int, default=8)
+    specialise.add_argument("--lr", type=float, default=2e-3)
+
+    graft = commands.add_parser("graft", help="insert a donor block into a host and train its translators")
+    graft.add_argument("--host", required=True)
+    graft.add_argument("--donor", required=True, help="the vanilla donor the block comes from")
+    graft.add_argument("--donor-layer", type=int, required=True)
+    graft.add_argument("--position", type=int, required=True, help="host block before which the graft goes")
+    graft.add_argument("--tuned", help="the specialised donor (from 'layers specialise') whose block is swapped in")
+    graft.add_argument("--strategy", choices=["original", "direct"], default="original",
+                       help="original: translators around the vanilla block, then swap; direct: the tuned block throughout")
+    graft.add_argument("--loss", choices=["residual", "residual_kl", "logits"], default="residual")
+    graft.add_argument("--data", choices=["task", "corpus", "mixed"], default="mixed")
+    graft.add_argument("--translator-init", choices=["identity", "least_squares"], default="identity")
+    graft.add_argument("--modulus", type=int, default=4)
+    graft.add_argument("--steps", type=int, default=300)
+    graft.add_argument("--out", required=True)
+    graft.add_argument("--push-to-hub", metavar="REPO_ID")
+
+    evaluate = commands.add_parser("eval", help="format-hard, format-soft, factual, lexical perplexity, MLM predictability")
+    evaluate.add_argument("model")
+    evaluate.add_argument("--modulus", type=int, default=4)
+    evaluate.add_argument("--samples", type=int, default=200, help="task test prompts and text prompts (default 200)")
+    evaluate.add_argument("--mlm", help="a masked LM for MLM predictability (e.g. bert-base-uncased)")
+    evaluate.add_argument("--top-k", type=int, help="count only words the masked LM retrieves in its top k")
+
+
+def run(args) -> None:
+    """Run the parsed ``layers`` subcommand."""
+    {"specialise": _specialise, "graft": _graft, "eval": _evaluate}[args.layers_command](args)
+
+
+def _load(reference: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import hf_graft  # noqa: F401  (registers the grafted causal LM)
+
+    return AutoModelForCausalLM.from_pretrained(reference).eval(), AutoTokenizer.from_pretrained(reference)
+
+
+def _specialise(args) -> None:
+    from ..causal_lm import Schedule
+    from ..data import modular_addition
+    from .specialise import specialise_block
+
+    model, tokenizer = _load(args.model)
+    schedule = Schedule(steps=args.steps, batch_size=32, learning_rate=args.lr, warmup_steps=min(20, args.steps // 10))
+    tuned = specialise_block(model, args.layer, modular_addition(args.modulus), tokenizer=tokenizer, rank=args.rank, schedule=schedule)
+    tuned.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    print(f"block {args.layer} specialised; model written to {args.out}")
+
+
+def _graft(args) -> None:
+    from ..data import modular_addition, pydoc_corpus
+    from ..models.modeling_grafted_causal_lm import GraftedModelForCausalLM
+    from .translators import fit_translators, train_translators, translator_batches
+
+    if args.strategy == "direct" and not args.tuned:
+        raise HfGraftError("--strategy direct grafts the tuned block throughout: pass --tuned.")
+    host, tokenizer = _load(args.host)
+    donor, _ = _load(args.donor)
+    tuned = _load(args.tuned)[0] if args.tuned else None
+    source = tuned if args.strategy == "direct" else donor
+    grafted = GraftedModelForCausalLM.from_models(
+        host, source, donor_layer=args.donor_layer, position=args.position,
+        translator_init=args.translator_init, donor_name=args.donor,
+    )
+    data = translator_batches(tokenizer, args.data, task=modular_addition(args.modulus), corpus=pydoc_corpus().train)
+    if args.translator_init == "least_squares":
+        fit_translators(grafted, donor=source, host=host, data=data)
+    losses = train_translators(grafted, donor=source, host=host, data=data, loss=args.loss, steps=args.steps)
+    if tuned is not None and args.strategy == "original":
+        grafted.swap_block(tuned)
+    grafted.config.graft_dataset = f"{args.data} (modular addition n={args.modulus}, pydoc corpus)"
+    grafted.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    print(json.dumps({"translator_losses": losses, "out": args.out}, indent=2))
+    if args.push_to_hub:
+        print(f"pushed: {grafted.push_to_hub(args.push_to_hub)}")
+
+
+def _evaluate(args) -> None:
+    from ..causal_lm import encode_text
+    from ..data import modular_addition, pydoc_corpus
+    from .evaluation import language_scores, task_scores, text_prompts
+
+    model, tokenizer = _load(args.model)
+    task = modular_addition(args.modulus, test_size=args.samples)
+    held_out = pydoc_corpus().held_out
+    scores = task_scores(model, tokenizer, task.test)
+    scores.update(
+        language_scores(
+            model,
+            tokenizer,
+            text_prompts(tokenizer, held_out, count=args.samples),
+            held_out_ids=encode_text(tokenizer, held_out),
+            mlm=args.mlm,
+            top_k=args.top_k,
+        )
+    )
+    print(json.dumps(scores, indent=2))
