@@ -24,7 +24,17 @@ def load(name):
 
 
 def test_available_lists_the_shipped_modules_each_with_a_card():
-    assert metrics.available() == ["accuracy", "model_footprint"]
+    assert metrics.available() == [
+        "accuracy",
+        "exact_match",
+        "factual",
+        "format_hard",
+        "format_soft",
+        "lexical_perplexity",
+        "mlm_predictability",
+        "model_footprint",
+        "perplexity",
+    ]
     package_dir = Path(metrics.__file__).parent
     for name in metrics.available():
         assert (package_dir / name / "README.md").is_file()
@@ -42,7 +52,7 @@ def test_load_never_opens_a_connection(monkeypatch):
 
 
 def test_unknown_metric_names_the_available_ones():
-    with pytest.raises(HfGraftError, match="Unknown hf-graft metric 'acc'.*accuracy, model_footprint"):
+    with pytest.raises(HfGraftError, match="Unknown hf-graft metric 'acc'.*accuracy, exact_match, factual"):
         metrics.load("acc")
     with pytest.raises(ValueError):
         metrics.load("../accuracy")
