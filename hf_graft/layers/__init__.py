@@ -11,6 +11,8 @@
 """
 
 from ..models.modeling_grafted_causal_lm import GraftedBlock, Translator, decoder_layers
+from . import evaluation
+from .evaluation import language_scores, task_scores
 from .specialise import block_linear_names, specialise_block
 from .translators import LOSSES, fit_translators, train_translators, translator_batches
 
@@ -20,8 +22,11 @@ __all__ = [
     "Translator",
     "block_linear_names",
     "decoder_layers",
+    "evaluation",
     "fit_translators",
+    "language_scores",
     "specialise_block",
+    "task_scores",
     "train_translators",
     "translator_batches",
 ]
