@@ -15,7 +15,7 @@ from .models.configuration_grafted_vision import GraftedVisionConfig
 from .models.modeling_grafted import GraftedModel
 from .models.modeling_grafted_causal_lm import GraftedModelForCausalLM
 from .models.modeling_grafted_vision import GraftedModelForImageClassification
-from .skillpack import SkillPackConfig, extract_skillpack
+from .skillpack import SkillPackConfig, extract_skillpack, fuse
 
 __version__ = "0.1.0"
 
@@ -38,4 +38,5 @@ __all__ = [
     "HfGraftError",
     "SkillPackConfig",
     "extract_skillpack",
+    "fuse",
 ]

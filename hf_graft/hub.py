@@ -112,3 +112,30 @@ def write_skillpack_card(
     path = os.path.join(save_directory, "README.md")
     atomic_write_text(path, card)
     return path
+
+
+def write_fusion_card(fused, save_directory: str, *, repo_id: Optional[str] = None) -> str:
+    """Render and write ``README.md`` for fused SkillPacks (a ``FusedSkillPacks``): the packs, the router, the base."""
+    from .skillpack.files import read_skillpack
+
+    rows, base_model = [], None
+    for skill in fused.skills:
+        pack = read_skillpack(os.path.join(save_directory, skill))
+        bf16 = sum(2 * math.prod(d.shape) for parts in pack.deltas.values() for d in parts.values())
+        rows.append({"skill": skill, "bytes": pack.nbytes, "ratio": bf16 / max(1, pack.nbytes)})
+        base_model = base_model or pack.config.base_model_name_or_path
+    title = os.path.basename(repo_id) if repo_id else "fused-skillpacks"
+    data = ModelCardData(
+        library_name="peft",
+        base_model=base_model or None,
+        pipeline_tag="text-generation",
+        tags=sorted({*SKILLPACK_TAGS, "skill-fusion"}),
+        model_name=title,
+    )
+    card = template_environment().get_template("fusion_model_card.md.j2").render(
+        metadata=data.to_yaml(), title=title, skills=fused.skills, mode=fused.mode, rows=rows,
+        base_model=base_model or "the-base-model", repo_id=repo_id or "path/to/this/model",
+    )
+    path = os.path.join(save_directory, "README.md")
+    atomic_write_text(path, card)
+    return path

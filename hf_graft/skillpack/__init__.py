@@ -8,6 +8,7 @@ from peft.utils import register_peft_method
 
 from .config import SkillPackConfig
 from .extract import extract_skillpack, lora_deltas, weight_deltas
+from .fusion import FusedSkillPacks, fuse
 from .files import SkillPackFile, load_skillpack, pack_of, read_skillpack, record_evaluation
 from .lora_export import LoraExport, export_lora
 from .model import SkillPackModel, base_fingerprint
@@ -17,6 +18,7 @@ register_peft_method(name="skillpack", config_cls=SkillPackConfig, model_cls=Ski
 
 __all__ = [
     "SKILLPACK",
+    "FusedSkillPacks",
     "LoraExport",
     "SkillPackConfig",
     "SkillPackFile",
@@ -24,6 +26,7 @@ __all__ = [
     "base_fingerprint",
     "export_lora",
     "extract_skillpack",
+    "fuse",
     "load_skillpack",
     "lora_deltas",
     "pack_of",

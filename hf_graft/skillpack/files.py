@@ -40,6 +40,7 @@ __all__ = [
     "pack_of",
     "read_skillpack",
     "record_evaluation",
+    "resolve_files",
     "tensor_key",
 ]
 
@@ -105,8 +106,8 @@ class SkillPackFile:
         return rows
 
 
-def _resolve(path_or_repo: str | os.PathLike, revision: Optional[str], token) -> tuple[str, str]:
-    """Local paths of the config and weights of a folder or a Hub repo."""
+def resolve_files(path_or_repo: str | os.PathLike, revision: Optional[str] = None, token=None) -> tuple[str, str]:
+    """Local paths of the config and weights of a SkillPack folder or Hub repo (downloaded to the cache)."""
     path = os.fspath(path_or_repo)
     if os.path.isdir(path):
         config_path, weights_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
@@ -193,7 +194,7 @@ def read_skillpack(
     not a SkillPack's or is malformed, and tensors that are missing, unexpected, or of the wrong
     shape or dtype for the metadata.
     """
-    config_path, weights_path = _resolve(path_or_repo, revision, token)
+    config_path, weights_path = resolve_files(path_or_repo, revision, token)
     config = read_config(config_path)
     if not config.module_specs:
         raise HfGraftError(f"{config_path} describes no stored deltas (module_specs is empty).")

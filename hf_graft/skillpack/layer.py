@@ -33,6 +33,8 @@ class SkillPackLayer(BaseTunerLayer):
         self.skillpack_tensors = nn.ModuleDict()
         self.skillpack_specs: dict = {}
         self._decoded: dict = {}
+        #: adapter -> ``[batch]`` weights scaling its delta per example (set by fusion); absent: 1.
+        self.skillpack_mixing: dict = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -128,13 +130,14 @@ class SkillPackLayer(BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
-        result = self._base_forward(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
         for name in self._unmerged_adapters():
-            result = result + self._delta_output(x, self.decoded(name))
+            delta = self._delta_output(x, self.decoded(name))
+            weight = self.skillpack_mixing.get(name)
+            if weight is not None:  # one weight per example: a router's R_i(x)
+                delta = delta * weight.to(result.dtype).reshape(-1, *([1] * (result.dim() - 1)))
+            result = result + delta
         return result
-
-    def _base_forward(self, x, *args, **kwargs):
-        return self.base_layer(x, *args, **kwargs)
 
     def __repr__(self) -> str:
         return "skillpack." + super().__repr__()
@@ -193,18 +196,18 @@ class Embedding(_SkillPackModule):
 
 
 class Norm(_SkillPackModule):
-    """A norm (LayerNorm, RMSNorm, ...) whose weight and bias deltas are added before it runs."""
+    """A norm (LayerNorm, RMSNorm, ...) whose weight and bias deltas change its output additively.
 
-    def _base_forward(self, x, *args, **kwargs):
-        base = self.get_base_layer()
-        params = {name: p for name, p in base.named_parameters(recurse=False)}
-        for name in self._unmerged_adapters():
-            for part, delta in self.decoded(name).items():
-                params[part] = params[part] + delta
-        return torch.func.functional_call(base, params, (x, *args), kwargs)
+    Norms are affine in their parameters, ``norm(x; p + d) = norm(x; p) + norm(x; d) - norm(x; 0)``,
+    so each pack adds its own term, which a router can weight per example.
+    """
 
     def _delta_output(self, x, parts):
-        return 0.0
+        base = self.get_base_layer()
+        params = {name: torch.zeros_like(p) for name, p in base.named_parameters(recurse=False)}
+        at_zero = torch.func.functional_call(base, params, (x,))
+        shifted = {name: parts.get(name, value) for name, value in params.items()}
+        return torch.func.functional_call(base, shifted, (x,)) - at_zero
 
 
 class TiedLinear(Linear):
