@@ -142,3 +142,24 @@ def test_bad_fusions_fail_before_any_work(base, packs, tokenizer, tmp_path):
         hf_graft.fuse(copy.deepcopy(base), {"add": packs["add"]}, prompts={"add": []}, tokenizer=tokenizer)
     with pytest.raises(HfGraftError, match="router must be one of"):
         hf_graft.fuse(copy.deepcopy(base), {"add": packs["add"]}, router="magic")
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_linear", "dare_ties"])
+def test_static_merges_of_the_same_deltas(base, packs, tokenizer, method):
+    from hf_graft.skillpack.merging import merge_skillpacks
+
+    merged = merge_skillpacks(base, [packs["add"], packs["rev"]], method=method, density=0.5)
+    ids, mask = _ids(tokenizer, PROMPTS["add"][:2])
+    with torch.no_grad():
+        out = merged(input_ids=ids, attention_mask=mask).logits
+    assert torch.isfinite(out).all()
+    if method == "task_arithmetic":
+        fused = hf_graft.fuse(copy.deepcopy(base), {k: packs[k] for k in ("add", "rev")}, router="uniform")
+        with torch.no_grad():
+            assert torch.allclose(out, fused(ids, mask).logits, atol=1e-5, rtol=0)
+    else:  # pruning to half the entries moves the result away from plain task arithmetic
+        plain = merge_skillpacks(base, [packs["add"], packs["rev"]], method="task_arithmetic")
+        with torch.no_grad():
+            assert not torch.allclose(out, plain(input_ids=ids, attention_mask=mask).logits, atol=1e-4)
+    changed = {n for (n, a), (_, b) in zip(base.named_parameters(), merged.named_parameters()) if not torch.equal(a, b)}
+    assert changed == {"model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.o_proj.weight"}

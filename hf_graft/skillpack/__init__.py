@@ -9,6 +9,7 @@ from peft.utils import register_peft_method
 from .config import SkillPackConfig
 from .extract import extract_skillpack, lora_deltas, weight_deltas
 from .fusion import FusedSkillPacks, fuse
+from .merging import MERGE_METHODS, merge_skillpacks
 from .files import SkillPackFile, load_skillpack, pack_of, read_skillpack, record_evaluation
 from .lora_export import LoraExport, export_lora
 from .model import SkillPackModel, base_fingerprint
@@ -20,6 +21,7 @@ __all__ = [
     "SKILLPACK",
     "FusedSkillPacks",
     "LoraExport",
+    "MERGE_METHODS",
     "SkillPackConfig",
     "SkillPackFile",
     "SkillPackModel",
@@ -29,6 +31,7 @@ __all__ = [
     "fuse",
     "load_skillpack",
     "lora_deltas",
+    "merge_skillpacks",
     "pack_of",
     "read_skillpack",
     "record_evaluation",
