@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from accelerate import PartialState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -106,6 +107,8 @@ def _per_device_batch(batch_size: int) -> int:
 
 
 def _trainer_args(config_class, settings, output_dir: str, progress: bool, **extra):
+    if not torch.cuda.is_available():  # trl defaults to bf16, which a CPU run must turn off
+        extra.update(use_cpu=True, bf16=False)
     return config_class(
         output_dir=output_dir,
         max_steps=settings.steps,

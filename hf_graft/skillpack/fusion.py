@@ -277,8 +277,12 @@ def fuse(
         with torch.no_grad():
             fused.router.weight.copy_(tensors["weight"])
             fused.router.bias.copy_(tensors["bias"])
-        fused.router_features = tensors.get("features", fused.router_features).float()
-        fused.router_labels = tensors.get("labels", fused.router_labels).long()
+        features, labels = tensors.get("features"), tensors.get("labels")
+        if features is not None and labels is not None:
+            if not (features.dim() == 2 and features.shape[1] == hidden and labels.shape == (len(features),)
+                    and bool(((labels >= 0) & (labels < count)).all())):
+                raise HfGraftError(f"{ROUTER_WEIGHTS} holds router training features that do not fit {count} packs.")
+            fused.router_features, fused.router_labels = features.float(), labels.long()
     if prompts is not None:
         if tokenizer is None:
             raise HfGraftError("Training the router on prompts needs the target's tokenizer=.")
