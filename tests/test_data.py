@@ -98,3 +98,16 @@ def test_tokenizer_is_deterministic_and_saves_like_any_hf_tokenizer(tokenizer, t
 def test_train_tokenizer_needs_room_for_the_bytes():
     with pytest.raises(HfGraftError, match="vocab_size"):
         train_tokenizer(["abc"], vocab_size=100)
+
+
+def test_string_tasks_have_fixed_formats_and_disjoint_splits():
+    from hf_graft.data import copying, reversal
+
+    for task, check in ((reversal(train_size=300, test_size=50), lambda w, a: a == w[::-1]),
+                        (copying(train_size=300, test_size=50), lambda w, a: a == f"<<{w}>>")):
+        assert len(task.train) == 300 and len(task.test) == 50
+        assert not {p for p, _ in task.train} & {p for p, _ in task.test}
+        for prompt, answer in task.train + task.test:
+            word = prompt.split(": ", 1)[1].rstrip("\n")
+            assert word.isalpha() and 3 <= len(word) <= 6 and check(word, answer)
+    assert reversal(seed=1).train != reversal(seed=0).train and reversal(seed=0).train == reversal(seed=0).train

@@ -8,7 +8,7 @@
 """
 
 from .corpus import TextSplit, pydoc_corpus, pydoc_text
-from .tasks import Example, Task, addition, modular_addition
+from .tasks import Example, Task, addition, copying, modular_addition, reversal
 from .tokenizer import BOUNDARY_TOKEN, PAD_TOKEN, corpus_tokenizer, train_tokenizer
 
 __all__ = [
@@ -18,9 +18,11 @@ __all__ = [
     "Task",
     "TextSplit",
     "addition",
+    "copying",
     "corpus_tokenizer",
     "modular_addition",
     "pydoc_corpus",
     "pydoc_text",
+    "reversal",
     "train_tokenizer",
 ]

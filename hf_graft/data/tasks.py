@@ -1,10 +1,12 @@
-"""Arithmetic skills with a fixed answer format, as ``(prompt, answer)`` pairs with disjoint splits.
+"""Synthetic skills with a fixed answer format, as ``(prompt, answer)`` pairs with disjoint splits.
 
 A model is asked the prompt and must generate exactly the answer (then its end-of-text token):
 
 - :func:`addition`: prompt ``"12+345="``, answer ``"357"``;
 - :func:`modular_addition`: prompt ``"17 + 5 mod 4\\n"``, answer ``"The result is 2"`` (the task and
-  the "format-hard" answer of Zimmermann & Boussard's layer grafting, with n = 4).
+  the "format-hard" answer of Zimmermann & Boussard's layer grafting, with n = 4);
+- :func:`reversal`: prompt ``"reverse: stone\\n"``, answer ``"enots"``;
+- :func:`copying`: prompt ``"copy: stone\\n"``, answer ``"<<stone>>"`` (a formatted copy).
 
 Operands are drawn uniformly from ``0 .. 10**digits - 1`` and written in decimal without leading
 zeros. Whether an operand pair belongs to the test side is a fixed hash of the unordered pair, the
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 
 from ..errors import HfGraftError
 
-__all__ = ["Example", "Task", "addition", "modular_addition"]
+__all__ = ["Example", "Task", "addition", "copying", "modular_addition", "reversal"]
 
 Example = tuple[str, str]
 """A ``(prompt, answer)`` pair."""
@@ -114,4 +116,42 @@ def _arithmetic(
 def _is_test_pair(a: int, b: int, test_fraction: float) -> bool:
     """The fixed partition: a hash of the unordered pair, below ``test_fraction`` of its range."""
     digest = hashlib.blake2b(f"{min(a, b)},{max(a, b)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < test_fraction * 2**64
+
+
+def reversal(*, length: tuple[int, int] = (3, 6), train_size: int = 2000, test_size: int = 500,
+             test_fraction: float = 0.2, seed: int = 0) -> Task:
+    """Reverse a lowercase letter string: ``"reverse: stone\\n"`` -> ``"enots"``."""
+    return _strings("reversal", lambda w: (f"reverse: {w}\n", w[::-1]), length, train_size, test_size, test_fraction, seed)
+
+
+def copying(*, length: tuple[int, int] = (3, 6), train_size: int = 2000, test_size: int = 500,
+            test_fraction: float = 0.2, seed: int = 0) -> Task:
+    """Copy a lowercase letter string inside a fixed frame: ``"copy: stone\\n"`` -> ``"<<stone>>"``."""
+    return _strings("copying", lambda w: (f"copy: {w}\n", f"<<{w}>>"), length, train_size, test_size, test_fraction, seed)
+
+
+def _strings(name, render, length, train_size, test_size, test_fraction, seed) -> Task:
+    """Random letter strings of ``length[0]..length[1]`` letters, split by a fixed hash of the string."""
+    shortest, longest = length
+    if not (isinstance(shortest, int) and 1 <= shortest <= longest):
+        raise HfGraftError(f"{name}: length must be (shortest, longest) with 1 <= shortest <= longest, got {length!r}.")
+    splits = {}
+    for is_test, size in ((False, train_size), (True, test_size)):
+        rng = random.Random(2 * seed + is_test + 7919)
+        words: dict[str, None] = {}
+        for _ in range(50 * size + 10_000):
+            if len(words) == size:
+                break
+            word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(shortest, longest)))
+            if _is_test_word(word, test_fraction) == is_test:
+                words[word] = None
+        else:
+            raise HfGraftError(f"{name}: found only {len(words)} distinct strings of {size} asked for; allow longer strings.")
+        splits[is_test] = [render(word) for word in words]
+    return Task(name=name, train=splits[False], test=splits[True])
+
+
+def _is_test_word(word: str, test_fraction: float) -> bool:
+    digest = hashlib.blake2b(word.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") < test_fraction * 2**64
