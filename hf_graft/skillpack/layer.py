@@ -199,8 +199,20 @@ class Norm(_SkillPackModule):
     """A norm (LayerNorm, RMSNorm, ...) whose weight and bias deltas change its output additively.
 
     Norms are affine in their parameters, ``norm(x; p + d) = norm(x; p) + norm(x; d) - norm(x; 0)``,
-    so each pack adds its own term, which a router can weight per example.
+    so under a router each pack adds its own term, weighted per example; without one, the deltas
+    are added to the parameters and the norm runs once.
     """
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters or self.merged or self.skillpack_mixing:
+            return SkillPackLayer.forward(self, x, *args, **kwargs)
+        # Unweighted: one call with the deltas added to the parameters.
+        base = self.get_base_layer()
+        params = dict(base.named_parameters(recurse=False))
+        for name in self._unmerged_adapters():
+            for part, delta in self.decoded(name).items():
+                params[part] = params[part] + delta
+        return torch.func.functional_call(base, params, (x, *args), kwargs)
 
     def _delta_output(self, x, parts):
         base = self.get_base_layer()
