@@ -6,6 +6,7 @@
     hf-graft vision export MODEL --out DIR  ONNX (Optimum) + static int8, checked against PyTorch
     hf-graft skillpack extract|inspect|apply|export-lora|push   SkillPacks (see hf_graft.skillpack.cli)
     hf-graft layers specialise|graft|eval                        layer grafting (see hf_graft.layers.cli)
+    hf-graft run RECIPE.yaml [--out DIR]    distil teacher -> target, extract the SkillPack (hf_graft.recipes)
 """
 
 import argparse
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     _vision_parser(sub)
     skillpack_cli.add_parser(sub)
     layers_cli.add_parser(sub)
+    run = sub.add_parser("run", help="run a distillation recipe (YAML): stages, SkillPack, evaluation, push")
+    run.add_argument("recipe")
+    run.add_argument("--out", help="output directory (overrides the recipe's output_dir)")
     return parser
 
 
@@ -159,6 +163,10 @@ def main(argv=None) -> int:
             skillpack_cli.run(args)
         elif args.command == "layers":
             layers_cli.run(args)
+        elif args.command == "run":
+            from .recipes import run_recipe
+
+            run_recipe(args.recipe, output_dir=args.out)
         elif args.vision_command == "train":
             _vision_train(args)
         elif args.vision_command == "eval":
