@@ -7,7 +7,6 @@ of SkillPacks, layer grafting and skill fusion share them. Every figure a benchm
 through hf-graft's evaluate modules: :func:`exact_match` and :func:`perplexity`.
 """
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ __all__ = [
     "finetune",
     "greedy_answers",
     "perplexity",
+    "perplexity_plateau",
     "pretrain",
     "task_batch",
     "tiny_llama_config",
@@ -147,12 +147,29 @@ def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
 
 
 def pretrain(
-    model: PreTrainedModel, token_ids: torch.Tensor, schedule: Schedule, *, seq_len: int = 128, progress: bool = True
+    model: PreTrainedModel,
+    token_ids: torch.Tensor,
+    schedule: Schedule,
+    *,
+    seq_len: int = 128,
+    stop: Callable[[], bool] | None = None,
+    check_every: int = 100,
+    progress: bool = True,
 ) -> list[float]:
-    """Language-model ``model`` on windows of ``seq_len`` tokens drawn at random from ``token_ids``."""
+    """Language-model ``model`` on windows of ``seq_len`` tokens drawn at random from ``token_ids``.
+
+    ``stop`` ends training early when it returns True (asked every ``check_every`` steps), e.g.
+    :func:`perplexity_plateau` on validation text, so a small corpus is not memorised.
+    """
     _check_text(token_ids, seq_len)
     return _train(
-        model, schedule, lambda g: [_text_batch(token_ids, schedule.batch_size, seq_len, g)], "Pretraining", progress
+        model,
+        schedule,
+        lambda g: [_text_batch(token_ids, schedule.batch_size, seq_len, g)],
+        "Pretraining",
+        progress,
+        stop,
+        check_every,
     )
 
 
@@ -277,10 +294,6 @@ def greedy_answers(
     return answers
 
 
-@functools.cache
-def _metric(name: str):
-    return metrics.load(name, keep_in_memory=True)
-
 
 def exact_match(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], *, batch_size: int = 256
@@ -296,7 +309,7 @@ def exact_match(
     predictions = greedy_answers(
         model, tokenizer, [prompt for prompt, _ in examples], max_new_tokens=longest + 1, batch_size=batch_size
     )
-    return _metric("exact_match").compute(predictions=predictions, references=[a for _, a in examples])["exact_match"]
+    return metrics.cached("exact_match").compute(predictions=predictions, references=[a for _, a in examples])["exact_match"]
 
 
 @torch.inference_mode()
@@ -319,4 +332,19 @@ def perplexity(model: PreTrainedModel, token_ids: torch.Tensor, *, seq_len: int 
         logits = model(input_ids=input_ids).logits[:, :-1].float()
         losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
         nll += losses.double().sum(dim=1).tolist()
-    return _metric("perplexity").compute(nll=nll, num_tokens=[seq_len - 1] * windows)
+    return metrics.cached("perplexity").compute(nll=nll, num_tokens=[seq_len - 1] * windows)
+
+
+def perplexity_plateau(model: PreTrainedModel, token_ids: torch.Tensor, *, min_gain: float = 0.01) -> Callable[[], bool]:
+    """A ``stop`` for :func:`pretrain`: True once the perplexity on ``token_ids`` (validation text)
+    has improved by less than ``min_gain`` (a fraction) on the best so far, i.e. the loss has flattened."""
+    best = math.inf
+
+    def stop() -> bool:
+        nonlocal best
+        current = perplexity(model, token_ids)["perplexity"]
+        flat = current > best * (1 - min_gain)
+        best = min(best, current)
+        return flat
+
+    return stop

@@ -7,10 +7,14 @@ import torch
 
 from hf_graft import metrics
 from hf_graft.causal_lm import (
+    Schedule,
     build_causal_lm,
     example_batches,
     exact_match,
+    finetune,
     perplexity,
+    perplexity_plateau,
+    pretrain,
     task_batch,
     tiny_llama_config,
 )
@@ -81,6 +85,26 @@ def test_uniform_model_has_the_vocabulary_size_as_perplexity(tokenizer, silent_m
 def test_exact_match_counts_answers_that_end_with_eos(tokenizer, silent_model):
     assert exact_match(silent_model, tokenizer, [("1+1=", ""), ("2+2=", "")], batch_size=1) == 1.0
     assert exact_match(silent_model, tokenizer, [("1+1=", "2"), ("2+2=", "")]) == 0.5
+
+
+def test_perplexity_plateau_stops_when_nothing_improves(silent_model):
+    stop = perplexity_plateau(silent_model, torch.arange(200) % 500)
+    assert stop() is False  # the first check sets the best
+    assert stop() is True  # the same perplexity again: flat
+
+
+def test_training_is_seeded_and_stops_when_asked(tokenizer):
+    config = tiny_llama_config(tokenizer, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    text = torch.arange(400) % len(tokenizer)
+    schedule = Schedule(steps=3, batch_size=2, learning_rate=1e-3)
+    first, second = build_causal_lm(config), build_causal_lm(config)
+    assert pretrain(first, text, schedule, seq_len=16, progress=False) == pretrain(second, text, schedule, seq_len=16, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters()))
+    losses = finetune(
+        first, tokenizer, [("1+2=", "3")], Schedule(steps=50, batch_size=2, learning_rate=1e-3),
+        stop=lambda: True, check_every=2, progress=False,
+    )
+    assert len(losses) == 2
 
 
 def test_task_batch_labels_only_the_answer_and_eos(tokenizer):

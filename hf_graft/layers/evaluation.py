@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..causal_lm import _metric, encode_text, greedy_answers, perplexity
+from .. import metrics
+from ..causal_lm import encode_text, greedy_answers, perplexity
 from ..data import Example
 from ..errors import HfGraftError
 
@@ -33,9 +34,9 @@ def task_scores(model, tokenizer, examples: Sequence[Example], *, extra_tokens: 
     )
     references = [answer for _, answer in examples]
     return {
-        "format_hard": _metric("format_hard").compute(predictions=answers, references=references)["format_hard"],
-        "format_soft": _metric("format_soft").compute(predictions=answers)["format_soft"],
-        "factual": _metric("factual").compute(predictions=answers, references=references)["factual"],
+        "format_hard": metrics.cached("format_hard").compute(predictions=answers, references=references)["format_hard"],
+        "format_soft": metrics.cached("format_soft").compute(predictions=answers)["format_soft"],
+        "factual": metrics.cached("factual").compute(predictions=answers, references=references)["factual"],
     }
 
 
@@ -68,9 +69,9 @@ def language_scores(
     """
     continuations = greedy_answers(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens)
     texts = [text if text.strip() else "." for text in continuations]
-    scores = {"lexical_perplexity": _metric("lexical_perplexity").compute(data=texts)["lexical_perplexity"]}
+    scores = {"lexical_perplexity": metrics.cached("lexical_perplexity").compute(data=texts)["lexical_perplexity"]}
     if mlm is not None:
-        result = _metric("mlm_predictability").compute(data=texts, model=mlm, tokenizer=mlm_tokenizer, top_k=top_k)
+        result = metrics.cached("mlm_predictability").compute(data=texts, model=mlm, tokenizer=mlm_tokenizer, top_k=top_k)
         scores["mlm_predictability"] = result["mlm_predictability"]
     if held_out_ids is not None:
         scores["perplexity"] = perplexity(model, held_out_ids)["perplexity"]

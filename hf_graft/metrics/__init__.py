@@ -16,6 +16,7 @@ folders are plain scripts, not subpackages, exactly as evaluate expects them.
     {'parameters': 55, 'bytes': 220.0, 'megabytes': 0.000209808349609375}
 """
 
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -48,6 +49,12 @@ def load(name: str, **kwargs) -> evaluate.EvaluationModule:
             "For a metric from the Hugging Face Hub, call evaluate.load() directly (it needs network access)."
         )
     return evaluate.load(str(_MODULES_DIR / name / f"{name}.py"), **kwargs)
+
+
+@functools.cache
+def cached(name: str) -> evaluate.EvaluationModule:
+    """:func:`load` once per process, kept in memory: for loops that score many times."""
+    return load(name, keep_in_memory=True)
 
 
 def footprint(
