@@ -52,7 +52,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, GPTNeoXConfig, GPT
 
 import hf_graft
 from hf_graft import metrics
-from hf_graft.causal_lm import Schedule, build_causal_lm, encode_text, finetune, perplexity, pretrain
+from hf_graft.causal_lm import Schedule, build_causal_lm, encode_text, finetune, perplexity, perplexity_plateau, pretrain
 from hf_graft.data import Task, corpus_tokenizer, modular_addition, pydoc_corpus
 from hf_graft.layers import block_linear_names, fit_translators, specialise_block, train_translators, translator_batches
 from hf_graft.layers.evaluation import language_scores, task_scores, text_prompts
@@ -65,12 +65,12 @@ SETUPS = {
     "quick": {
         "donor": {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4},
         "host_widths": (64, 96, 128),
-        "pretrain": Schedule(steps=150, batch_size=8, learning_rate=3e-3, warmup_steps=20, weight_decay=0.1),
+        "pretrain": Schedule(steps=120, batch_size=8, learning_rate=3e-3, warmup_steps=20, weight_decay=0.1),
         "paper_layer": 1,
-        "specialise": Schedule(steps=80, batch_size=32, learning_rate=3e-3, warmup_steps=8),
+        "specialise": Schedule(steps=150, batch_size=32, learning_rate=3e-3, warmup_steps=10),
         "rank": 8,
         "translator_batches": 12,
-        "translator_steps": 100,
+        "translator_steps": 60,
         "positions": (0, 2, 3),
         "best_positions": (2, 3),
         "ridges": (0.3,),
@@ -82,7 +82,7 @@ SETUPS = {
     "full": {
         "donor": {"hidden_size": 96, "num_hidden_layers": 4, "num_attention_heads": 4},
         "host_widths": (96, 144, 192),  # 1 : 1.5 : 2, as pythia-70m : 160m : 410m (512, 768, 1024)
-        "pretrain": Schedule(steps=700, batch_size=8, learning_rate=3e-3, warmup_steps=50, weight_decay=0.1),
+        "pretrain": Schedule(steps=1200, batch_size=8, learning_rate=3e-3, warmup_steps=50, weight_decay=0.1),
         "paper_layer": 1,
         "specialise": Schedule(steps=300, batch_size=32, learning_rate=2e-3, warmup_steps=20),
         "rank": 8,
@@ -98,6 +98,7 @@ SETUPS = {
     },
 }
 PRETRAIN_SEQ_LEN = 128  # also the window of the held-out perplexity
+VALIDATION_TOKENS = 10_000  # end of the training text, held back: when pretraining has flattened, model selection
 REPLAY_BATCH_SIZE = 8  # pretraining windows rehearsed per step by the rehearsed specialisation
 TRANSLATOR_BATCH = dict(batch_size=16, seq_len=64)
 TRANSLATOR_LEARNING_RATE = 1e-3
@@ -148,10 +149,11 @@ class Bench:
 
     def __init__(self, setup: dict, out: str, mlm: str, top_k, progress: bool):
         self.setup, self.out, self.top_k, self.progress = setup, out, top_k, progress
-        self.timings = {}
+        self.timings, self.training = {}, {}
         self.tokenizer = corpus_tokenizer()
         self.corpus = pydoc_corpus()
-        self.train_ids = document_ids(self.tokenizer, self.corpus.train)
+        text_ids = document_ids(self.tokenizer, self.corpus.train)
+        self.train_ids, self.validation_ids = text_ids[:-VALIDATION_TOKENS], text_ids[-VALIDATION_TOKENS:]
         self.held_out_ids = encode_text(self.tokenizer, self.corpus.held_out)
         validation = setup["validation_size"]
         full = modular_addition(4, train_size=2000 + validation, test_size=setup["test_size"])
@@ -159,7 +161,6 @@ class Bench:
         self.validation = full.train[-validation:]
         self.prompts = text_prompts(self.tokenizer, self.corpus.held_out, count=setup["text_prompts"], prompt_tokens=PROMPT_TOKENS)
         self.references = [self._continuation(prompt) for prompt in self.prompts]
-        self.selection_ids = self.train_ids[: 64 * PRETRAIN_SEQ_LEN]  # for picking the best configuration
 
         start = time.perf_counter()
         if mlm == "offline":
@@ -197,20 +198,27 @@ class Bench:
         return self.tokenizer.decode(rest[:NEW_TOKENS])
 
     def _cached(self, name: str, settings: dict, build):
-        """The model cached as ``models/<name>`` when it was made with ``settings``, else ``build()`` saved there."""
+        """The model cached as ``models/<name>`` when it was made with ``settings``, else ``build()`` saved there.
+
+        ``build()`` returns the model and a dict about its training, kept in ``self.training[name]``.
+        """
         folder = os.path.join(self.out, "models", name)
         marker = os.path.join(folder, "experiment_settings.json")
         settings = json.loads(json.dumps(settings, default=str))
         if os.path.isfile(marker):
             with open(marker) as handle:
                 if json.load(handle) == settings:
+                    with open(os.path.join(folder, "training.json")) as info:
+                        self.training[name] = json.load(info)
                     return GPTNeoXForCausalLM.from_pretrained(folder).eval()
-        model = build()
+        model, self.training[name] = build()
         os.makedirs(os.path.dirname(folder), exist_ok=True)
         staging = tempfile.mkdtemp(prefix=f".{name}-", dir=os.path.dirname(folder))
         try:
             model.save_pretrained(staging)
             self.tokenizer.save_pretrained(staging)
+            with open(os.path.join(staging, "training.json"), "w") as handle:
+                json.dump(self.training[name], handle, indent=2)
             with open(os.path.join(staging, "experiment_settings.json"), "w") as handle:
                 json.dump(settings, handle, indent=2)
             if os.path.isdir(folder):
@@ -221,15 +229,20 @@ class Bench:
         return model.eval()
 
     def _pretrained(self, name: str, shape: dict, init_seed: int, data_seed: int):
-        """A GPT-NeoX of ``shape`` initialised with ``init_seed``, pretrained on the text drawn with ``data_seed``."""
+        """A GPT-NeoX of ``shape`` initialised with ``init_seed``, pretrained on the text drawn with ``data_seed``.
+
+        Pretraining stops once the perplexity on the held-back end of the training text improves by
+        less than 1% between checks (every 100 steps), or at the schedule's last step.
+        """
         schedule = replace(self.setup["pretrain"], seed=data_seed)
         settings = {"shape": shape, "init_seed": init_seed, "schedule": repr(schedule), "seq_len": PRETRAIN_SEQ_LEN,
                     "text": hashlib.blake2b(self.train_ids.numpy().tobytes(), digest_size=8).hexdigest()}
 
         def build():
             model = build_causal_lm(gpt_neox_config(self.tokenizer, **shape), seed=init_seed)
-            pretrain(model, self.train_ids, schedule, seq_len=PRETRAIN_SEQ_LEN, progress=self.progress)
-            return model
+            stop = perplexity_plateau(model, self.validation_ids)
+            steps = len(pretrain(model, self.train_ids, schedule, seq_len=PRETRAIN_SEQ_LEN, stop=stop, progress=self.progress))
+            return model, {"steps": steps, "validation_perplexity": perplexity(model, self.validation_ids)["perplexity"]}
 
         return self._cached(name, settings, build)
 
@@ -246,10 +259,12 @@ class Bench:
 
         def build():
             if rehearse:
-                return specialise_with_rehearsal(self.vanilla, layer, self.task, self.tokenizer, self.train_ids,
-                                                 rank=rank, schedule=schedule, progress=self.progress)
-            return specialise_block(self.vanilla, layer, self.task, tokenizer=self.tokenizer, rank=rank,
-                                    schedule=schedule, progress=self.progress)
+                model = specialise_with_rehearsal(self.vanilla, layer, self.task, self.tokenizer, self.train_ids,
+                                                  rank=rank, schedule=schedule, progress=self.progress)
+            else:
+                model = specialise_block(self.vanilla, layer, self.task, tokenizer=self.tokenizer, rank=rank,
+                                         schedule=schedule, progress=self.progress)
+            return model, {"steps": schedule.steps, "layer": layer}
 
         return self._cached(name, settings, build)
 
@@ -271,9 +286,9 @@ class Bench:
         return scores
 
     def selection_scores(self, model) -> dict:
-        """Task metrics on the held-back training examples and perplexity on training text: for model selection."""
+        """Task metrics on the held-back training examples and perplexity on the held-back training text: for model selection."""
         scores = task_scores(model, self.tokenizer, self.validation)
-        scores["perplexity"] = perplexity(model, self.selection_ids, seq_len=PRETRAIN_SEQ_LEN)["perplexity"]
+        scores["perplexity"] = perplexity(model, self.validation_ids, seq_len=PRETRAIN_SEQ_LEN)["perplexity"]
         return scores
 
     def graft(self, variant: Variant):
@@ -445,21 +460,48 @@ def plot(panels: dict, ratios: dict, path: str) -> str:
     return path
 
 
-def select_best(bench: Bench, candidates: list, progress: bool) -> tuple:
-    """Score ``candidates`` on held-back data; the best per host (variant, grafted model) and every candidate's row."""
-    tuned = bench.selection_scores(bench.tuned["rehearsal"])
-    host_perplexity = {name: bench.selection_scores(bench.hosts[name])["perplexity"] for name in {c.host for c in candidates}}
-    rows, best = [], {}
-    for variant in tqdm(candidates, desc="Selecting the best configuration", disable=not progress):
-        grafted, _ = bench.graft(variant)
-        scores = bench.selection_scores(grafted)
-        key = selection_key(scores, tuned, host_perplexity[variant.host])
-        rows.append({"candidate": variant.label(), **scores,
-                     "perplexity / host": scores["perplexity"] / host_perplexity[variant.host],
-                     "targets met": key[0], "score": key[1]})
-        if variant.host not in best or key > best[variant.host][0]:
-            best[variant.host] = (key, variant)
-    return {host: variant for host, (_, variant) in best.items()}, rows
+REFINEMENTS = {
+    "least squares only": {"stages": ()},
+    "+ residual training": {"stages": ("pre", "post"), "loss": "residual"},
+    "+ logits training (post)": {"stages": ("post",), "loss": "logits"},
+}
+
+
+class Selection:
+    """Candidates scored on held-back data (task examples, training text); the best one per host.
+
+    A candidate's key is :func:`selection_key` against the rehearsed tuned model and its host on
+    the same held-back data. Every candidate scored is kept as a row of the selection table.
+    """
+
+    def __init__(self, bench: Bench, hosts):
+        self.bench, self.rows, self.kept = bench, [], {}
+        self.tuned = bench.selection_scores(bench.tuned["rehearsal"])
+        self.host_perplexity = {name: bench.selection_scores(bench.hosts[name])["perplexity"] for name in hosts}
+
+    def score(self, variant: Variant, stage: str):
+        """Graft ``variant`` and score it; returns its key and the grafted model."""
+        grafted, _ = self.bench.graft(variant)
+        scores = self.bench.selection_scores(grafted)
+        key = selection_key(scores, self.tuned, self.host_perplexity[variant.host])
+        self.rows.append({"stage": stage, "candidate": variant.label(), **scores,
+                          "perplexity / host": scores["perplexity"] / self.host_perplexity[variant.host],
+                          "targets met": key[0], "score": key[1]})
+        return key, grafted
+
+    def best(self, candidates: list, stage: str, progress: bool, keep: bool = False) -> dict:
+        """``{host: (key, variant, grafted model)}``: the best of ``candidates`` for each host.
+
+        With ``keep``, every grafted model stays in ``self.kept`` (by variant) for evaluation.
+        """
+        best = {}
+        for variant in tqdm(candidates, desc=f"Selecting the best configuration ({stage})", disable=not progress):
+            key, grafted = self.score(variant, stage)
+            if keep:
+                self.kept[variant] = grafted
+            if variant.host not in best or key > best[variant.host][0]:
+                best[variant.host] = (key, variant, grafted)
+        return best
 
 
 def main():
@@ -532,15 +574,20 @@ def main():
         for ridge in setup["ridges"]
         for p in (setup["best_positions"] or positions)
     ]
-    best, selection = select_best(bench, candidates, progress)
-    chosen = {host: bench.evaluate(bench.graft(variant)[0]) for host, variant in best.items()}
-    refinements = {
-        "least squares only (chosen)": best["host"],
-        "+ residual training": replace(best["host"], stages=("pre", "post"), loss="residual"),
-        "+ logits training (post)": replace(best["host"], stages=("post",), loss="logits"),
-    }
-    refined = {name: (chosen["host"] if variant == best["host"] else bench.evaluate(bench.graft(variant)[0]))
-               for name, variant in refinements.items()}
+    selector = Selection(bench, ("host", "host-other-init"))
+    fitted = selector.best(candidates, "destination and ridge", progress)
+    refinements = {host: {name: replace(variant, **change) for name, change in REFINEMENTS.items()}
+                   for host, (_, variant, _) in fitted.items()}
+    final = selector.best([v for options in refinements.values() for v in options.values()], "refinement", progress, keep=True)
+    best = {host: variant for host, (_, variant, _) in final.items()}
+    refined, before_swap = {}, {}
+    for host, options in refinements.items():
+        refined[host] = {name: bench.evaluate(selector.kept[variant]) for name, variant in options.items()}
+        grafted = final[host][2]
+        grafted.swap_block(bench.vanilla)  # the vanilla block back in place: what the translators alone cost
+        before_swap[host] = perplexity(grafted, bench.held_out_ids, seq_len=PRETRAIN_SEQ_LEN)["perplexity"]
+    chosen = {host: next(refined[host][name] for name, v in refinements[host].items() if v == best[host]) for host in best}
+    selection = selector.rows
     bench.timings["best_configuration_s"] = time.perf_counter() - start
     tuned_reference = references["Tuned (rehearsal)"]
     checks = {host: target_checks(chosen[host], tuned_reference, references[host.replace("host", "Host")]["perplexity"])
@@ -571,11 +618,15 @@ def main():
     wall = time.perf_counter() - started
 
     shape = setup["donor"]
+    pretrained = ", ".join(
+        f"{name} {info['steps']} steps (held-back perplexity {info['validation_perplexity']:.2f})"
+        for name, info in bench.training.items() if "validation_perplexity" in info
+    )
     met = {host: sum(c["met"] for c in checks[host]) for host in checks}
     target_rows = [
         {"target": c["target"], "best, shared init": c["measured"], "met": "yes" if c["met"] else "no",
-         "best, other init": o["measured"], "met ": "yes" if o["met"] else "no",
-         "paper procedure": p["measured"], "met  ": "yes" if p["met"] else "no"}
+         "best, other init": o["measured"], "met (other init)": "yes" if o["met"] else "no",
+         "paper procedure": p["measured"], "met (paper)": "yes" if p["met"] else "no"}
         for c, o, p in zip(checks["host"], checks["host-other-init"], paper_checks)
     ]
     unmet = [c for c in checks["host"] if not c["met"]]
@@ -584,9 +635,11 @@ def main():
         ("**Quick run**: tiny models and short schedules that check the pipeline; its figures are not "
          "evidence about grafting. Run without `--quick` for those.\n" if args.quick else ""),
         f"- Models: GPT-NeoX (pythia layout: parallel residual, 25% rotary), {shape['num_hidden_layers']} blocks, "
-        f"{shape['num_attention_heads']} heads, byte-level BPE of {len(bench.tokenizer)} tokens, each pretrained "
-        f"{setup['pretrain'].steps} steps x {setup['pretrain'].batch_size} x {PRETRAIN_SEQ_LEN} tokens of the pydoc topics "
-        f"({bench.train_ids.numel():,} tokens, end-of-text after each topic). Vanilla: {shape['hidden_size']} wide, "
+        f"{shape['num_attention_heads']} heads, byte-level BPE of {len(bench.tokenizer)} tokens, each pretrained on "
+        f"windows of {setup['pretrain'].batch_size} x {PRETRAIN_SEQ_LEN} tokens of the pydoc topics "
+        f"({bench.train_ids.numel():,} tokens, end-of-text after each topic) until the perplexity on the last "
+        f"{VALIDATION_TOKENS:,} tokens, held back, improved by less than 1% in 100 steps (at most "
+        f"{setup['pretrain'].steps} steps): {pretrained}. Vanilla: {shape['hidden_size']} wide, "
         f"initialisation and data-order seed {VANILLA_SEED}. Host: the same shape and initialisation seed, data order "
         f"{OTHER_SEED} (as pythia-70m and pythia-70m-deduped share their seed). Host (other init): initialisation seed "
         f"{OTHER_SEED} too. Size table: hosts {', '.join(map(str, setup['host_widths']))} wide; the donor stays the vanilla.",
@@ -613,11 +666,14 @@ def main():
         "## Best configuration and targets (beyond the paper)\n",
         f"Candidates: the rehearsed last block grafted with ridge least-squares translators fitted on mixed data "
         f"(ridge {' / '.join(f'{r:g}' for r in setup['ridges'])}), at L_{', L_'.join(map(str, setup['best_positions'] or positions))}, "
-        f"into either host; {len(candidates)} in all, chosen per host on {len(bench.validation)} held-back training "
-        "examples and training text (the test split is only scored). Chosen: "
+        f"into either host ({len(candidates)} in all); then the best of each host as fitted, or with its translators "
+        "trained further (residual loss, both stages; logits loss, post stage). Both choices per host on "
+        f"{len(bench.validation)} training examples and {VALIDATION_TOKENS:,} tokens of training text held back from "
+        "training (the test split is only scored). Chosen: "
         f"**{best['host'].describe()}**; on the other-init host: **{best['host-other-init'].describe()}**.\n",
         paper_tables(best_columns, None, 0),
-        markdown_table(target_rows, ["target", "best, shared init", "met", "best, other init", "met ", "paper procedure", "met  "]) + "\n",
+        markdown_table(target_rows, ["target", "best, shared init", "met", "best, other init", "met (other init)",
+                                     "paper procedure", "met (paper)"]) + "\n",
         f"Targets met: {met['host']} of 4 by the best graft into the shared-init host, {met['host-other-init']} of 4 into "
         f"the other-init host, {sum(c['met'] for c in paper_checks)} of 4 by the paper's procedure. Factual is compared "
         "with the tuned model the graft carries; perplexity with the graft's own host.\n",
@@ -628,27 +684,33 @@ def main():
             + ". What was tried is in the tables of this run: every destination, translator data, loss and strategy "
             "(the paper's tables below), the host's initialisation, ridges and destinations for least-squares "
             "translators (the selection table), and training the fitted translators further with the residual or "
-            "the logits loss (the refinement table). The paper's specialised block (no rehearsal) raises the "
+            "the logits loss (the tables just below). The paper's specialised block (no rehearsal) raises the "
             f"vanilla's own held-out perplexity {references['Tuned']['perplexity'] / references['Vanilla']['perplexity']:.2f}x, "
             "the rehearsed one "
-            f"{references['Tuned (rehearsal)']['perplexity'] / references['Vanilla']['perplexity']:.2f}x; the rest of a graft's "
-            "perplexity cost comes from the translators, which are linear maps between two models' residual streams "
-            "and cannot undo the vanilla block's non-linear contribution exactly.\n"
+            f"{references['Tuned (rehearsal)']['perplexity'] / references['Vanilla']['perplexity']:.2f}x. With the vanilla "
+            "block in place of the specialised one, the best graft's translators alone already cost "
+            f"{before_swap['host'] / references['Host']['perplexity']:.3f}x the host's perplexity (other-init host: "
+            f"{before_swap['host-other-init'] / references['Host-other-init']['perplexity']:.3f}x): they are linear maps "
+            "between two models' residual streams and cannot undo the grafted block's non-linear contribution exactly; "
+            "the swap adds the rest.\n"
         )
-    lines += [
-        "### Refinements of the best configuration (shared-init host)\n",
-        paper_tables({"Tuned (rehearsal)": tuned_reference, **refined, "Host": references["Host"]}, None, 0),
-        "## The paper's tables\n",
-    ]
+    for host, title in (("host", "shared-init host"), ("host-other-init", "other-init host")):
+        chosen_name = next(name for name, v in refinements[host].items() if v == best[host])
+        lines += [
+            f"### Training the fitted translators further ({title}; chosen on held-back data: {chosen_name})\n",
+            paper_tables({"Tuned (rehearsal)": tuned_reference, **refined[host],
+                          host.replace("host", "Host"): references[host.replace("host", "Host")]}, None, 0),
+        ]
+    lines.append("## The paper's tables\n")
     numbers = {"1-2. Loss technique": 1, "3-4. Destination layer": 3, "5-6. Translator data": 5,
                "7-8. Grafting strategy": 7, "9-10. Host size": 9, "Host initialisation": 0}
     for title, number in numbers.items():
         heading = f"Tables {title}" if number else f"{title} (beyond the paper: the host of the paper's pair vs one of another seed)"
         lines.append(paper_tables(experiments[title], heading, number))
     lines += [
-        "## Selection of the best configuration (held-back examples, training text)\n",
-        markdown_table(selection, ["candidate", "format_hard", "format_soft", "factual", "perplexity", "perplexity / host",
-                                   "targets met", "score"]) + "\n",
+        "## Selection of the best configuration (held-back examples and training text)\n",
+        markdown_table(selection, ["stage", "candidate", "format_hard", "format_soft", "factual", "perplexity",
+                                   "perplexity / host", "targets met", "score"]) + "\n",
         "![task metrics per experiment](layer_graft.png)\n",
     ]
     markdown = "\n".join(line for line in lines if line)
@@ -661,6 +723,7 @@ def main():
         "mlm_top_k": top_k,
         "wall_s": wall,
         "timings": bench.timings,
+        "training": bench.training,
         "reference_text": reference_text,
         "references": references,
         "paper_variant": asdict(paper),
@@ -668,9 +731,11 @@ def main():
                      for v in unique],
         "tables": experiments,
         "selection": selection,
-        "best": {host: {**asdict(variant), "label": variant.label(), "scores": chosen[host], "targets": checks[host]}
+        "best": {host: {**asdict(variant), "label": variant.label(), "scores": chosen[host], "targets": checks[host],
+                        "perplexity_with_vanilla_block": before_swap[host]}
                  for host, variant in best.items()},
-        "refinements": {name: {**asdict(refinements[name]), "scores": scores} for name, scores in refined.items()},
+        "refinements": {host: {name: {**asdict(refinements[host][name]), "scores": scores} for name, scores in options.items()}
+                        for host, options in refined.items()},
         "paper_targets": paper_checks,
     }
     write_results(args.out, "layer_graft", data, markdown)
