@@ -348,3 +348,13 @@ def perplexity_plateau(model: PreTrainedModel, token_ids: torch.Tensor, *, min_g
         return flat
 
     return stop
+
+
+def skill_learned(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], *, threshold: float = 0.95
+) -> Callable[[], bool]:
+    """A ``stop`` for :func:`finetune`: True once ``model``'s exact match on ``examples`` (held back
+    from training) reaches ``threshold``, so the weights move no further than the skill needs."""
+    if not examples:
+        raise HfGraftError("skill_learned needs at least one held-back (prompt, answer) example.")
+    return lambda: exact_match(model, tokenizer, examples) >= threshold

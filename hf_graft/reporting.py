@@ -55,6 +55,13 @@ def scatter_plot(points: list, path: str, *, x: str, y: str, title: str, log_x: 
     ax.set_ylabel(y)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str) -> str:
+    """Lay out ``fig``, write it to ``path`` as PNG atomically (never a half-written file) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp)

@@ -48,11 +48,12 @@ from hf_graft.causal_lm import (
     finetune,
     perplexity,
     pretrain,
+    skill_learned,
     tiny_llama_config,
 )
 from hf_graft.data import copying, corpus_tokenizer, modular_addition, pydoc_corpus, reversal
-from hf_graft.reporting import markdown_table, write_results
-from hf_graft.skillpack import load_skillpack, merge_skillpacks, weight_deltas
+from hf_graft.reporting import markdown_table, save_figure, write_results
+from hf_graft.skillpack import delta_spectrum, load_skillpack, merge_skillpacks, weight_deltas
 from hf_graft.skillpack.files import CONFIG_NAME, WEIGHTS_NAME
 
 SKILLS: dict[str, Callable] = {
@@ -182,24 +183,11 @@ def finetuned(bench: Bench, start: torch.nn.Module, skill: str, name: str, histo
             setup["finetune"],
             replay_ids=bench.train_ids,
             replay_batch_size=setup["replay_batch_size"],
-            stop=lambda: exact_match(model, bench.tokenizer, validation) >= SKILL_LEARNED,
+            stop=skill_learned(model, bench.tokenizer, validation, threshold=SKILL_LEARNED),
         )
         return model, {"steps": len(losses)}
 
     return cached_model(os.path.join(bench.out, "models", name), recipe, train_model)
-
-
-def spectrum(base: torch.nn.Module, tuned: torch.nn.Module) -> dict:
-    """Share of the 2-D deltas' energy in their top 1% and 10% of singular values (per matrix, summed)."""
-    total = top1 = top10 = 0.0
-    for parts in weight_deltas(base, tuned).values():
-        for delta in parts.values():
-            if delta.dim() == 2:
-                energy = torch.linalg.svdvals(delta.float()).double().square()
-                total += float(energy.sum())
-                top1 += float(energy[: max(1, round(0.01 * energy.numel()))].sum())
-                top10 += float(energy[: max(1, round(0.1 * energy.numel()))].sum())
-    return {"energy_top1pct": top1 / total, "energy_top10pct": top10 / total}
 
 
 def file_digests(folder: str) -> dict:
@@ -376,12 +364,7 @@ def plot(rows: list, continual_rows: list, skills: list, path: str) -> str:
     lines.set_title("Continual learning: earlier skills after each addition")
     lines.grid(True, alpha=0.3)
     lines.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def main():
@@ -415,7 +398,7 @@ def main():
     tuned, spectra = {}, {}
     for skill in skills:
         tuned[skill], training[skill] = finetuned(bench, bench.base, skill, f"tuned-{skill.replace(' ', '-')}", [])
-        spectra[skill] = spectrum(bench.base, tuned[skill])
+        spectra[skill] = delta_spectrum(weight_deltas(bench.base, tuned[skill]))
     # Sequential fine-tuning: stage 1 is the skill-1 model itself (same start, recipe and seed).
     stages, history = [tuned[skills[0]]], [skills[0]]
     for skill in skills[1:]:

@@ -47,12 +47,13 @@ from hf_graft.causal_lm import (
     perplexity,
     perplexity_plateau,
     pretrain,
+    skill_learned,
     tiny_llama_config,
 )
 from hf_graft.data import addition, corpus_tokenizer, pydoc_corpus
-from hf_graft.reporting import markdown_table, write_results
+from hf_graft.reporting import markdown_table, save_figure, write_results
 from hf_graft.safetensors_io import load_tensors, save_tensors
-from hf_graft.skillpack import weight_deltas
+from hf_graft.skillpack import delta_spectrum, weight_deltas
 from hf_graft.skillpack.bitpack import pack_bits, unpack_bits
 from hf_graft.skillpack.compress import CandidateLadder, allocate, compress_delta
 from hf_graft.skillpack.prune import SparseDelta, prune, sparse_nbytes
@@ -133,7 +134,7 @@ def make_skill(setup: dict, progress: bool) -> Skill:
         setup["finetune"],
         replay_ids=train_ids,
         replay_batch_size=setup["replay_batch_size"],
-        stop=lambda: exact_match(tuned, tokenizer, validation) >= SKILL_LEARNED,
+        stop=skill_learned(tuned, tokenizer, validation, threshold=SKILL_LEARNED),
         progress=progress,
     )
     return Skill(
@@ -154,18 +155,6 @@ def make_skill(setup: dict, progress: bool) -> Skill:
 def flat_deltas(base: torch.nn.Module, tuned: torch.nn.Module) -> dict:
     """``{parameter name: tuned - base}`` for every changed parameter, as SkillPacks see them."""
     return {f"{name}.{part}": delta for name, parts in weight_deltas(base, tuned).items() for part, delta in parts.items()}
-
-
-def spectrum(deltas: dict) -> dict:
-    """Share of the 2-D deltas' energy in their top 1% and 10% of singular values (per matrix, summed)."""
-    total = top1 = top10 = 0.0
-    for delta in deltas.values():
-        if delta.dim() == 2:
-            energy = torch.linalg.svdvals(delta).double().square()
-            total += float(energy.sum())
-            top1 += float(energy[: max(1, round(0.01 * energy.numel()))].sum())
-            top10 += float(energy[: max(1, round(0.1 * energy.numel()))].sum())
-    return {"energy_top1pct": top1 / total, "energy_top10pct": top10 / total}
 
 
 # Baselines. Each encodes the deltas into the tensors it stores (bytes counted exactly, every 1-D
@@ -505,12 +494,7 @@ def curve_plot(curves: dict, path: str, *, x: str, y: str, title: str) -> str:
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def targets(rows: list, layer: dict) -> list:
@@ -556,8 +540,7 @@ def main():
     started = time.perf_counter()
 
     skill = make_skill(setup, progress=True)
-    deltas = flat_deltas(skill.base, skill.tuned)
-    shape = spectrum(deltas)
+    shape = delta_spectrum(weight_deltas(skill.base, skill.tuned))
     parameters = sum(p.numel() for p in skill.base.parameters())
     print(
         f"base ({skill.pretrain_steps} steps): exact match {skill.base_score:.3f}, perplexity {skill.base_perplexity:.2f}; "

@@ -57,7 +57,7 @@ from hf_graft.data import Task, corpus_tokenizer, modular_addition, pydoc_corpus
 from hf_graft.layers import block_linear_names, fit_translators, specialise_block, train_translators, translator_batches
 from hf_graft.layers.evaluation import language_scores, task_scores, text_prompts
 from hf_graft.layers.masked_lm import corpus_masked_lm
-from hf_graft.reporting import markdown_table, write_results
+from hf_graft.reporting import markdown_table, save_figure, write_results
 
 SETUPS = {
     # quick: tiny models and short schedules, to check the whole pipeline in about 2 minutes;
@@ -452,12 +452,7 @@ def plot(panels: dict, ratios: dict, path: str) -> str:
     for ax in list(axes.flat)[len(panels) + 1 :]:
         ax.axis("off")
     fig.suptitle("Layer grafting: task metrics per experiment (dotted: format-soft target 0.95)")
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 REFINEMENTS = {

@@ -93,6 +93,8 @@ def test_tokenizer_is_deterministic_and_saves_like_any_hf_tokenizer(tokenizer, t
     sample = "def f(x):\n    return x + 1  # 17+25=42"
     assert loaded(sample)["input_ids"] == tokenizer(sample)["input_ids"]
     assert (loaded.bos_token, loaded.eos_token, loaded.pad_token) == (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token)
+    for encoder in (tokenizer, loaded):  # a causal LM's inputs only, so model(**encoder(text)) works on every line
+        assert set(encoder(["12+7=", "x"], padding=True, return_tensors="pt")) == {"input_ids", "attention_mask"}
 
 
 def test_train_tokenizer_needs_room_for_the_bytes():

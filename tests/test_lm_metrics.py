@@ -15,10 +15,12 @@ from hf_graft.causal_lm import (
     perplexity,
     perplexity_plateau,
     pretrain,
+    skill_learned,
     task_batch,
     tiny_llama_config,
 )
 from hf_graft.data import corpus_tokenizer
+from hf_graft.errors import HfGraftError
 
 
 def load(name):
@@ -91,6 +93,14 @@ def test_perplexity_plateau_stops_when_nothing_improves(silent_model):
     stop = perplexity_plateau(silent_model, torch.arange(200) % 500)
     assert stop() is False  # the first check sets the best
     assert stop() is True  # the same perplexity again: flat
+
+
+def test_skill_learned_compares_held_back_exact_match_with_the_threshold(tokenizer, silent_model):
+    held_back = [("1+1=", ""), ("2+2=", "4")]  # the silent model answers "" (exact match 0.5)
+    assert skill_learned(silent_model, tokenizer, held_back, threshold=0.5)() is True
+    assert skill_learned(silent_model, tokenizer, held_back, threshold=0.51)() is False
+    with pytest.raises(HfGraftError, match="at least one held-back"):
+        skill_learned(silent_model, tokenizer, [])
 
 
 def test_training_is_seeded_and_stops_when_asked(tokenizer):

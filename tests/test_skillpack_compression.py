@@ -522,3 +522,18 @@ def test_calibration_lowers_the_output_error_on_anisotropic_inputs():
     assert torch.allclose(transposed.delta(), calibrated.delta().T, atol=1e-6)
     with pytest.raises(HfGraftError, match=r"needs a \[256, 256\] Hessian"):
         compress_delta_calibrated(delta, spec, torch.eye(192))
+
+
+def test_delta_spectrum_shares_of_energy():
+    """A rank-1 matrix holds all its energy in its first singular value; a scaled identity spreads
+    it evenly, so its top 10% of 100 directions hold exactly 10%. Energies of matrices add up."""
+    from hf_graft.skillpack import delta_spectrum
+
+    rank_one = {"a": {"weight": torch.outer(torch.arange(1.0, 101.0), torch.ones(60)), "bias": torch.ones(100)}}
+    assert delta_spectrum(rank_one)["energy_top1pct"] == pytest.approx(1.0, abs=1e-9)
+    even = {"b": {"weight": 2 * torch.eye(100)}}
+    assert delta_spectrum(even) == pytest.approx({"energy_top1pct": 0.01, "energy_top10pct": 0.10}, abs=1e-9)
+    both = delta_spectrum({"b": {"weight": torch.eye(100)}, "c": {"weight": torch.diag(torch.tensor([10.0] + [0.0] * 99))}})
+    assert both["energy_top1pct"] == pytest.approx((1 + 100) / (100 + 100), abs=1e-9)
+    with pytest.raises(HfGraftError, match="non-zero 2-D delta"):
+        delta_spectrum({"norm": {"weight": torch.ones(4)}})

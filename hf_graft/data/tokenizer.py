@@ -44,7 +44,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTo
         single=f"{BOUNDARY_TOKEN} $A", pair=f"{BOUNDARY_TOKEN} $A $B", special_tokens=[(BOUNDARY_TOKEN, boundary)]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=BOUNDARY_TOKEN, eos_token=BOUNDARY_TOKEN, pad_token=PAD_TOKEN
+        tokenizer_object=tokenizer,
+        bos_token=BOUNDARY_TOKEN,
+        eos_token=BOUNDARY_TOKEN,
+        pad_token=PAD_TOKEN,
+        model_input_names=["input_ids", "attention_mask"],  # a causal LM's inputs: no token_type_ids
     )
 
 

@@ -7,7 +7,7 @@ Importing this package registers the ``SKILLPACK`` method with peft, so ``get_pe
 from peft.utils import register_peft_method
 
 from .config import SkillPackConfig
-from .extract import extract_skillpack, lora_deltas, weight_deltas
+from .extract import delta_spectrum, extract_skillpack, lora_deltas, weight_deltas
 from .fusion import FusedSkillPacks, fuse
 from .merging import MERGE_METHODS, merge_skillpacks
 from .files import SkillPackFile, load_skillpack, pack_of, read_skillpack, record_evaluation
@@ -26,6 +26,7 @@ __all__ = [
     "SkillPackFile",
     "SkillPackModel",
     "base_fingerprint",
+    "delta_spectrum",
     "export_lora",
     "extract_skillpack",
     "fuse",

@@ -56,6 +56,29 @@ def weight_deltas(base_model: nn.Module, tuned_model: nn.Module) -> dict:
     return deltas
 
 
+def delta_spectrum(deltas: dict, fractions: tuple = (0.01, 0.1)) -> dict:
+    """How low-rank a delta is: the share of its energy in the top ``fractions`` of singular values.
+
+    ``deltas`` is :func:`weight_deltas`' (or :func:`lora_deltas`') ``{module: {part: tensor}}``;
+    the energies of every matrix are summed, so a large matrix weighs more. Returns
+    ``{"energy_top1pct": ..., "energy_top10pct": ...}`` (keys follow ``fractions``). A delta with
+    most of its energy in a few directions compresses well at high ratios; a near full-rank one
+    does not.
+    """
+    total, tops = 0.0, [0.0] * len(fractions)
+    for parts in deltas.values():
+        for delta in parts.values():
+            if delta.dim() != 2:
+                continue
+            energy = torch.linalg.svdvals(delta.float()).double().square()
+            total += float(energy.sum())
+            for i, fraction in enumerate(fractions):
+                tops[i] += float(energy[: max(1, round(fraction * energy.numel()))].sum())
+    if total == 0.0:
+        raise HfGraftError("delta_spectrum needs at least one non-zero 2-D delta.")
+    return {f"energy_top{fraction * 100:g}pct": top / total for fraction, top in zip(fractions, tops)}
+
+
 def lora_deltas(adapted: PeftModel) -> dict:
     """``{module name: {"weight": dW, ...}}`` of a LoRA ``PeftModel``'s active adapters, exact (``B @ A * scaling``).
 
