@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from . import metrics
 from .data import Example
@@ -30,7 +30,10 @@ __all__ = [
     "perplexity",
     "perplexity_plateau",
     "pretrain",
+    "skill_learned",
     "task_batch",
+    "tiny_config",
+    "tiny_gpt_neox_config",
     "tiny_llama_config",
 ]
 
@@ -63,6 +66,44 @@ def tiny_llama_config(
         pad_token_id=tokenizer.pad_token_id,
         **overrides,
     )
+
+
+def tiny_gpt_neox_config(
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    hidden_size: int = 128,
+    num_hidden_layers: int = 4,
+    num_attention_heads: int = 4,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 256,
+    **overrides,
+) -> GPTNeoXConfig:
+    """A small pythia-like ``GPTNeoXConfig`` (parallel residual, 25% rotary, untied embeddings) for
+    ``tokenizer``; ``intermediate_size`` defaults to pythia's 4x ``hidden_size``."""
+    return GPTNeoXConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        intermediate_size=intermediate_size or 4 * hidden_size,
+        max_position_embeddings=max_position_embeddings,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **overrides,
+    )
+
+
+TINY_FAMILIES = {"llama": tiny_llama_config, "gpt_neox": tiny_gpt_neox_config}
+
+
+def tiny_config(tokenizer: PreTrainedTokenizerBase, family: str = "llama", **shape):
+    """:func:`tiny_llama_config` or :func:`tiny_gpt_neox_config`, by ``family`` name."""
+    if family not in TINY_FAMILIES:
+        raise HfGraftError(f"Tiny models come in the families {', '.join(TINY_FAMILIES)}, not {family!r}.")
+    return TINY_FAMILIES[family](tokenizer, **shape)
 
 
 def build_causal_lm(config, seed: int = 0) -> PreTrainedModel:

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     _vision_parser(sub)
     skillpack_cli.add_parser(sub)
     layers_cli.add_parser(sub)
-    run = sub.add_parser("run", help="run a distillation recipe (YAML): stages, SkillPack, evaluation, push")
+    run = sub.add_parser("run", help="run a recipe (YAML): distillation to a SkillPack, or a layer graft; evaluation, push")
     run.add_argument("recipe")
     run.add_argument("--out", help="output directory (overrides the recipe's output_dir)")
     return parser

@@ -1,4 +1,8 @@
-"""One YAML file runs a whole distillation job: ``hf-graft run recipe.yaml``.
+"""One YAML file runs a whole job: ``hf-graft run recipe.yaml``.
+
+A recipe's ``kind`` says which: ``distill`` (the default, below) distils a skill into a target and
+ships it as a SkillPack; ``layer_graft`` grafts a specialised block into a host LM
+(:mod:`hf_graft.layers.recipe`).
 
 As a mergekit recipe, a file names everything: the teacher (source) and target models, the
 prompts, the training stages, the SkillPack's budget, the evaluation and where to push. The job:
@@ -77,11 +81,12 @@ from .safetensors_io import atomic_write_json
 
 __all__ = ["ModelSpec", "Recipe", "load_recipe", "run_recipe"]
 
-_SECTIONS = ("output_dir", "seed", "models", "prompts", "generation", "stages", "skillpack", "evaluation", "push_to_hub")
+KINDS = ("distill", "layer_graft")
+_SECTIONS = ("kind", "output_dir", "seed", "models", "prompts", "generation", "stages", "skillpack", "evaluation", "push_to_hub")
 _ROLES = ("teacher", "target", "base")
 _STAGES = {"sft": SftSettings, "dpo": DpoSettings, "logits": LogitSettings}
 _TASKS = ("addition", "modular_addition")
-_TINY_KEYS = ("tiny", "vocab_size", "seed", "pretrain", "finetune")
+_TINY_KEYS = ("tiny", "family", "vocab_size", "seed", "pretrain", "finetune")
 _TINY_CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings")
 _SCHEDULE_KEYS = ("steps", "batch_size", "learning_rate", "warmup_steps", "min_lr_ratio", "weight_decay", "max_grad_norm", "seed")
 _SKILLPACK_KEYS = ("target_ratio", "byte_budget", "sparse_modules", "target_modules", "calibration", "calibration_samples", "calibration_length")
@@ -92,11 +97,12 @@ MARKER = "hf_graft_step.json"
 
 @dataclass
 class ModelSpec:
-    """One model of a recipe: a folder or Hub id (``reference``), or a tiny Llama built offline."""
+    """One model of a recipe: a folder or Hub id (``reference``), or a tiny model built offline."""
 
     role: str
     reference: str | None = None
     tiny: dict | None = None
+    family: str = "llama"
     vocab_size: int = 320
     seed: int = 0
     pretrain: dict | None = None
@@ -166,9 +172,15 @@ def _model_spec(role: str, entry: Any) -> ModelSpec:
         if entry.get(part) is not None:
             keys = _SCHEDULE_KEYS + (("seq_len",) if part == "pretrain" else ())
             _check_keys(f"{where}.{part}", entry[part], keys, required=("steps",))
+    from .causal_lm import TINY_FAMILIES
+
+    family = entry.get("family", "llama")
+    if family not in TINY_FAMILIES:
+        raise HfGraftError(f"recipe: {where}.family must be one of {', '.join(TINY_FAMILIES)}, got {family!r}.")
     return ModelSpec(
         role=role,
         tiny=dict(entry["tiny"] or {}),
+        family=family,
         vocab_size=entry.get("vocab_size", 320),
         seed=entry.get("seed", 0),
         pretrain=entry.get("pretrain"),
@@ -221,23 +233,31 @@ def _prompts(section: Any) -> tuple[list[str], list[str] | None, list[Example] |
     return list(rows[column]), answers, None, train
 
 
-def load_recipe(source: str | os.PathLike | dict, *, output_dir: str | None = None) -> Recipe:
+def _read_yaml(path: str | os.PathLike) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return yaml.safe_load(handle)
+    except OSError as error:
+        raise HfGraftError(f"Cannot read the recipe {path}: {error}") from error
+    except yaml.YAMLError as error:
+        raise HfGraftError(f"The recipe {path} is not valid YAML: {error}") from error
+
+
+def load_recipe(source: str | os.PathLike | dict, *, output_dir: str | None = None):
     """Read and check a recipe (a YAML file or an already parsed dict) without training anything.
 
     Model folders and Hub ids are looked up (their configs only), the prompt set is built, and
     the stage, SkillPack and evaluation settings are checked; the first problem found raises
     :class:`HfGraftError` naming the key. ``output_dir`` overrides the recipe's.
     """
-    if isinstance(source, dict):
-        raw = source
-    else:
-        try:
-            with open(source, encoding="utf-8") as handle:
-                raw = yaml.safe_load(handle)
-        except OSError as error:
-            raise HfGraftError(f"Cannot read the recipe {source}: {error}") from error
-        except yaml.YAMLError as error:
-            raise HfGraftError(f"The recipe {source} is not valid YAML: {error}") from error
+    raw = source if isinstance(source, dict) else _read_yaml(source)
+    kind = raw.get("kind", "distill") if isinstance(raw, dict) else "distill"
+    if kind == "layer_graft":
+        from .layers.recipe import load_graft_recipe
+
+        return load_graft_recipe(raw, output_dir=output_dir)
+    if kind != "distill":
+        raise HfGraftError(f"recipe: kind must be one of {', '.join(KINDS)}, got {kind!r}.")
     _check_keys("", raw, _SECTIONS, required=("models", "prompts", "stages"))
     output_dir = output_dir or raw.get("output_dir")
     if not output_dir:
@@ -349,14 +369,14 @@ def _tokenizer(spec: ModelSpec):
 class _Job:
     """The state of one recipe run: where it writes, which process it is, how it reports."""
 
-    def __init__(self, recipe: Recipe, progress: bool):
+    def __init__(self, recipe, progress: bool, steps: list[str]):
         from accelerate import PartialState
 
         self.recipe = recipe
         self.out = Path(recipe.output_dir)
         self.state = PartialState()
         self.progress = progress and self.state.is_main_process
-        self.steps = ["models", "teacher answers", *recipe.stages, "skillpack"]
+        self.steps = steps
 
     def say(self, step: str, message: str) -> None:
         if self.progress:
@@ -388,14 +408,14 @@ class _Job:
 
 
 def _build_tiny(job: _Job, spec: ModelSpec):
-    """Build (and pretrain / fine-tune) a tiny Llama as its entry says."""
+    """Build (and pretrain / fine-tune) a tiny model as its entry says."""
     import torch
 
-    from .causal_lm import Schedule, build_causal_lm, encode_text, finetune, pretrain, tiny_llama_config
+    from .causal_lm import Schedule, build_causal_lm, encode_text, finetune, pretrain, tiny_config
     from .data import pydoc_corpus
 
     tokenizer = _corpus_tokenizer(spec.vocab_size)
-    model = build_causal_lm(tiny_llama_config(tokenizer, **spec.tiny), seed=spec.seed)
+    model = build_causal_lm(tiny_config(tokenizer, spec.family, **spec.tiny), seed=spec.seed)
     if spec.pretrain:
         settings = dict(spec.pretrain)
         seq_len = settings.pop("seq_len", 64)
@@ -534,11 +554,17 @@ def _score(model, tokenizer, examples: list[Example], metric: str) -> float:
 def run_recipe(source: str | os.PathLike | dict | Recipe, *, output_dir: str | None = None, progress: bool = True) -> dict:
     """Run a recipe end to end (see the module docstring) and return its report.
 
+    A ``kind: layer_graft`` recipe runs :func:`hf_graft.layers.recipe.run_graft_recipe` instead.
+
     The report (also written to ``<output_dir>/report.json``) holds every stage's losses, the
     SkillPack's measured size and error, the base / tuned / pack scores and the retention.
     """
-    recipe = source if isinstance(source, Recipe) else load_recipe(source, output_dir=output_dir)
-    job = _Job(recipe, progress)
+    from .layers.recipe import GraftRecipe, run_graft_recipe
+
+    recipe = source if isinstance(source, (Recipe, GraftRecipe)) else load_recipe(source, output_dir=output_dir)
+    if isinstance(recipe, GraftRecipe):
+        return run_graft_recipe(recipe, progress=progress)
+    job = _Job(recipe, progress, ["models", "teacher answers", *recipe.stages, "skillpack"])
     job.say("models", ", ".join(f"{role}: {spec.reference or 'tiny'}" for role, spec in recipe.models.items()))
     teacher, teacher_tokenizer = _model(job, recipe.models["teacher"])
     student, tokenizer = _model(job, recipe.models["target"])

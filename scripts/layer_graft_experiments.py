@@ -48,11 +48,20 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
-from transformers import AutoModelForMaskedLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import AutoModelForMaskedLM, AutoTokenizer, GPTNeoXForCausalLM
 
 import hf_graft
 from hf_graft import metrics
-from hf_graft.causal_lm import Schedule, build_causal_lm, encode_text, finetune, perplexity, perplexity_plateau, pretrain
+from hf_graft.causal_lm import (
+    Schedule,
+    build_causal_lm,
+    encode_text,
+    finetune,
+    perplexity,
+    perplexity_plateau,
+    pretrain,
+    tiny_gpt_neox_config,
+)
 from hf_graft.data import Task, corpus_tokenizer, modular_addition, pydoc_corpus
 from hf_graft.layers import block_linear_names, fit_translators, specialise_block, train_translators, translator_batches
 from hf_graft.layers.evaluation import language_scores, task_scores, text_prompts
@@ -239,7 +248,7 @@ class Bench:
                     "text": hashlib.blake2b(self.train_ids.numpy().tobytes(), digest_size=8).hexdigest()}
 
         def build():
-            model = build_causal_lm(gpt_neox_config(self.tokenizer, **shape), seed=init_seed)
+            model = build_causal_lm(tiny_gpt_neox_config(self.tokenizer, **shape), seed=init_seed)
             stop = perplexity_plateau(model, self.validation_ids)
             steps = len(pretrain(model, self.train_ids, schedule, seq_len=PRETRAIN_SEQ_LEN, stop=stop, progress=self.progress))
             return model, {"steps": steps, "validation_perplexity": perplexity(model, self.validation_ids)["perplexity"]}
@@ -348,23 +357,6 @@ def specialise_with_rehearsal(model, layer: int, task: Task, tokenizer, replay_i
     finetune(adapted, tokenizer, task.train, schedule, replay_ids=replay_ids, replay_batch_size=REPLAY_BATCH_SIZE,
              seq_len=PRETRAIN_SEQ_LEN, progress=progress)
     return adapted.merge_and_unload().eval()
-
-
-def gpt_neox_config(tokenizer, *, hidden_size: int, num_hidden_layers: int, num_attention_heads: int) -> GPTNeoXConfig:
-    """A small pythia-like ``GPTNeoXConfig`` (parallel residual, 25% rotary, 4x MLP, untied) for ``tokenizer``."""
-    return GPTNeoXConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        intermediate_size=4 * hidden_size,
-        max_position_embeddings=256,
-        use_parallel_residual=True,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
 
 
 def fingerprint(model) -> str:

@@ -96,3 +96,15 @@ def hub(pytestconfig: pytest.Config) -> HubServer:
 def repo_id() -> str:
     """A repo id no other test uses, e.g. ``hf-graft-test/test-1a2b3c4d``; the repo is not created."""
     return f"{TEST_ORG}/test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module: tiny models gain nothing from intra-op threads, and on a
+    shared CPU the threads oversubscribe it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

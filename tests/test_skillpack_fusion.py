@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-from peft import PeftModel
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_graft

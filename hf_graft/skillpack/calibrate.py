@@ -23,7 +23,7 @@ modules to compress with forward hooks, a few modules at a time so large models 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Callable, Optional
 
 import torch
