@@ -81,8 +81,8 @@ SETUPS = {
     },
     "full": {
         "model": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4},
-        "pretrain": Schedule(steps=1500, batch_size=16, learning_rate=3e-3, warmup_steps=100, weight_decay=0.1),
-        "finetune": Schedule(steps=4000, batch_size=64, learning_rate=1e-3, warmup_steps=100, min_lr_ratio=1.0, seed=1),
+        "pretrain": Schedule(steps=1000, batch_size=16, learning_rate=3e-3, warmup_steps=100, weight_decay=0.1),
+        "finetune": Schedule(steps=1500, batch_size=32, learning_rate=2e-3, warmup_steps=50, min_lr_ratio=1.0, seed=1),
         "replay_batch_size": 8,
         "train_size": 2000,
         "validation_size": 200,
