@@ -32,11 +32,13 @@ from tqdm.auto import tqdm
 
 from ..errors import HfGraftError
 from .bitpack import pack_bits
-from .compress import CompressedDelta, normalize_spec
+from .compress import CompressedDelta, compress_delta, normalize_spec
+from .prune import prune
 from .lowrank import lowrank_factors
-from .quantize import MixedPrecisionFactor, QuantizedMatrix, encode, group_grid, resolve_scheme
+from .objective import ModuleStatistics
+from .quantize import MixedPrecisionFactor, QuantizedMatrix, encode, fitted_grid, resolve_scheme
 
-__all__ = ["compress_delta_calibrated", "gptq", "input_hessians"]
+__all__ = ["compress_delta_calibrated", "compress_with_statistics", "gptq", "input_hessians", "quantize_calibrated"]
 
 #: Added to the Hessian's diagonal, as a share of its mean (GPTQ's ``percdamp``).
 DEFAULT_DAMPING = 0.01
@@ -178,8 +180,8 @@ class _RowGroupQuantizer:
             span = upcoming[:, : self.group_size]
             for width in self.bits.unique().tolist():
                 rows = self.bits == width
-                scales, zeros = group_grid(span[rows].amin(dim=1), span[rows].amax(dim=1), width)
-                self.scales[rows, group], self.zeros[rows, group] = scales, zeros
+                scales, zeros = fitted_grid(span[rows].T[None], width)
+                self.scales[rows, group], self.zeros[rows, group] = scales[0], zeros[0]
         return self._store(index, upcoming[:, 0], self.scales[:, group], self.zeros[:, group])
 
     def _store(self, index, column, scales, zeros):
@@ -202,8 +204,8 @@ class _ColumnQuantizer:
     def __call__(self, index: int, upcoming: torch.Tensor) -> torch.Tensor:
         column, width, groups = upcoming[:, 0], int(self.bits[index]), len(self.scales)
         padded = torch.cat([column, column[-1:].expand(groups * self.group_size - self.rows)])
-        grouped = padded.reshape(groups, self.group_size)
-        scales, zeros = group_grid(grouped.amin(dim=1), grouped.amax(dim=1), width)
+        grouped = padded.reshape(groups, self.group_size, 1)
+        scales, zeros = (grid[:, 0] for grid in fitted_grid(grouped, width))
         self.scales[:, index], self.zeros[:, index] = scales, zeros
         expanded_scales = scales.repeat_interleave(self.group_size)[: self.rows]
         expanded_zeros = zeros.repeat_interleave(self.group_size)[: self.rows]
@@ -230,12 +232,74 @@ def _factor(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, sche
     return MixedPrecisionFactor(tuple(blocks))
 
 
+def compress_with_statistics(
+    delta: torch.Tensor, spec: Mapping[str, Any], statistics: ModuleStatistics, *, damping: float = DEFAULT_DAMPING
+) -> CompressedDelta:
+    """Compress a 2-D ``delta`` as ``spec`` says, minimising its cost under ``statistics`` (:mod:`.objective`).
+
+    ``quant`` runs GPTQ over the module's inputs, then fits its low-rank correction (if any) to
+    what is left the same way; ``lowrank`` is :func:`compress_delta_calibrated`; ``sparse`` keeps
+    the entries whose loss costs most (``f_i H_jj dW_ij^2``, the diagonal of the objective);
+    ``dense_fp16`` is the delta in fp16.
+    """
+    spec = normalize_spec(spec, delta.shape)
+    matrix = delta.detach().float()
+    if spec["kind"] == "lowrank":
+        return compress_delta_calibrated(
+            matrix, spec, statistics.hessian, fan_in_fan_out=statistics.transposed,
+            row_weights=statistics.row_weights, damping=damping,
+        )
+    if spec["kind"] == "sparse":
+        oriented = statistics.oriented(matrix)
+        saliency = oriented.square() * statistics.row_weights[:, None] * torch.diagonal(statistics.hessian)[None, :]
+        saliency = statistics.oriented(saliency)
+        return CompressedDelta("sparse", tuple(delta.shape), sparse=prune(matrix, spec["keep_fraction"], scores=saliency))
+    if spec["kind"] != "quant":
+        return compress_delta(matrix, spec)
+    quant = quantize_calibrated(matrix, spec["bits"], spec["group_size"], statistics, damping=damping)
+    if "rank" not in spec:
+        return CompressedDelta("quant", tuple(delta.shape), quant=quant)
+    residual_spec = {"kind": "lowrank", "rank": spec["rank"], "scheme": spec["scheme"], "group_size": spec["residual_group_size"]}
+    residual = compress_delta_calibrated(
+        matrix - quant.dequantize(), residual_spec, statistics.hessian, fan_in_fan_out=statistics.transposed,
+        row_weights=statistics.row_weights, damping=damping,
+    )
+    return CompressedDelta("quant", tuple(delta.shape), quant=quant, a=residual.a, b=residual.b)
+
+
+def quantize_calibrated(
+    delta: torch.Tensor, bits: int, group_size: int, statistics: ModuleStatistics, *, damping: float = DEFAULT_DAMPING
+) -> QuantizedMatrix:
+    """``delta`` quantized in its own layout at ``bits``, GPTQ-compensated over the module's inputs.
+
+    The stored grids run along the delta's rows, ``group_size`` rows per grid and column. For a
+    ``[out, in]`` weight each input column gets its grids when GPTQ reaches it; for a ``[in, out]``
+    (``Conv1D``) weight each output gets one grid per ``group_size`` inputs, set when the group starts.
+    """
+    rows, cols = delta.shape
+    group_size = min(group_size, rows)
+    weight = statistics.oriented(delta.detach().float())
+    if statistics.transposed:
+        quantizer = _RowGroupQuantizer(torch.full((cols,), bits), group_size, rows)
+        gptq(weight, statistics.hessian, quantizer, block_size=group_size, damping=damping)
+        codes, scales, zeros = quantizer.codes.T, quantizer.scales.T, quantizer.zeros.T
+    else:
+        quantizer = _ColumnQuantizer(torch.full((cols,), bits), group_size, rows)
+        gptq(weight, statistics.hessian, quantizer, damping=damping)
+        codes, scales, zeros = quantizer.codes, quantizer.scales, quantizer.zeros
+    return QuantizedMatrix(
+        packed=pack_bits(codes.contiguous(), bits), scales=scales.contiguous(), zeros=zeros.contiguous(),
+        bits=bits, shape=(rows, cols), group_size=group_size,
+    )
+
+
 def compress_delta_calibrated(
     delta: torch.Tensor,
     spec: Mapping[str, Any],
     hessian: torch.Tensor,
     *,
     fan_in_fan_out: bool = False,
+    row_weights: Optional[torch.Tensor] = None,
     method: str = "randomized",
     damping: float = DEFAULT_DAMPING,
 ) -> CompressedDelta:
@@ -243,7 +307,9 @@ def compress_delta_calibrated(
 
     ``hessian`` is ``E[x x^T]`` of the module's inputs (:func:`input_hessians`). ``delta`` is in the
     weight's own layout: ``[out, in]``, or ``[in, out]`` with ``fan_in_fan_out`` (GPT-2's Conv1D).
-    The result is stored exactly like :func:`~.compress.compress_delta`'s.
+    ``row_weights`` (``[out]``, the output sensitivities of :mod:`.objective`) make the truncated
+    SVD keep the directions the loss reacts to. The result is stored exactly like
+    :func:`~.compress.compress_delta`'s.
     """
     spec = normalize_spec(spec, delta.shape)
     if spec["kind"] != "lowrank":
@@ -260,7 +326,8 @@ def compress_delta_calibrated(
     bits = torch.tensor([width for width, columns in scheme for _ in range(columns)])
     hessian = hessian.float()
     root = _damped_cholesky(hessian, damping)
-    factors = lowrank_factors(matrix @ root, energy=1.0, min_rank=rank, max_rank=rank, method=method)
+    weights = _output_weights(row_weights, out_features)
+    factors = lowrank_factors(weights[:, None] * matrix @ root, energy=1.0, min_rank=rank, max_rank=rank, method=method)
     a = torch.linalg.solve_triangular(root.T, factors.a.T, upper=True).T  # A L = a
 
     a_quantizer = _RowGroupQuantizer(bits, group_size, in_features)
@@ -276,3 +343,11 @@ def compress_delta_calibrated(
     if fan_in_fan_out:  # delta = (B A)^T = A^T B^T: the factors swap roles
         return CompressedDelta("lowrank", tuple(delta.shape), a=b, b=a)
     return CompressedDelta("lowrank", tuple(delta.shape), a=a, b=b)
+
+
+def _output_weights(row_weights: Optional[torch.Tensor], rows: int) -> torch.Tensor:
+    """``sqrt(f)`` of the output sensitivities, floored at 1% of their mean so no output is ignored outright."""
+    if row_weights is None:
+        return torch.ones(rows)
+    weights = row_weights.float().clamp_min(0)
+    return (weights + 0.01 * float(weights.mean().clamp_min(1e-30))).sqrt()

@@ -36,9 +36,12 @@ def add_parser(sub) -> None:
     budget.add_argument("--bytes", type=int, help="an absolute byte budget instead of --ratio")
     extract.add_argument(
         "--calibration",
-        help="texts for GPTQ-style calibration: 'pydoc' (embedded), a .txt file (paragraphs), or a Hub dataset id",
+        default="pydoc",
+        help="texts the pack is measured and distilled on: 'pydoc' (embedded, the default), a .txt file "
+        "(paragraphs), a Hub dataset id, or 'none' for a data-free pack",
     )
     extract.add_argument("--calibration-samples", type=int, default=128, help="sequences used (default 128)")
+    extract.add_argument("--distill-steps", type=int, default=200, help="scale distillation steps (default 200, 0: none)")
     extract.add_argument("--calibration-length", type=int, default=256, help="tokens per sequence (default 256)")
     extract.add_argument("--calibration-column", default="text", help="text column of a Hub dataset")
     extract.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype the models are loaded in")
@@ -99,51 +102,20 @@ def _is_lora(reference: str) -> bool:
         return False
 
 
-def calibration_texts(source: str, column: str = "text") -> list[str]:
-    """Texts for calibration: the embedded pydoc corpus, a text file's paragraphs, or a Hub dataset's column."""
-    if source == "pydoc":
-        from ..data import pydoc_corpus
-
-        return pydoc_corpus().train.split("\n\n")
-    if os.path.isfile(source):
-        with open(source, encoding="utf-8") as handle:
-            texts = [part.strip() for part in handle.read().split("\n\n") if part.strip()]
-    else:
-        import datasets
-
-        dataset = datasets.load_dataset(source, split="train")
-        if column not in dataset.column_names:
-            raise HfGraftError(f"Dataset {source!r} has no column {column!r} (it has {dataset.column_names}).")
-        texts = [text for text in dataset[column] if isinstance(text, str) and text.strip()]
-    if not texts:
-        raise HfGraftError(f"The calibration source {source!r} holds no text.")
-    return texts
-
-
-def calibration_batches(tokenizer, texts: list[str], samples: int, length: int, batch_size: int = 8) -> list:
-    """``samples`` sequences of ``length`` tokens cut from the concatenated ``texts``, in batches."""
-    import torch
-
-    if samples < 1 or length < 2:
-        raise HfGraftError("--calibration-samples must be >= 1 and --calibration-length >= 2.")
-    ids = tokenizer("\n\n".join(texts), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-    count = min(samples, len(ids) // length)
-    if count == 0:
-        raise HfGraftError(f"The calibration text holds {len(ids)} tokens, fewer than one sequence of {length}.")
-    sequences = ids[: count * length].reshape(count, length).to(torch.long)
-    return list(sequences.split(batch_size))
-
-
 def _extract(args) -> None:
     from transformers import AutoTokenizer
 
     from . import SkillPackConfig, extract_skillpack
+    from .calibration_data import calibration_batches, calibration_texts
 
     base = _load_model(args.base, args.dtype)
     tuned = args.tuned if _is_lora(args.tuned) else _load_model(args.tuned, args.dtype)
-    config = SkillPackConfig(target_ratio=None if args.bytes else args.ratio, byte_budget=args.bytes)
+    config = SkillPackConfig(
+        target_ratio=None if args.bytes else args.ratio, byte_budget=args.bytes, distill_steps=args.distill_steps,
+        calibration_samples=args.calibration_samples,
+    )
     batches = None
-    if args.calibration:
+    if args.calibration != "none":
         tokenizer = AutoTokenizer.from_pretrained(args.tuned if not isinstance(tuned, str) else args.base)
         texts = calibration_texts(args.calibration, args.calibration_column)
         batches = calibration_batches(tokenizer, texts, args.calibration_samples, args.calibration_length)

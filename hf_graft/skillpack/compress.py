@@ -34,6 +34,7 @@ from .quantize import (
     DEFAULT_GROUP_SIZE,
     DEFAULT_SCHEME,
     MixedPrecisionFactor,
+    QuantizedMatrix,
     Scheme,
     quantize,
     quantize_factor,
@@ -54,10 +55,11 @@ __all__ = [
     "stored_layout",
 ]
 
-Kind = Literal["lowrank", "sparse", "dense_fp16"]
+Kind = Literal["lowrank", "quant", "sparse", "dense_fp16"]
 _SPEC_KEYS: dict[str, tuple[set[str], set[str]]] = {
     # kind: (required keys, optional keys)
     "lowrank": ({"kind", "rank"}, {"scheme", "group_size"}),
+    "quant": ({"kind", "bits"}, {"group_size", "rank", "scheme", "residual_group_size"}),
     "sparse": ({"kind", "keep_fraction"}, set()),
     "dense_fp16": ({"kind"}, set()),
 }
@@ -83,8 +85,18 @@ def normalize_spec(spec: Mapping[str, Any], shape: Sequence[int]) -> dict[str, A
         return {"kind": kind, "keep_fraction": check_fraction(spec["keep_fraction"], "keep_fraction")}
     if len(shape) != 2:
         raise HfGraftError(
-            f"A 'lowrank' spec needs a 2-D delta, this one has shape {tuple(shape)}; use 'dense_fp16'."
+            f"A {kind!r} spec needs a 2-D delta, this one has shape {tuple(shape)}; use 'dense_fp16'."
         )
+    if kind == "quant":
+        bits = check_int(spec["bits"], "bits", 1, 8)
+        group_size = check_int(spec.get("group_size", DEFAULT_GROUP_SIZE), "group_size", 1)
+        normalized = {"kind": kind, "bits": bits, "group_size": min(group_size, shape[0])}
+        if spec.get("rank"):
+            rank = check_int(spec["rank"], f"rank (at most min{tuple(shape)})", 1, min(shape))
+            scheme = resolve_scheme(spec.get("scheme", DEFAULT_SCHEME), rank)
+            residual_group = check_int(spec.get("residual_group_size", DEFAULT_GROUP_SIZE), "residual_group_size", 1)
+            normalized.update(rank=rank, scheme=[list(block) for block in scheme], residual_group_size=residual_group)
+        return normalized
     rank = check_int(spec["rank"], f"rank (at most min{tuple(shape)})", 1, min(shape))
     scheme = resolve_scheme(spec.get("scheme", DEFAULT_SCHEME), rank)
     group_size = check_int(spec.get("group_size", DEFAULT_GROUP_SIZE), "group_size", 1)
@@ -97,8 +109,14 @@ class CompressedDelta:
 
     - ``lowrank``: ``a`` holds ``A`` transposed (``[in, rank]``, so each singular vector is a
       column with its own scales) and ``b`` holds ``B`` (``[out, rank]``); ``delta ~= B @ A``.
+    - ``quant``: ``quant`` holds the delta itself, quantized in its own layout; ``a`` and ``b``,
+      when set, a low-rank correction of what the quantization missed.
     - ``sparse``: ``sparse`` holds the kept entries.
     - ``dense_fp16``: ``dense`` is the delta in fp16.
+
+    On disk every delta is *one* uint8 tensor (:meth:`to_tensors`): its segments (codes, scales,
+    values, positions) laid end to end in the order :func:`segment_layout` gives, so a file holds
+    one safetensors header entry per module part whatever the format.
     """
 
     kind: Kind
@@ -107,12 +125,18 @@ class CompressedDelta:
     b: MixedPrecisionFactor | None = None
     sparse: SparseDelta | None = None
     dense: torch.Tensor | None = None
+    quant: QuantizedMatrix | None = None
 
     def delta(self) -> torch.Tensor:
         """The reconstructed float32 delta."""
         if self.kind == "lowrank":
             a, b = self.lowrank()
             return b @ a
+        if self.kind == "quant":
+            dense = self.quant.dequantize()
+            if self.a is not None:
+                dense = dense + self.b.dequantize() @ self.a.dequantize().T
+            return dense
         if self.kind == "sparse":
             return self.sparse.to_dense()
         return self.dense.float()
@@ -125,8 +149,8 @@ class CompressedDelta:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the stored tensors (what :meth:`to_tensors` returns, without file headers)."""
-        return sum(t.numel() * t.element_size() for t in self.to_tensors("").values())
+        """Bytes of the stored tensor (what :meth:`to_tensors` returns, without file headers)."""
+        return sum(t.numel() * t.element_size() for t in self.segments().values())
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -134,49 +158,64 @@ class CompressedDelta:
         if self.kind == "lowrank":
             factor = _without(self.b.meta, "shape")
             return {"kind": self.kind, "shape": list(self.shape), "rank": self.b.shape[1], **factor}
+        if self.kind == "quant":
+            meta = {"kind": self.kind, "shape": list(self.shape), "bits": self.quant.bits,
+                    "group_size": self.quant.group_size}
+            if self.a is not None:
+                meta.update(rank=self.b.shape[1], scheme=[list(block) for block in self.b.scheme],
+                            residual_group_size=self.b.group_size)
+            return meta
         if self.kind == "sparse":
             return {"kind": self.kind, **self.sparse.meta}
         return {"kind": self.kind, "shape": list(self.shape)}
 
-    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        """The tensors to store under ``prefix``.
-
-        ``lowrank``: ``{prefix}.A.{i}`` and ``{prefix}.B.{i}`` ``.packed`` (uint8), ``.scales`` and
-        ``.zeros`` (fp16) per column block ``i``; ``sparse``: ``{prefix}.values`` (fp16) and
-        ``{prefix}.indices`` (int32) or ``{prefix}.bitmap`` (uint8); ``dense_fp16``:
-        ``{prefix}.delta`` (fp16).
-        """
+    def segments(self) -> dict[str, torch.Tensor]:
+        """The typed tensors the stored bytes are made of, by segment name (see :func:`segment_layout`)."""
         if self.kind == "lowrank":
-            return {**self.a.to_tensors(f"{prefix}.A"), **self.b.to_tensors(f"{prefix}.B")}
+            return {**self.a.to_tensors("A"), **self.b.to_tensors("B")}
+        if self.kind == "quant":
+            residual = {**self.a.to_tensors("A"), **self.b.to_tensors("B")} if self.a is not None else {}
+            return {**self.quant.to_tensors("Q"), **residual}
         if self.kind == "sparse":
-            return self.sparse.to_tensors(prefix)
-        return {f"{prefix}.delta": self.dense}
+            return {key.lstrip("."): value for key, value in self.sparse.to_tensors("").items()}
+        return {"delta": self.dense}
+
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """``{prefix: payload}``: every segment's bytes, end to end, as one 1-D uint8 tensor."""
+        layout = segment_layout(self.meta)
+        segments = self.segments()
+        return {prefix: to_payload([segments[name] for name in layout])}
 
     @classmethod
     def from_tensors(
         cls, prefix: str, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
     ) -> CompressedDelta:
-        """Rebuild from :meth:`to_tensors` output and :attr:`meta`, checking every tensor's shape and dtype."""
+        """Rebuild from :meth:`to_tensors` output and :attr:`meta`, checking the payload and every segment."""
         what = f"compressed delta {prefix!r}"
-        kind = meta.get("kind") if isinstance(meta, Mapping) else None
-        if kind == "lowrank":
-            meta_keys(meta, ("kind", "shape", "rank", "scheme", "group_size"), what)
-            out_features, in_features = meta_shape(meta, "shape", what, ndim=2)
-            rank = meta_int(meta, "rank", what, 1, min(out_features, in_features))
-            factor = _without(meta, "kind", "shape", "rank")
-            a = MixedPrecisionFactor.from_tensors(f"{prefix}.A", tensors, {**factor, "shape": [in_features, rank]})
-            b = MixedPrecisionFactor.from_tensors(
-                f"{prefix}.B", tensors, {**factor, "shape": [out_features, rank]}
-            )
-            return cls(kind, (out_features, in_features), a=a, b=b)
+        meta = check_meta(meta, repr(prefix))
+        layout = segment_layout(meta)
+        payload = stored_tensor(tensors, prefix, (payload_size(layout),), torch.uint8)
+        segments = from_payload(payload, layout)
+        kind = meta["kind"]
+        if kind in ("lowrank", "quant"):
+            rows, cols = meta_shape(meta, "shape", what, ndim=2)
+            factors = {}
+            if "rank" in meta:
+                group_size = meta["group_size"] if kind == "lowrank" else meta["residual_group_size"]
+                factor = {"scheme": meta["scheme"], "group_size": group_size}
+                factors = {
+                    "a": MixedPrecisionFactor.from_tensors("A", segments, {**factor, "shape": [cols, meta["rank"]]}),
+                    "b": MixedPrecisionFactor.from_tensors("B", segments, {**factor, "shape": [rows, meta["rank"]]}),
+                }
+            if kind == "lowrank":
+                return cls(kind, (rows, cols), **factors)
+            quant_meta = {"bits": meta["bits"], "shape": [rows, cols], "group_size": meta["group_size"]}
+            return cls(kind, (rows, cols), quant=QuantizedMatrix.from_tensors("Q", segments, quant_meta), **factors)
         if kind == "sparse":
-            sparse = SparseDelta.from_tensors(prefix, tensors, _without(meta, "kind"))
+            sparse = SparseDelta.from_tensors("", {f".{k}": v for k, v in segments.items()}, _without(meta, "kind"))
             return cls(kind, sparse.shape, sparse=sparse)
-        if kind == "dense_fp16":
-            meta_keys(meta, ("kind", "shape"), what)
-            shape = meta_shape(meta, "shape", what)
-            return cls(kind, shape, dense=stored_tensor(tensors, f"{prefix}.delta", shape, torch.float16))
-        raise HfGraftError(f"Metadata 'kind' of {what} must be one of {sorted(_SPEC_KEYS)}, got {meta!r}.")
+        shape = tuple(meta["shape"])
+        return cls(kind, shape, dense=stored_tensor(segments, "delta", shape, torch.float16))
 
     def relative_error(self, delta: torch.Tensor) -> float:
         """``||delta - self.delta()||_F / ||delta||_F`` (0.0 when both are zero)."""
@@ -201,15 +240,21 @@ def compress_delta(
         if not torch.isfinite(dense).all():
             raise HfGraftError("compress_delta: the delta holds NaN, infinite or beyond-fp16 values.")
         return CompressedDelta("dense_fp16", shape, dense=dense)
-    rank = spec["rank"]
+    if spec["kind"] == "quant":
+        quant = quantize(delta.detach().float(), spec["bits"], spec["group_size"], clip=True)
+        if "rank" not in spec:
+            return CompressedDelta("quant", shape, quant=quant)
+        residual = _lowrank_parts(delta.detach().float() - quant.dequantize(), spec["rank"], spec["scheme"],
+                                  spec["residual_group_size"], method)
+        return CompressedDelta("quant", shape, quant=quant, **residual)
+    return CompressedDelta("lowrank", shape, **_lowrank_parts(delta, spec["rank"], spec["scheme"], spec["group_size"], method))
+
+
+def _lowrank_parts(delta: torch.Tensor, rank: int, scheme, group_size: int, method: str) -> dict[str, MixedPrecisionFactor]:
+    """The quantized factors ``{"a", "b"}`` of ``delta``'s rank-``rank`` SVD."""
     factors = lowrank_factors(delta, energy=1.0, min_rank=rank, max_rank=rank, method=method)
-    scheme, group_size = [tuple(block) for block in spec["scheme"]], spec["group_size"]
-    return CompressedDelta(
-        "lowrank",
-        shape,
-        a=quantize_factor(factors.a.T, scheme, group_size),
-        b=quantize_factor(factors.b, scheme, group_size),
-    )
+    scheme = [tuple(block) for block in scheme]
+    return {"a": quantize_factor(factors.a.T, scheme, group_size), "b": quantize_factor(factors.b, scheme, group_size)}
 
 
 def _without(mapping: Mapping[str, Any], *keys: str) -> dict[str, Any]:
@@ -436,33 +481,78 @@ def allocate(
     return {name: choice.spec for name, choice in select(measured, byte_budget).items()}
 
 
-def stored_layout(prefix: str, meta: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Name -> ``(shape, dtype)`` of every tensor :meth:`CompressedDelta.to_tensors` stores for ``meta``.
+def _factor_layout(factor: str, rows: int, scheme, group_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    layout = {}
+    groups = -(-rows // group_size)
+    for index, (bits, columns) in enumerate(scheme):
+        name = f"{factor}.{index}"
+        layout[f"{name}.packed"] = ((packed_size(rows * columns, bits),), torch.uint8)
+        layout[f"{name}.scales"] = ((groups, columns), torch.float16)
+        layout[f"{name}.zeros"] = ((groups, columns), torch.float16)
+    return layout
 
-    Lets a loader allocate or check a delta's tensors before reading any of them. ``meta`` is
-    checked first (:func:`check_meta`).
+
+def segment_layout(meta: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Segment name -> ``(shape, dtype)`` of every typed tensor a delta of ``meta`` is made of, in storage order.
+
+    Lets a loader check a delta's payload before decoding any of it. ``meta`` is checked first
+    (:func:`check_meta`).
     """
-    meta = check_meta(meta, repr(prefix))
+    meta = check_meta(meta, "")
     kind, shape = meta["kind"], tuple(meta["shape"])
     if kind == "dense_fp16":
-        return {f"{prefix}.delta": (shape, torch.float16)}
+        return {"delta": (shape, torch.float16)}
     if kind == "sparse":
         count = int(meta["count"])
         index = (
-            {f"{prefix}.indices": ((count,), torch.int32)}
+            {"indices": ((count,), torch.int32)}
             if meta["format"] == "indices"
-            else {f"{prefix}.bitmap": ((packed_size(math.prod(shape), 1),), torch.uint8)}
+            else {"bitmap": ((packed_size(math.prod(shape), 1),), torch.uint8)}
         )
-        return {f"{prefix}.values": ((count,), torch.float16), **index}
+        return {"values": ((count,), torch.float16), **index}
     layout = {}
-    for factor, rows in (("A", shape[1]), ("B", shape[0])):
+    if kind == "quant":
+        rows, cols = shape
         groups = -(-rows // meta["group_size"])
-        for index, (bits, columns) in enumerate(meta["scheme"]):
-            name = f"{prefix}.{factor}.{index}"
-            layout[f"{name}.packed"] = ((packed_size(rows * columns, bits),), torch.uint8)
-            layout[f"{name}.scales"] = ((groups, columns), torch.float16)
-            layout[f"{name}.zeros"] = ((groups, columns), torch.float16)
+        layout["Q.packed"] = ((packed_size(rows * cols, meta["bits"]),), torch.uint8)
+        layout["Q.scales"] = ((groups, cols), torch.float16)
+        layout["Q.zeros"] = ((groups, cols), torch.float16)
+        if "rank" not in meta:
+            return layout
+    group_size = meta["group_size"] if kind == "lowrank" else meta["residual_group_size"]
+    layout.update(_factor_layout("A", shape[1], meta["scheme"], group_size))
+    layout.update(_factor_layout("B", shape[0], meta["scheme"], group_size))
     return layout
+
+
+def payload_size(layout: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> int:
+    """Bytes of the payload holding every segment of ``layout``."""
+    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in layout.values())
+
+
+def to_payload(segments: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The raw bytes of ``segments`` end to end, as one 1-D uint8 tensor (little-endian, as safetensors)."""
+    parts = [segment.detach().cpu().contiguous().reshape(-1).view(torch.uint8) for segment in segments]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
+
+
+def from_payload(
+    payload: torch.Tensor, layout: Mapping[str, tuple[tuple[int, ...], torch.dtype]]
+) -> dict[str, torch.Tensor]:
+    """Cut a payload back into the typed segments of ``layout`` (copies: the payload is left as it is)."""
+    segments, offset = {}, 0
+    flat = payload.reshape(-1).cpu()
+    for name, (shape, dtype) in layout.items():
+        size = math.prod(shape) * dtype.itemsize
+        segments[name] = flat[offset : offset + size].clone().view(dtype).reshape(shape)
+        offset += size
+    return segments
+
+
+def stored_layout(prefix: str, meta: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> ``(shape, dtype)`` of the tensor :meth:`CompressedDelta.to_tensors` stores for ``meta``:
+    one 1-D uint8 payload named ``prefix``. ``meta`` is checked first (:func:`check_meta`)."""
+    return {prefix: ((payload_size(segment_layout(meta)),), torch.uint8)}
 
 
 def check_meta(meta: Any, what: str) -> Mapping[str, Any]:
@@ -484,12 +574,27 @@ def check_meta(meta: Any, what: str) -> Mapping[str, Any]:
         meta_keys(meta, ("kind", "shape", "rank", "scheme", "group_size"), what)
         rank = meta_int(meta, "rank", what, 1, min(meta_shape(meta, "shape", what, ndim=2)))
         meta_int(meta, "group_size", what, 1)
-        scheme = meta["scheme"]
-        if not (isinstance(scheme, list) and scheme) or resolve_scheme(scheme, rank) != tuple(map(tuple, scheme)):
-            raise HfGraftError(
-                f"Metadata 'scheme' of {what} must list [bits, columns] blocks covering exactly {rank} columns, "
-                f"got {scheme!r}."
-            )
+        _check_scheme(meta, rank, what)
+    elif kind == "quant":
+        residual = ("rank", "scheme", "residual_group_size")
+        keys = ("kind", "shape", "bits", "group_size") + (residual if isinstance(meta, Mapping) and "rank" in meta else ())
+        meta_keys(meta, keys, what)
+        shape = meta_shape(meta, "shape", what, ndim=2)
+        meta_int(meta, "bits", what, 1, 8)
+        meta_int(meta, "group_size", what, 1)
+        if "rank" in meta:
+            rank = meta_int(meta, "rank", what, 1, min(shape))
+            meta_int(meta, "residual_group_size", what, 1)
+            _check_scheme(meta, rank, what)
     else:
         raise HfGraftError(f"Metadata 'kind' of {what} must be one of {sorted(_SPEC_KEYS)}, got {meta!r}.")
     return meta
+
+
+def _check_scheme(meta: Mapping[str, Any], rank: int, what: str) -> None:
+    scheme = meta["scheme"]
+    if not (isinstance(scheme, list) and scheme) or resolve_scheme(scheme, rank) != tuple(map(tuple, scheme)):
+        raise HfGraftError(
+            f"Metadata 'scheme' of {what} must list [bits, columns] blocks covering exactly {rank} columns, "
+            f"got {scheme!r}."
+        )

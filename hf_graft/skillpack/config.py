@@ -1,10 +1,14 @@
 """``SkillPackConfig``: the PEFT config of a SkillPack (GraftLLM, arXiv 2505.18502)."""
 
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 from peft.config import PeftConfig
 
+from ..errors import HfGraftError
+from ..safetensors_io import atomic_write_text
 from .peft_type import SKILLPACK
 
 #: Module names whose deltas are stored sparse (magnitude-pruned) rather than low rank: token
@@ -28,9 +32,27 @@ class SkillPackConfig(PeftConfig):
             keeps 53.2 of 53.5), so 16 is the default.
         byte_budget (`int`, *optional*):
             An absolute budget in bytes instead of ``target_ratio``.
-        calibration_samples (`int`, defaults to 0):
-            Texts of the calibration set used to weight the compression error by real activations
-            (GPTQ-style); 0 extracts uncalibrated.
+        calibration_samples (`int`, defaults to 128):
+            At most this many calibration sequences are used (0: all that are given); extraction
+            records how many it used, 0 for a data-free pack.
+        distill_steps (`int`, defaults to 200):
+            Steps of scale distillation (BitDelta's, applied to every format: the stored scales,
+            zeros and fp16 values trained to match the tuned model's next-token distributions on
+            the calibration data; bytes unchanged). 0 turns it off; data-free packs have none.
+        distill_learning_rate (`float`, defaults to 1e-2):
+            Adam's learning rate for scale distillation, relative to each stored tensor's mean
+            magnitude (a rate of 0.01 moves a scale by about 1% of its size per step).
+        objective (`str`, defaults to `"output"`):
+            What candidates are measured by: ``"output"``, the loss their error costs the model on
+            the calibration data (input second moments x output sensitivities, see
+            ``hf_graft.skillpack.objective``); ``"weight"``, the Frobenius error of the delta.
+        formats (`str`, defaults to `"all"`):
+            ``"all"``: direct 1-4 bit quantization, signs with a low-rank correction, low rank,
+            sparse, or the module left out; ``"lowrank"``: low rank, sparse and fp16 only
+            (GraftLLM's original search space).
+        compensation (`bool`, defaults to `True`):
+            Compress decoder blocks in order, each measured on the model with the earlier blocks'
+            compressed deltas applied, so errors are compensated rather than compounded.
         sparse_modules (`list[str]`):
             Name suffixes whose deltas are pruned sparse rather than factored (embeddings, heads).
         module_specs (`dict`):
@@ -51,7 +73,12 @@ class SkillPackConfig(PeftConfig):
 
     target_ratio: Optional[float] = field(default=16.0, metadata={"help": "bf16 delta bytes / bytes on disk"})
     byte_budget: Optional[int] = field(default=None, metadata={"help": "absolute byte budget"})
-    calibration_samples: int = field(default=0, metadata={"help": "calibration texts; 0 = uncalibrated"})
+    calibration_samples: int = field(default=128, metadata={"help": "calibration sequences used at most; 0 = all given"})
+    distill_steps: int = field(default=200, metadata={"help": "scale distillation steps; 0 = none"})
+    distill_learning_rate: float = field(default=1e-2, metadata={"help": "Adam rate, relative to each tensor's size"})
+    objective: str = field(default="output", metadata={"help": "'output': what errors cost the model; 'weight': Frobenius"})
+    formats: str = field(default="all", metadata={"help": "'all' formats, or 'lowrank' (SVD, sparse, fp16) only"})
+    compensation: bool = field(default=True, metadata={"help": "compress blocks in order on the partly compressed model"})
     sparse_modules: list = field(default_factory=lambda: list(EMBEDDING_MODULES))
     target_modules: Optional[list] = field(
         default=None, metadata={"help": "unused: module_specs names the changed modules exactly"}
@@ -69,10 +96,38 @@ class SkillPackConfig(PeftConfig):
         data.pop("check_base_fingerprint", None)
         return data
 
+    def to_json_text(self) -> str:
+        """``adapter_config.json`` as written: one top-level field per line, values in compact JSON.
+
+        peft's indented layout would spend more bytes on whitespace than a small pack spends on
+        its deltas; every byte here counts against the pack's budget.
+        """
+        data = {key: sorted(value) if isinstance(value, set) else value for key, value in self.to_dict().items()}
+        lines = [f"{json.dumps(key)}: {json.dumps(data[key], separators=(',', ':'), sort_keys=True)}" for key in sorted(data)]
+        return "{\n" + ",\n".join(lines) + "\n}\n"
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Write ``adapter_config.json`` (:meth:`to_json_text`) to ``save_directory``."""
+        if os.path.isfile(save_directory):
+            raise HfGraftError(f"{save_directory} is a file; give a folder to save the SkillPack config in.")
+        os.makedirs(save_directory, exist_ok=True)
+        text = self.to_json_text()
+        if kwargs.get("auto_mapping_dict") is not None:
+            data = json.loads(text)
+            data["auto_mapping"] = kwargs["auto_mapping_dict"]
+            text = json.dumps(data, indent=1, sort_keys=True)
+        atomic_write_text(os.path.join(save_directory, "adapter_config.json"), text)
+
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = SKILLPACK
         if self.target_ratio is not None and self.target_ratio <= 1:
             raise ValueError(f"target_ratio must be greater than 1, got {self.target_ratio}.")
+        if self.objective not in ("output", "weight"):
+            raise ValueError(f"objective must be 'output' or 'weight', got {self.objective!r}.")
+        if self.formats not in ("all", "lowrank"):
+            raise ValueError(f"formats must be 'all' or 'lowrank', got {self.formats!r}.")
+        if isinstance(self.distill_steps, bool) or not isinstance(self.distill_steps, int) or self.distill_steps < 0:
+            raise ValueError(f"distill_steps must be an int >= 0, got {self.distill_steps!r}.")
         if self.byte_budget is not None and self.byte_budget <= 0:
             raise ValueError(f"byte_budget must be positive, got {self.byte_budget}.")

@@ -1,7 +1,10 @@
 """``extract_skillpack``: (tuned model or LoRA adapter) - base model -> a compressed SkillPack on the base."""
 
 import copy
+import json
+import logging
 import os
+import re
 from collections.abc import Iterable
 from typing import Any, Optional, Union
 
@@ -11,14 +14,21 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
+from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import HfGraftError
-from .calibrate import compress_delta_calibrated, input_hessians
-from .compress import allocate, compress_delta
+from .allocation import OMIT, CandidateLadder, entry_overhead, measure_candidates, select
+from .calibrate import compress_with_statistics
+from .calibration_data import default_calibration
+from .compress import compress_delta
 from .config import SkillPackConfig
-from .files import SkillPackFile, attach
+from .distillation import distill_scales
+from .files import SkillPackFile, attach, tensor_key
 from .model import base_fingerprint, layer_class, tied_partners
+from .objective import ModuleStatistics, collect_statistics
+
+logger = logging.getLogger(__name__)
 
 BF16_BYTES = 2
 
@@ -139,12 +149,67 @@ def _calibration_batches(calibration: Iterable[Any], limit: int) -> tuple[list, 
     return batches, count
 
 
+def _default_batches(model: nn.Module, tokenizer, samples: int) -> Optional[list]:
+    """Windows of the embedded corpus, tokenized with ``tokenizer`` or the one saved beside the base model."""
+    if tokenizer is None:
+        source = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+        if source and os.path.isdir(str(source)):
+            from transformers import AutoTokenizer
+
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(source)
+            except (OSError, ValueError, KeyError):
+                tokenizer = None
+    if tokenizer is None:
+        logger.warning(
+            "No tokenizer for the default calibration text: the SkillPack is extracted data-free (weight error). "
+            "Pass tokenizer=... or calibration=[input_ids, ...] to compress by what the model computes."
+        )
+        return None
+    return default_calibration(tokenizer, samples=samples or 128)
+
+
+def block_groups(names: Iterable[str]) -> list[list[str]]:
+    """Module names grouped by decoder block (``...layers.3....``), in the order given.
+
+    Modules outside any block (embeddings, final norm, head) form groups of their own, so
+    processing the groups in order follows the model's forward pass.
+    """
+    groups: list[list[str]] = []
+    last = None
+    for name in names:
+        found = re.search(r"^(.*?\.\d+)\.", name)
+        key = found.group(1) if found else name
+        if groups and key == last:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last = key
+    return groups
+
+
+def _two_d(modules: dict, names: Iterable[str]) -> dict:
+    return {name: modules[name] for name in names if isinstance(modules[name], (nn.Linear, Conv1D, nn.Embedding))}
+
+
+def _tie_statistics(statistics: dict, tied: dict) -> dict:
+    """Tied heads share their embedding's delta: the embedding is measured through the head (the
+    dense second moment GPTQ can use), its token frequencies added to the head's output weights."""
+    combined = dict(statistics)
+    for head, source in tied.items():
+        if head in statistics and source in statistics:
+            embedding, output = statistics[source], statistics[head]
+            combined[source] = ModuleStatistics(output.hessian, output.row_weights, also=(embedding,))
+    return combined
+
+
 def extract_skillpack(
     base_model: nn.Module,
     tuned: Tuned,
     config: Optional[SkillPackConfig] = None,
     *,
-    calibration: Optional[Iterable[Any]] = None,
+    calibration: Union[Iterable[Any], str, None] = "pydoc",
+    tokenizer=None,
     adapter_name: str = "default",
     copy_base: bool = True,
     progress: bool = True,
@@ -152,79 +217,187 @@ def extract_skillpack(
     """Compress ``tuned - base_model`` into a SkillPack on (a copy of) ``base_model``.
 
     ``tuned`` is a fine-tuned copy of the base, or a LoRA adapter on it: a LoRA ``PeftModel`` or
-    the path / Hub id of one (its exact ``B @ A`` deltas are recompressed). Ranks, bit widths and
-    kept fractions are allocated across modules to fit ``config.target_ratio`` (or
-    ``config.byte_budget``) with the least measured error. With ``calibration`` (batches of
-    ``input_ids``, or dicts of model inputs), low-rank deltas of linear modules are compressed
-    against the activations the tuned model feeds them (see :mod:`.calibrate`); at most
-    ``config.calibration_samples`` sequences are used when it is positive. Returns a
+    the path / Hub id of one (its exact ``B @ A`` deltas are recompressed).
+
+    The pack is made for what the model computes, not for weight error (see
+    :mod:`.objective`, :mod:`.allocation`, :mod:`.distillation`):
+
+    1. On the calibration batches, each module's input second moment and output sensitivity are
+       measured on the tuned model.
+    2. Every module's candidate formats (direct 1-4 bit quantization, signs with a low-rank
+       correction, mixed-precision low rank, sparse, left out) are compressed and measured by
+       what their error costs; one per module is chosen to fit ``config.target_ratio`` (or
+       ``config.byte_budget``) counting the saved files' bytes, headers and metadata included.
+    3. Decoder blocks are compressed in order, GPTQ-compensated, each measured on the model with
+       the earlier blocks' compressed deltas already applied (``config.compensation``).
+    4. The stored scales, zeros and fp16 values are trained for ``config.distill_steps`` steps so
+       the base plus the pack matches the tuned model's next-token distributions.
+
+    ``calibration``: ``"pydoc"`` (default: general text from the embedded corpus, tokenized with
+    ``tokenizer`` or the base's own), batches of ``input_ids`` (or dicts of model inputs; pass the
+    skill's own prompts for the best pack), or ``None`` for data-free extraction (Frobenius error,
+    no distillation). At most ``config.calibration_samples`` sequences are used. Returns a
     ``PeftModel`` whose ``save_pretrained`` / ``push_to_hub`` write the pack.
     """
     config = copy.deepcopy(config) if config is not None else SkillPackConfig()
-    if calibration is None and config.calibration_samples:
-        raise HfGraftError(
-            f"calibration_samples={config.calibration_samples} asks for calibrated compression: "
-            "pass calibration=[input_ids, ...] (or leave calibration_samples at 0)."
-        )
     deltas, calibration_model, clean_base = _delta_source(base_model, tuned)
     if not deltas:
         raise HfGraftError("The tuned model has the same weights as the base: there is no skill to extract.")
+    if isinstance(calibration, str):
+        if calibration != "pydoc":
+            raise HfGraftError(f"calibration must be 'pydoc', batches of input_ids or None, got {calibration!r}.")
+        calibration = _default_batches(clean_base, tokenizer, config.calibration_samples)
     batches = None
     if calibration is not None:
         batches, config.calibration_samples = _calibration_batches(calibration, config.calibration_samples)
+    else:
+        config.calibration_samples = 0
+    inner = calibration_model.base_model.model if isinstance(calibration_model, PeftModel) else calibration_model
+    inner_modules = dict(inner.named_modules())
+    modules = dict(clean_base.named_modules())
     flat = {f"{name}.{part}": delta for name, parts in deltas.items() for part, delta in parts.items()}
     bf16_bytes = sum(delta.numel() * BF16_BYTES for delta in flat.values())
     budget = config.byte_budget or int(bf16_bytes / config.target_ratio)
     sparse = {key for key in flat if any(key.rsplit(".", 1)[0].endswith(s) for s in config.sparse_modules)}
-    specs = allocate(flat, byte_budget=budget, sparse=sparse, progress=progress)
+    tied = tied_partners(clean_base, deltas)
+    weights = {name: name for name in deltas if "weight" in deltas[name] and deltas[name]["weight"].dim() == 2}
 
-    modules = dict(clean_base.named_modules())
-    compressed = {}
-    if batches is not None:
-        calibrated = [
-            name
-            for name in deltas
-            if "weight" in deltas[name]
-            and specs[f"{name}.weight"]["kind"] == "lowrank"
-            and isinstance(modules[name], (nn.Linear, Conv1D))
-        ]
-        widths = {name: deltas[name]["weight"].shape[0 if isinstance(modules[name], Conv1D) else 1] for name in calibrated}
-        inner = calibration_model.base_model.model if isinstance(calibration_model, PeftModel) else calibration_model
-        hessians = input_hessians(
-            calibration_model, widths, batches, modules=dict(inner.named_modules()), progress=progress
+    def statistics_of(model_modules: dict, model: nn.Module, names) -> dict:
+        if batches is None or config.objective != "output":
+            return {}
+        wanted = _two_d(model_modules, [*names, *(head for head, source in tied.items() if source in names)])
+        found = collect_statistics(model, wanted, batches, progress=progress)
+        return _tie_statistics(found, tied)
+
+    statistics = statistics_of(inner_modules, calibration_model, list(weights))
+    ladder = CandidateLadder() if config.formats == "all" else CandidateLadder(quant_bits=(), allow_omit=False)
+    measured = {}
+    for key in tqdm(flat, desc="Measuring SkillPack candidates", disable=not progress):
+        name = key.rsplit(".", 1)[0]
+        stats = statistics.get(name) if key.endswith(".weight") else None
+        if stats is None and key.endswith(".weight") and flat[key].dim() == 2:
+            stats = ModuleStatistics.identity(flat[key].shape, isinstance(modules[name], Conv1D))
+        measured[key] = measure_candidates(key, flat[key], stats, sparse=key in sparse, ladder=ladder)
+    fixed = _fixed_overhead(config, bf16_bytes)
+    if budget <= fixed:
+        raise HfGraftError(f"A budget of {budget} bytes does not even hold the pack's config ({fixed} bytes); allow more bytes.")
+    chosen = {key: candidate.spec for key, candidate in select(measured, budget - fixed).items()}
+    kept = {key: spec for key, spec in chosen.items() if spec != OMIT}
+    if not kept:
+        raise HfGraftError("At this budget every module's delta would be left out; allow more bytes.")
+
+    compressed = _compress_in_order(
+        flat, kept, modules, inner_modules, calibration_model, statistics, statistics_of,
+        compensate=config.compensation and batches is not None,
+    )
+    distill_losses = []
+    if batches is not None and config.distill_steps:
+        compressed, distill_losses = distill_scales(
+            clean_base, calibration_model if not isinstance(calibration_model, PeftModel) else calibration_model,
+            compressed, batches, steps=config.distill_steps, learning_rate=config.distill_learning_rate, progress=progress,
         )
-        for name, hessian in hessians:
-            compressed[f"{name}.weight"] = compress_delta_calibrated(
-                deltas[name]["weight"],
-                specs[f"{name}.weight"],
-                hessian,
-                fan_in_fan_out=isinstance(modules[name], Conv1D),
-            )
-    for key, delta in flat.items():
-        if key not in compressed:
-            compressed[key] = compress_delta(delta, specs[key])
 
-    stored_bytes, error_sq, total_sq, by_module, module_errors = 0, 0.0, 0.0, {}, {}
+    by_module, module_errors, error_sq, total_sq = {}, {}, 0.0, 0.0
     for key, delta in flat.items():
+        norm = float(torch.sum(delta.double() ** 2))
+        total_sq += norm
+        if key not in compressed:
+            error_sq += norm
+            continue
         name, part = key.rsplit(".", 1)
         packed = compressed[key]
         by_module.setdefault(name, {})[part] = packed
-        stored_bytes += packed.nbytes
-        error = float(torch.sum((delta - packed.delta()) ** 2))
-        norm = float(torch.sum(delta**2))
-        module_errors[key] = (error / norm) ** 0.5
+        error = float(torch.sum((delta - packed.delta()).double() ** 2))
+        module_errors[key] = round((error / norm) ** 0.5, 4) if norm else 0.0
         error_sq += error
-        total_sq += norm
     config.module_specs = {name: {part: c.meta for part, c in parts.items()} for name, parts in by_module.items()}
     config.base_model_name_or_path = config.base_model_name_or_path or getattr(clean_base, "name_or_path", None) or None
     config.tied_modules = tied_partners(clean_base, config.module_specs)
     config.base_fingerprint = base_fingerprint(clean_base, config.module_specs)
     config.measured = {
         "delta_bf16_bytes": bf16_bytes,
-        "stored_bytes": stored_bytes,
-        "compression_ratio": bf16_bytes / stored_bytes,
-        "relative_error": (error_sq / total_sq) ** 0.5 if total_sq else 0.0,
+        "stored_bytes": 0,
+        "compression_ratio": 0.0,
+        "relative_error": round((error_sq / total_sq) ** 0.5, 4) if total_sq else 0.0,
+        "omitted": sorted(set(flat) - set(compressed)),
+        "distill_loss": [round(distill_losses[0], 5), round(distill_losses[-1], 5)] if distill_losses else None,
         "module_errors": module_errors,
     }
+    pack = SkillPackFile(config, by_module)
+    _record_file_bytes(pack, bf16_bytes)
+    if config.measured["stored_bytes"] > budget:
+        raise HfGraftError(
+            f"Internal sizing error: the pack takes {config.measured['stored_bytes']} bytes for a budget of {budget}."
+        )
     host = copy.deepcopy(clean_base) if copy_base and clean_base is base_model else clean_base
-    return attach(host, SkillPackFile(config, by_module), adapter_name)
+    return attach(host, pack, adapter_name)
+
+
+def _compress_in_order(flat, specs, modules, inner_modules, calibration_model, statistics, statistics_of, *, compensate):
+    """Compress every chosen delta, decoder block by decoder block in forward order.
+
+    With ``compensate``, each block's statistics are measured again on a working copy of the tuned
+    model in which every earlier block already carries its compressed delta (GPTQ's and DeltaZip's
+    sequential scheme), so the errors of earlier blocks are compensated, not compounded.
+    """
+    compressed = {}
+    working = copy.deepcopy(calibration_model) if compensate else None
+    working_inner = working.base_model.model if isinstance(working, PeftModel) else working
+    working_modules = dict(working_inner.named_modules()) if working is not None else {}
+    names = [name for name in modules if any(key.startswith(name + ".") and key.rsplit(".", 1)[0] == name for key in specs)]
+    for group in block_groups(names):
+        current = statistics
+        if compensate and any(f"{name}.weight" in specs and flat[f"{name}.weight"].dim() == 2 for name in group):
+            current = {**statistics, **statistics_of(working_modules, working, [n for n in group if f"{n}.weight" in specs])}
+        for name in group:
+            for part in ("weight", "bias"):
+                key = f"{name}.{part}"
+                if key not in specs:
+                    continue
+                delta = flat[key]
+                stats = current.get(name) if part == "weight" else None
+                if delta.dim() == 2 and stats is None:
+                    stats = ModuleStatistics.identity(delta.shape, isinstance(modules[name], Conv1D))
+                compressed[key] = compress_with_statistics(delta, specs[key], stats) if delta.dim() == 2 else compress_delta(delta, specs[key])
+                if working is not None:
+                    _apply_compressed(working_modules[name], part, flat[key], compressed[key])
+    return compressed
+
+
+@torch.no_grad()
+def _apply_compressed(module: nn.Module, part: str, delta: torch.Tensor, packed) -> None:
+    """Replace the tuned weight in a working copy by base + compressed delta (tuned - delta + decoded)."""
+    target = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+    parameter = getattr(target, part)
+    parameter.copy_((parameter.float() - delta + packed.delta()).to(parameter.dtype))
+
+
+def _fixed_overhead(config: SkillPackConfig, bf16_bytes: int) -> int:
+    """Bytes of a pack's files that no module's choice changes: the config around the module entries,
+    the safetensors header's frame, and room for the figures recorded after extraction."""
+    probe = copy.deepcopy(config)
+    probe.module_specs, probe.tied_modules = {}, {}
+    probe.base_fingerprint = "0" * 64
+    probe.measured = {
+        "delta_bf16_bytes": bf16_bytes, "stored_bytes": bf16_bytes, "compression_ratio": 1e6 + 0.01,
+        "relative_error": 0.1234, "omitted": [], "distill_loss": [0.12345, 0.12345], "module_errors": {},
+    }
+    header_frame = 8 + len(json.dumps({"__metadata__": {"format": "pt"}})) + 8
+    return len(probe.to_json_text().encode()) + header_frame + 256
+
+
+def _record_file_bytes(pack: SkillPackFile, bf16_bytes: int) -> None:
+    """Set the pack's ``stored_bytes`` (its two files, exactly as saved) and ratio in its config."""
+    from safetensors.torch import save
+
+    tensors = {
+        tensor_key(module, name): tensor
+        for module, parts in pack.deltas.items()
+        for part, delta in parts.items()
+        for name, tensor in delta.to_tensors(part).items()
+    }
+    weights = len(save(tensors, metadata={"format": "pt"}))
+    measured = pack.config.measured
+    for _ in range(3):  # the figures are part of the config they measure: settle their digits
+        total = weights + len(pack.config.to_json_text().encode())
+        measured["stored_bytes"], measured["compression_ratio"] = total, round(bf16_bytes / total, 2)

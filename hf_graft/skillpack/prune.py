@@ -140,8 +140,11 @@ class SparseDelta:
         raise HfGraftError(f"Metadata 'format' of {what} must be 'indices' or 'bitmap', got {meta['format']!r}.")
 
 
-def prune(delta: torch.Tensor, keep_fraction: float) -> SparseDelta:
+def prune(delta: torch.Tensor, keep_fraction: float, *, scores: torch.Tensor | None = None) -> SparseDelta:
     """Keep the :func:`kept_count` largest-magnitude entries of ``delta`` (ties broken arbitrarily).
+
+    ``scores`` (same shape) ranks the entries instead of their magnitude, e.g. what losing each
+    one costs the model.
 
     Raises :class:`~hf_graft.errors.HfGraftError` for a non-float or non-finite delta, a
     ``keep_fraction`` outside ``(0, 1]``, or kept values beyond the fp16 range.
@@ -153,7 +156,10 @@ def prune(delta: torch.Tensor, keep_fraction: float) -> SparseDelta:
     if not torch.isfinite(flat).all():
         raise HfGraftError("prune: the delta holds NaN or infinite values.")
     count = kept_count(flat.numel(), keep_fraction)
-    positions = torch.topk(flat.abs(), count, sorted=False).indices.sort().values
+    ranking = flat.abs() if scores is None else scores.detach().reshape(-1).float()
+    if ranking.shape != flat.shape:
+        raise HfGraftError(f"prune: scores of shape {tuple(scores.shape)} do not match the delta's {tuple(delta.shape)}.")
+    positions = torch.topk(ranking, count, sorted=False).indices.sort().values
     values = flat[positions].half()
     if not torch.isfinite(values).all():
         raise HfGraftError("prune: kept values exceed the float16 range.")

@@ -46,6 +46,7 @@ __all__ = [
     "quantize_factor",
     "quantized_nbytes",
     "encode",
+    "fitted_grid",
     "group_grid",
     "resolve_scheme",
 ]
@@ -125,12 +126,15 @@ class QuantizedMatrix:
         )
 
 
-def quantize(matrix: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> QuantizedMatrix:
+def quantize(
+    matrix: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP_SIZE, *, clip: bool = False
+) -> QuantizedMatrix:
     """Quantize a 2-D float ``matrix`` to ``bits`` bits with one scale and zero per ``group_size`` rows per column.
 
     The zero is the group minimum rounded down to fp16 and the scale ``(max - zero) / (2**bits - 1)``
     rounded up, so the grid covers the whole group and every entry is within ``scale / 2`` of its
-    decoded value. Raises :class:`~hf_graft.errors.HfGraftError` for a non-2-D or non-finite input,
+    decoded value. With ``clip`` the grid of each group is the one of :func:`fitted_grid` instead
+    (least squared error; outliers may be clipped). Raises :class:`~hf_graft.errors.HfGraftError` for a non-2-D or non-finite input,
     a bad width or group size, or values beyond the fp16 range of the scales.
     """
     if not (
@@ -147,7 +151,10 @@ def quantize(matrix: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP_SI
     # Padding rows repeat the last row, which lies in the last group: no group's min or max moves.
     padded = torch.cat([values, values[-1:].expand(groups * group_size - rows, cols)])
     grouped = padded.reshape(groups, group_size, cols)
-    scales, zeros = group_grid(grouped.amin(dim=1), grouped.amax(dim=1), bits)
+    if clip:
+        scales, zeros = fitted_grid(grouped, bits)
+    else:
+        scales, zeros = group_grid(grouped.amin(dim=1), grouped.amax(dim=1), bits)
     expanded_scales = scales.float().repeat_interleave(group_size, dim=0)[:rows]
     expanded_zeros = zeros.float().repeat_interleave(group_size, dim=0)[:rows]
     return QuantizedMatrix(
@@ -168,6 +175,46 @@ def group_grid(minimum: torch.Tensor, maximum: torch.Tensor, bits: int) -> tuple
     """
     zeros = _to_fp16(minimum.float(), toward=-float("inf"))
     scales = _to_fp16((maximum.float() - zeros.float()) / ((1 << bits) - 1), toward=float("inf"))
+    if not (torch.isfinite(zeros).all() and torch.isfinite(scales).all()):
+        raise HfGraftError("quantize: the values exceed the float16 range of the scales and zeros.")
+    return scales, zeros
+
+
+#: Shrink factors of a group's range tried by :func:`fitted_grid` (GPTQ's ``mse`` grid search).
+CLIP_RATIOS = tuple(1.0 - 0.05 * step for step in range(15))
+
+
+def fitted_grid(grouped: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 ``(scales, zeros)`` ``[groups, cols]`` of the grids with the least squared error on ``grouped``.
+
+    ``grouped`` is ``[groups, group_size, cols]`` (padding rows repeat a real row, so they only
+    reweigh it slightly). Candidates are the ``[min, max]`` range shrunk toward zero by each of
+    :data:`CLIP_RATIOS`, as GPTQ's grid search does; at 1 bit also the two-means grid (the mean of
+    the values below and above the group mean), the best 2-level quantizer for a split at the mean.
+    At low widths clipping a few outliers lowers the error of all the other entries. All
+    candidates are tried at once, vectorized.
+    """
+    values = grouped.float()
+    low, high = values.amin(dim=1), values.amax(dim=1)
+    ratios = torch.tensor(CLIP_RATIOS, dtype=torch.float32, device=values.device)[:, None, None]
+    scales, zeros = group_grid(low[None] * ratios, high[None] * ratios, bits)
+    if bits == 1:
+        mean = values.mean(dim=1, keepdim=True)
+        below, above = values <= mean, values > mean
+        low_mean = (values * below).sum(1) / below.sum(1).clamp_min(1)
+        high_mean = torch.where(above.any(1), (values * above).sum(1) / above.sum(1).clamp_min(1), low_mean)
+        two_scales, two_zeros = _two_level_grid(low_mean, high_mean)
+        scales, zeros = torch.cat([scales, two_scales[None]]), torch.cat([zeros, two_zeros[None]])
+    expanded_scales, expanded_zeros = scales.float()[:, :, None], zeros.float()[:, :, None]
+    decoded = encode(values[None], expanded_scales, expanded_zeros, bits).float() * expanded_scales + expanded_zeros
+    best = (decoded - values[None]).square().sum(dim=2).argmin(dim=0, keepdim=True)  # [1, groups, cols]
+    return scales.gather(0, best)[0], zeros.gather(0, best)[0]
+
+
+def _two_level_grid(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 ``(scales, zeros)`` whose two levels are ``low`` and ``high`` (rounded to fp16)."""
+    zeros = low.half()
+    scales = (high - zeros.float()).clamp_min(0).half()
     if not (torch.isfinite(zeros).all() and torch.isfinite(scales).all()):
         raise HfGraftError("quantize: the values exceed the float16 range of the scales and zeros.")
     return scales, zeros

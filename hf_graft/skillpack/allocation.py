@@ -1,0 +1,287 @@
+"""Which format, and how large, each module's delta gets: measured candidates and one byte budget.
+
+Every module is offered a ladder of formats (:class:`CandidateLadder`), each actually compressed
+and measured by what its error costs the model (:mod:`.objective`):
+
+- ``quant`` at 1-4 bits: the delta itself, GPTQ-quantized in groups (no SVD). Full fine-tunes are
+  far from low rank, and factors of rank ``r`` are larger than the matrix once
+  ``r > mn / (m + n)``; at 1 bit with one grid per column this is BitDelta's sign and scale.
+- ``quant`` at 1 bit plus a low-rank correction of what the signs missed (D-QReLO's shape).
+- ``lowrank``: truncated activation-aware SVD with mixed-precision factors, from all-4-bit to
+  2- and 3-bit-heavy splits and Delta-CoMe's 8/3/2 recipe, at ranks chosen by kept energy.
+- ``sparse`` (embeddings and heads): the entries whose loss costs most, at several kept fractions.
+- leaving the module's delta out altogether (no bytes, the whole delta as error).
+
+:func:`select` then picks one candidate per module under the budget with the least total cost.
+A candidate's bytes are what it adds to the saved files: its payload, its safetensors header
+entry and its metadata in ``adapter_config.json`` (:func:`entry_overhead`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import HfGraftError
+from .bitpack import check_fraction, check_int
+from .calibrate import compress_with_statistics
+from .compress import CompressedDelta, compress_delta, payload_size, segment_layout
+from .lowrank import lowrank_factors, rank_for_energy
+from .objective import ModuleStatistics
+from .quantize import DEFAULT_GROUP_SIZE, Scheme, quantize, resolve_scheme
+
+__all__ = [
+    "OMIT",
+    "Candidate",
+    "CandidateLadder",
+    "entry_overhead",
+    "measure_candidates",
+    "select",
+]
+
+#: The spec of a module whose delta is left out of the pack.
+OMIT: dict[str, Any] = {"kind": "omit"}
+
+DELTA_COME_SCHEME: tuple = ((8, 2), (3, 32), (2, None))
+"""Delta-CoMe's mix at 4096 wide (2 singular vectors at 8 bits, 32 at 3, the rest at 2)."""
+
+
+@dataclass(frozen=True)
+class CandidateLadder:
+    """The formats :func:`measure_candidates` tries on each module.
+
+    ``quant_bits`` x ``quant_group_sizes`` (``None``: one grid per column of the weight) for
+    direct quantization; ``residual_ranks`` (fractions of the smaller side) for 1-bit deltas with a
+    low-rank correction; ``energies`` x ``schemes`` for low rank; ``keep_fractions`` for sparse
+    deltas of embeddings and heads; ``allow_omit`` lets a module's delta be left out.
+    """
+
+    quant_bits: tuple[int, ...] = (1, 2, 3, 4)
+    quant_group_sizes: tuple[int | None, ...] = (DEFAULT_GROUP_SIZE, None)
+    residual_ranks: tuple[float, ...] = (0.02, 0.06)
+    residual_scheme: Scheme = ((8, 2), (4, None))
+    energies: tuple[float, ...] = (0.1, 0.25, 0.5, 0.7, 0.85, 0.95)
+    schemes: tuple[Scheme, ...] = (DELTA_COME_SCHEME, ((8, 1), (3, 4), (2, None)), ((8, 2), (3, None)), ((8, 2), (4, None)))
+    keep_fractions: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+    group_size: int = DEFAULT_GROUP_SIZE
+    allow_omit: bool = True
+
+    def __post_init__(self) -> None:
+        for bits in self.quant_bits:
+            check_int(bits, "CandidateLadder quant_bits", 1, 8)
+        for size in self.quant_group_sizes:
+            if size is not None:
+                check_int(size, "CandidateLadder quant_group_sizes", 1)
+        for fraction in (*self.residual_ranks, *self.energies, *self.keep_fractions):
+            check_fraction(fraction, "CandidateLadder fraction")
+        for scheme in (*self.schemes, self.residual_scheme):
+            resolve_scheme(scheme, 1)
+        check_int(self.group_size, "CandidateLadder group_size", 1)
+        if not (self.quant_bits or self.energies):
+            raise HfGraftError("A CandidateLadder needs quantization widths or low-rank energies.")
+
+
+@dataclass(frozen=True, order=True)
+class Candidate:
+    """A spec with the bytes it adds to the saved pack and the cost of its error (:mod:`.objective`)."""
+
+    nbytes: int
+    cost: float
+    spec: dict[str, Any] = field(compare=False)
+
+
+def entry_overhead(name: str, meta: Mapping[str, Any] | None, offset_digits: int = 12) -> int:
+    """Bytes one stored delta adds besides its payload: its safetensors header entry and its metadata.
+
+    ``name`` is the delta's ``module.part``; the header entry is the one peft writes
+    (``base_model.model.<module>.skillpack_tensors.<part>``, offsets of at most ``offset_digits``
+    digits), the metadata its compact JSON in ``module_specs`` plus its error in ``measured``.
+    An upper bound, so a pack sized with it never exceeds its budget.
+    """
+    module, part = name.rsplit(".", 1)
+    key = f"base_model.model.{module}.skillpack_tensors.{part}"
+    header = len(json.dumps({key: {"dtype": "U8", "shape": [10**offset_digits], "data_offsets": [10**offset_digits] * 2}})) + 1
+    metadata = len(json.dumps({module: {part: meta}}, separators=(",", ":"))) + 1 if meta is not None else 0
+    error = len(json.dumps({name: 0.123456}, separators=(",", ":"))) + 1
+    return header + metadata + error
+
+
+def measure_candidates(
+    name: str,
+    delta: torch.Tensor,
+    statistics: ModuleStatistics | None,
+    *,
+    sparse: bool = False,
+    ladder: CandidateLadder = CandidateLadder(),
+) -> list[Candidate]:
+    """Every candidate of ``ladder`` for the delta ``name`` (``module.part``), compressed and measured.
+
+    A delta that is not 2-D has the single candidate ``dense_fp16``; ``sparse`` adds the pruning
+    ladder (embeddings, heads). ``statistics`` ``None`` measures the Frobenius error (data-free).
+    """
+    matrix = delta.detach().float()
+    if matrix.dim() != 2:
+        packed = compress_delta(matrix, {"kind": "dense_fp16"})
+        return [_measured(name, matrix, packed, {"kind": "dense_fp16"}, None)]
+    statistics = statistics or ModuleStatistics.identity(matrix.shape)
+    total = statistics.cost(matrix)
+    candidates = [Candidate(0, total, dict(OMIT))] if ladder.allow_omit else []
+    for spec in _specs(matrix, sparse, ladder):
+        try:
+            packed = compress_with_statistics(matrix, spec, statistics)
+        except HfGraftError:
+            continue  # e.g. a grid beyond fp16: not a candidate for this delta
+        candidates.append(_measured(name, matrix, packed, spec, statistics))
+    if ladder.energies:
+        candidates += _lowrank_candidates(name, matrix, statistics, ladder)
+    if not candidates:
+        raise HfGraftError(f"No candidate format fits the delta of {name} (shape {tuple(matrix.shape)}).")
+    return candidates
+
+
+def _measured(name, matrix, packed: CompressedDelta, spec, statistics) -> Candidate:
+    error = matrix - packed.delta()
+    cost = statistics.cost(error) if statistics is not None else float(error.double().square().sum())
+    nbytes = payload_size(segment_layout(packed.meta)) + entry_overhead(name, packed.meta)
+    return Candidate(nbytes, cost, dict(spec))
+
+
+def _specs(matrix: torch.Tensor, sparse: bool, ladder: CandidateLadder) -> list[dict]:
+    """The direct-quantization and sparse specs of the ladder for ``matrix``."""
+    rows, cols = matrix.shape
+    specs = []
+    for bits in ladder.quant_bits:
+        for size in dict.fromkeys(min(size or rows, rows) for size in ladder.quant_group_sizes):
+            specs.append({"kind": "quant", "bits": bits, "group_size": size})
+    if 1 in ladder.quant_bits:
+        for fraction in ladder.residual_ranks:
+            rank = max(1, round(fraction * min(rows, cols)))
+            specs.append({"kind": "quant", "bits": 1, "group_size": rows, "rank": rank,
+                          "scheme": [list(b) for b in resolve_scheme(ladder.residual_scheme, rank)],
+                          "residual_group_size": ladder.group_size})
+    if sparse:
+        specs += [{"kind": "sparse", "keep_fraction": fraction} for fraction in ladder.keep_fractions]
+    return specs
+
+
+def _lowrank_candidates(name: str, matrix: torch.Tensor, statistics: ModuleStatistics, ladder: CandidateLadder) -> list[Candidate]:
+    """Low-rank candidates at every (rank, scheme) of the ladder, from one activation-weighted SVD.
+
+    The SVD is of ``diag(sqrt(f)) dW L`` (``L L^T = H``), so the kept directions are those whose
+    loss costs most; ranks are where its spectrum reaches each of ``ladder.energies``. Each bit
+    width quantizes the factors once (round to nearest on fitted grids), and each candidate's
+    error is measured exactly under ``statistics`` from the columns its scheme takes. The stored
+    pack refines the chosen one with GPTQ (:func:`~.calibrate.compress_delta_calibrated`), so its
+    error is at most the one measured here, up to GPTQ's damping.
+    """
+    oriented = statistics.oriented(matrix)
+    rows, cols = oriented.shape
+    weights = statistics.row_weights.clamp_min(0)
+    weights = (weights + 0.01 * float(weights.mean().clamp_min(1e-30))).sqrt()
+    root = _root(statistics.hessian)
+    spectrum = lowrank_factors(weights[:, None] * oriented @ root, energy=max(ladder.energies))
+    ranks = sorted({min(max(rank_for_energy(spectrum.singular_values, spectrum.total_energy, e), 1), spectrum.rank)
+                    for e in ladder.energies})
+    ranks = [rank for rank in ranks if rank * (rows + cols) < rows * cols]  # else the factors outweigh the matrix
+    if not ranks:
+        return []
+    b = spectrum.b / weights[:, None]  # [out, r]
+    a = torch.linalg.solve_triangular(root.T, spectrum.a.T, upper=True)  # [in, r]: A^T with A L = a
+    schemes = {tuple(map(tuple, resolve_scheme(s, spectrum.rank))) for s in ladder.schemes}
+    widths = {bits for scheme in schemes for bits, _ in scheme}
+    quantized = {}
+    for bits in widths:
+        try:
+            quantized[bits] = (quantize(b, bits, ladder.group_size, clip=True).dequantize(),
+                               quantize(a, bits, ladder.group_size, clip=True).dequantize())
+        except HfGraftError:
+            continue
+    results: dict[str, Candidate] = {}
+    for scheme in schemes:
+        if any(bits not in quantized for bits, _ in scheme):
+            continue
+        column_bits = [bits for bits, columns in scheme for _ in range(columns)]
+        for rank in ranks:
+            spec = {"kind": "lowrank", "rank": rank, "group_size": ladder.group_size,
+                    "scheme": [list(block) for block in resolve_scheme(scheme, rank)]}
+            key = json.dumps(spec, sort_keys=True)
+            if key in results:
+                continue
+            b_q = torch.stack([quantized[bits][0][:, j] for j, bits in enumerate(column_bits[:rank])], dim=1)
+            a_q = torch.stack([quantized[bits][1][:, j] for j, bits in enumerate(column_bits[:rank])], dim=1)
+            error = statistics.oriented(oriented - b_q @ a_q.T)
+            meta = {**spec, "shape": list(matrix.shape)}
+            nbytes = payload_size(segment_layout(meta)) + entry_overhead(name, meta)
+            results[key] = Candidate(nbytes, statistics.cost(error), spec)
+    return list(results.values())
+
+
+def _root(hessian: torch.Tensor) -> torch.Tensor:
+    """A square root of the (damped) Hessian, for the activation-weighted spectrum."""
+    damped = hessian.double() + 0.01 * float(torch.diagonal(hessian).double().mean().clamp_min(1e-30)) * torch.eye(len(hessian), dtype=torch.float64)
+    return torch.linalg.cholesky(damped).float()
+
+
+def select(
+    candidates: Mapping[str, Sequence[Candidate]], byte_budget: int, *, resolution: int = 20_000
+) -> dict[str, Candidate]:
+    """Pick one candidate per module: the least total cost with total bytes <= ``byte_budget``.
+
+    A multiple-choice knapsack, solved exactly by dynamic programming over bytes counted in whole
+    units of ``1 / resolution`` of the largest SkillPack the candidates can make, each candidate's
+    size rounded up. So the result never exceeds the budget; its cost is at most that of the exact
+    optimum for a budget smaller by one unit per module; and the total cost never rises when the
+    budget grows, since the unit does not depend on the budget and a larger one only adds choices.
+    (A greedy walk along each module's convex hull of (bytes, cost) is cheaper, but strands bytes
+    whenever a module's next hull step is larger than what is left.)
+    """
+    names = list(candidates)
+    if not names or any(not candidates[name] for name in names):
+        raise HfGraftError("select needs at least one candidate for every module.")
+    check_int(byte_budget, "byte_budget", 0)
+    check_int(resolution, "resolution", 1)
+    options = [_frontier(candidates[name]) for name in names]
+    unit = max(1, -(-sum(frontier[-1].nbytes for frontier in options) // resolution))
+    capacity = min(byte_budget // unit, sum(-(-frontier[-1].nbytes // unit) for frontier in options))
+    # best[u]: least cost of the modules so far within u units; picks[m, u]: module m's choice there.
+    best = np.zeros(capacity + 1)
+    picks = np.full((len(names), capacity + 1), -1, dtype=np.int32)
+    for module, frontier in enumerate(options):
+        reached = np.full(capacity + 1, np.inf)
+        for index, candidate in enumerate(frontier):
+            units = -(-candidate.nbytes // unit)
+            if units > capacity:
+                break
+            total = best[: capacity + 1 - units] + candidate.cost
+            better = total < reached[units:]
+            reached[units:][better] = total[better]
+            picks[module, units:][better] = index
+        best = reached
+    if not np.isfinite(best[capacity]):
+        cheapest = sum(frontier[0].nbytes for frontier in options)
+        raise HfGraftError(
+            f"A budget of {byte_budget} bytes is below the {cheapest} bytes of the cheapest candidates; "
+            "allow more bytes (a lower target_ratio) or add cheaper candidates."
+        )
+    chosen: dict[str, Candidate] = {}
+    units_left = capacity
+    for module in reversed(range(len(names))):
+        candidate = options[module][picks[module, units_left]]
+        chosen[names[module]] = candidate
+        units_left -= -(-candidate.nbytes // unit)
+    return {name: chosen[name] for name in names}
+
+
+def _frontier(options: Sequence[Candidate]) -> list[Candidate]:
+    """The candidates no other beats on both counts, by increasing bytes (and decreasing cost)."""
+    frontier: list[Candidate] = []
+    for candidate in sorted(options):
+        if not frontier or candidate.cost < frontier[-1].cost:
+            frontier.append(candidate)
+    return frontier

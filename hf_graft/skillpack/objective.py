@@ -1,0 +1,149 @@
+"""What a delta's compression error costs the model: the objective every SkillPack candidate is measured by.
+
+A module computes ``y = W x``; storing ``dW`` with an error ``E`` moves its outputs by ``E x``, and
+the model's loss by about ``1/2 E[(E x)^T G (E x)]`` with ``G`` the curvature of the loss in ``y``
+(the Fisher ``E[g g^T]`` of the output gradients ``g``). With the Kronecker approximation of
+K-FAC (Martens & Grosse, 2015), ``E[x x^T]`` and ``E[g g^T]`` taken apart, and ``G`` kept to its
+diagonal, the cost of ``E`` is
+
+    ``sum_i f_i (E H E^T)_ii``,   ``H = E[x x^T]`` (inputs),  ``f = E[g * g]`` (outputs).
+
+``H`` alone is GPTQ's objective (the change of one layer's output on real inputs); ``f`` weighs
+modules against each other by how much the model's loss reacts to their outputs, so bytes go
+where they change the model's behaviour most, not where the weight-space error is largest. For
+an embedding the "input" is a one-hot token: ``f`` is then the frequency of each token and ``H``
+the diagonal of the output gradients' second moment.
+
+:func:`collect_statistics` gathers both in one pass of forward and backward over the
+calibration batches (next-token loss on the batches themselves), through hooks, on the tuned
+model. Without calibration data every ``H`` is the identity and every ``f`` is one: the plain
+Frobenius error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
+
+from ..errors import HfGraftError
+
+__all__ = ["ModuleStatistics", "collect_statistics"]
+
+#: Tokens the calibration never shows still get this share of the mean token frequency, so an
+#: embedding row the calibration misses is cheap to lose but never free.
+TOKEN_FLOOR = 0.01
+
+
+@dataclass(frozen=True)
+class ModuleStatistics:
+    """Second moments of one module's inputs and output gradients, in the delta's own layout.
+
+    ``hessian`` is ``[cols, cols]`` and ``row_weights`` ``[rows]`` for a delta of shape
+    ``[rows, cols]``; with ``transposed`` (GPT-2's ``Conv1D``, weight ``[in, out]``) the delta is
+    transposed to ``[out, in]`` before they apply.
+    """
+
+    hessian: torch.Tensor
+    row_weights: torch.Tensor
+    transposed: bool = False
+    #: Further uses of the same weight (a tied embedding and head): their costs add up.
+    also: tuple = ()
+
+    def cost(self, error: torch.Tensor) -> float:
+        """``sum_i f_i (E H E^T)_ii`` of an error ``E`` in the delta's layout (plus that of every ``also``)."""
+        matrix = error.float().T if self.transposed else error.float()
+        own = float((((matrix @ self.hessian) * matrix).sum(dim=1) * self.row_weights).sum())
+        return own + sum(other.cost(error) for other in self.also)
+
+    def oriented(self, delta: torch.Tensor) -> torch.Tensor:
+        """``delta`` as ``[out, in]`` (the layout ``hessian`` and ``row_weights`` index)."""
+        return delta.T if self.transposed else delta
+
+    @property
+    def is_diagonal(self) -> bool:
+        """True for an embedding: inputs are one-hot, so no error can be compensated across columns."""
+        return bool(torch.count_nonzero(self.hessian - torch.diag(torch.diagonal(self.hessian))) == 0)
+
+    @classmethod
+    def identity(cls, shape: Sequence[int], transposed: bool = False) -> ModuleStatistics:
+        """The data-free objective: the squared Frobenius error."""
+        rows, cols = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
+        return cls(torch.eye(cols), torch.ones(rows), transposed)
+
+
+def collect_statistics(
+    model: nn.Module,
+    modules: Mapping[str, nn.Module],
+    batches: Sequence[Any],
+    *,
+    progress: bool = True,
+) -> dict[str, ModuleStatistics]:
+    """:class:`ModuleStatistics` of each named 2-D module (``nn.Linear``, ``Conv1D``, ``nn.Embedding``).
+
+    ``modules`` maps names to modules of ``model``; ``batches`` are ``input_ids`` tensors or dicts
+    of model inputs. One forward and backward pass per batch of the next-token loss; the model's
+    parameters are left untouched (no gradient is stored in them).
+    """
+    if not batches:
+        raise HfGraftError("The calibration set is empty: give at least one batch of input_ids.")
+    sums: dict[str, dict[str, torch.Tensor]] = {}
+    counts = dict.fromkeys(modules, 0)
+    handles = []
+
+    def add(name: str, key: str, value: torch.Tensor) -> None:
+        slot = sums.setdefault(name, {})
+        slot[key] = slot[key] + value if key in slot else value
+
+    def forward_hook(name: str, module: nn.Module):
+        def hook(_, args, output):
+            inputs = args[0]
+            if isinstance(module, nn.Embedding):
+                ids = inputs.reshape(-1)
+                add(name, "tokens", torch.bincount(ids.cpu(), minlength=module.num_embeddings).double())
+            else:
+                flat = inputs.detach().reshape(-1, inputs.shape[-1]).double()
+                add(name, "inputs", (flat.T @ flat).cpu())
+            counts[name] += inputs.reshape(-1, inputs.shape[-1]).shape[0] if not isinstance(module, nn.Embedding) else inputs.numel()
+            if not output.requires_grad:
+                output.requires_grad_(True)
+            output.register_hook(lambda grad: add(name, "gradients", grad.detach().reshape(-1, grad.shape[-1]).double().square().sum(0).cpu()))
+        return hook
+
+    for name, module in modules.items():
+        if not isinstance(module, (nn.Linear, Conv1D, nn.Embedding)):
+            raise HfGraftError(f"Calibration statistics are for linear and embedding modules, not {name} ({type(module).__name__}).")
+        handles.append(module.register_forward_hook(forward_hook(name, module)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            for batch in tqdm(batches, desc="Measuring what each module's output costs", disable=not progress):
+                inputs = dict(batch) if isinstance(batch, Mapping) else {"input_ids": batch}
+                inputs.setdefault("labels", inputs["input_ids"])
+                loss = model(**inputs).loss
+                loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+    statistics = {}
+    for name, module in modules.items():
+        found = sums.get(name, {})
+        if "gradients" not in found or not counts[name]:
+            raise HfGraftError(f"Calibration: module {name!r} received no input; is it used in forward?")
+        tokens = counts[name]
+        gradients = (found["gradients"] / tokens).float()
+        if isinstance(module, nn.Embedding):
+            frequency = (found["tokens"] / tokens).float()
+            frequency = frequency + TOKEN_FLOOR * float(frequency.mean())
+            statistics[name] = ModuleStatistics(torch.diag(gradients), frequency)
+        else:
+            statistics[name] = ModuleStatistics((found["inputs"] / tokens).float(), gradients, isinstance(module, Conv1D))
+    return statistics
