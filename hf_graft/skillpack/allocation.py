@@ -20,7 +20,8 @@ entry and its metadata in ``adapter_config.json`` (:func:`entry_overhead`).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,7 @@ __all__ = [
     "OMIT",
     "Candidate",
     "CandidateLadder",
+    "allocate",
     "entry_overhead",
     "measure_candidates",
     "select",
@@ -104,7 +106,7 @@ def entry_overhead(name: str, meta: Mapping[str, Any] | None, offset_digits: int
     digits), the metadata its compact JSON in ``module_specs`` plus its error in ``measured``.
     An upper bound, so a pack sized with it never exceeds its budget.
     """
-    module, part = name.rsplit(".", 1)
+    module, _, part = name.rpartition(".")
     key = f"base_model.model.{module}.skillpack_tensors.{part}"
     header = len(json.dumps({key: {"dtype": "U8", "shape": [10**offset_digits], "data_offsets": [10**offset_digits] * 2}})) + 1
     metadata = len(json.dumps({module: {part: meta}}, separators=(",", ":"))) + 1 if meta is not None else 0
@@ -285,3 +287,39 @@ def _frontier(options: Sequence[Candidate]) -> list[Candidate]:
         if not frontier or candidate.cost < frontier[-1].cost:
             frontier.append(candidate)
     return frontier
+
+
+def allocate(
+    deltas: Mapping[str, torch.Tensor],
+    target_ratio: float | None = None,
+    byte_budget: int | None = None,
+    *,
+    sparse: Collection[str] = (),
+    statistics: Mapping[str, ModuleStatistics] | None = None,
+    ladder: CandidateLadder = CandidateLadder(),
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Choose a spec per delta (``{"module.part": tensor}``) so they fit the budget at the least total cost.
+
+    The budget is ``byte_budget`` bytes, or the bf16 size of all ``deltas`` divided by
+    ``target_ratio`` (give exactly one), counting each delta's payload, header entry and metadata.
+    Deltas named in ``sparse`` also get pruning candidates; ``statistics`` (per module name, see
+    :mod:`.objective`) weigh errors by what they cost the model, else the Frobenius error counts.
+    Modules whose delta is best left out get :data:`OMIT`.
+    """
+    if (target_ratio is None) == (byte_budget is None):
+        raise HfGraftError("allocate needs exactly one of target_ratio and byte_budget.")
+    unknown = sorted(set(sparse) - set(deltas))
+    if unknown:
+        raise HfGraftError(f"sparse names {unknown[:5]} are not among the deltas; pass names of the deltas.")
+    if target_ratio is not None:
+        if isinstance(target_ratio, bool) or not isinstance(target_ratio, (int, float)) or not target_ratio > 0:
+            raise HfGraftError(f"target_ratio must be a positive number, got {target_ratio!r}.")
+        byte_budget = math.floor(sum(2 * delta.numel() for delta in deltas.values()) / target_ratio)
+    check_int(byte_budget, "byte_budget", 0)
+    statistics = statistics or {}
+    measured = {
+        name: measure_candidates(name, deltas[name], statistics.get(name.rsplit(".", 1)[0]), sparse=name in sparse, ladder=ladder)
+        for name in tqdm(deltas, desc="Measuring SkillPack candidates", disable=not progress)
+    }
+    return {name: choice.spec for name, choice in select(measured, byte_budget).items()}

@@ -1,17 +1,18 @@
-"""Compression of one module's weight delta into a SkillPack entry, and the byte allocator across modules.
+"""How one module's weight delta is stored in a SkillPack: the formats, their checks and their bytes.
 
 A *spec* is a JSON-able dict naming how one delta is stored:
 
+- ``{"kind": "quant", "bits": b, "group_size": g}``: the delta itself quantized to ``b`` bits
+  (:mod:`.quantize`, grids of ``g`` rows per column), optionally with ``"rank"``, ``"scheme"`` and
+  ``"residual_group_size"``: a low-rank correction of what the quantization missed.
 - ``{"kind": "lowrank", "rank": r, "scheme": [[bits, columns], ...], "group_size": g}``: truncated
-  SVD (:mod:`.lowrank`) with mixed-precision factors (:mod:`.quantize`); ``scheme`` defaults to the
-  Delta-CoMe-style 8/4/2 mix and ``group_size`` to 128. For attention and MLP deltas.
-- ``{"kind": "sparse", "keep_fraction": f}``: magnitude pruning (:mod:`.prune`). For embedding and
-  ``lm_head`` deltas.
+  SVD (:mod:`.lowrank`) with mixed-precision factors; ``scheme`` defaults to the 8/4/2 mix.
+- ``{"kind": "sparse", "keep_fraction": f}``: the kept entries (:mod:`.prune`).
 - ``{"kind": "dense_fp16"}``: the delta in fp16. For norms, biases and other small tensors.
 
-:func:`allocate` chooses a spec per module so that the whole SkillPack fits a byte budget with the
-least total squared error, measured on the actual quantized candidates (GraftLLM, arXiv
-2505.18502, sets these by hand per module type and names automating it as open work).
+:func:`compress_delta` compresses data-free (round to nearest on fitted grids);
+:mod:`.calibrate` does it against real activations, and :mod:`.allocation` chooses the specs.
+Each stored delta is one uint8 tensor whose segments :func:`segment_layout` describes.
 """
 
 from __future__ import annotations
@@ -43,16 +44,15 @@ from .quantize import (
 )
 
 __all__ = [
-    "Candidate",
-    "CandidateLadder",
     "CompressedDelta",
-    "allocate",
     "check_meta",
     "compress_delta",
-    "measure_candidates",
+    "from_payload",
     "normalize_spec",
-    "select",
+    "payload_size",
+    "segment_layout",
     "stored_layout",
+    "to_payload",
 ]
 
 Kind = Literal["lowrank", "quant", "sparse", "dense_fp16"]
@@ -259,226 +259,6 @@ def _lowrank_parts(delta: torch.Tensor, rank: int, scheme, group_size: int, meth
 
 def _without(mapping: Mapping[str, Any], *keys: str) -> dict[str, Any]:
     return {key: value for key, value in mapping.items() if key not in keys}
-
-
-@dataclass(frozen=True)
-class CandidateLadder:
-    """The specs :func:`allocate` measures for each module.
-
-    Low-rank candidates are every rank in which the delta's singular values reach one of
-    ``energies``, crossed with every scheme of ``schemes`` (all-8, 8/4, Delta-CoMe's 8/4/2 and 8/2
-    by default); sparse candidates are ``keep_fractions``. All low-rank ranks come from one SVD,
-    computed with ``method`` up to the largest energy.
-    """
-
-    energies: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
-    schemes: tuple[Scheme, ...] = (((8, None),), ((8, 2), (4, None)), DEFAULT_SCHEME, ((8, 2), (2, None)))
-    keep_fractions: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
-    group_size: int = DEFAULT_GROUP_SIZE
-    method: Literal["randomized", "full"] = "randomized"
-
-    def __post_init__(self) -> None:
-        if not (self.energies and self.schemes and self.keep_fractions):
-            raise HfGraftError("A CandidateLadder needs at least one energy, one scheme and one keep fraction.")
-        for energy in self.energies:
-            check_fraction(energy, "CandidateLadder energy")
-        for fraction in self.keep_fractions:
-            check_fraction(fraction, "CandidateLadder keep_fraction")
-        for scheme in self.schemes:
-            resolve_scheme(scheme, 1)
-        check_int(self.group_size, "CandidateLadder group_size", 1)
-        if self.method not in ("randomized", "full"):
-            raise HfGraftError(f"CandidateLadder method must be 'randomized' or 'full', got {self.method!r}.")
-
-
-@dataclass(frozen=True, order=True)
-class Candidate:
-    """A spec with the exact bytes it stores and the squared Frobenius error it leaves."""
-
-    nbytes: int
-    squared_error: float
-    spec: dict[str, Any] = field(compare=False)
-
-
-def measure_candidates(
-    delta: torch.Tensor, *, sparse: bool = False, candidates: CandidateLadder = CandidateLadder()
-) -> list[Candidate]:
-    """Every candidate spec for ``delta``, each with its exact bytes and measured squared error.
-
-    A delta that is not 2-D has the single candidate ``dense_fp16``; ``sparse`` selects the
-    pruning ladder; otherwise the low-rank ladder.
-    """
-    if not (isinstance(delta, torch.Tensor) and delta.is_floating_point()):
-        raise HfGraftError("measure_candidates needs a floating-point tensor.")
-    matrix = delta.detach().float()
-    if matrix.dim() != 2:
-        error = float(torch.sum((matrix - matrix.half().float()).double().square()))
-        return [Candidate(2 * matrix.numel(), error, {"kind": "dense_fp16"})]
-    if sparse:
-        return _sparse_candidates(matrix, candidates.keep_fractions)
-    return _lowrank_candidates(matrix, candidates)
-
-
-def _sparse_candidates(matrix: torch.Tensor, keep_fractions: Sequence[float]) -> list[Candidate]:
-    """Pruning errors for every keep fraction from one ``topk``.
-
-    The error of keeping ``k`` entries is the energy of the dropped ones plus the fp16 rounding of
-    the kept ones.
-    """
-    flat = matrix.reshape(-1)
-    counts = {kept_count(flat.numel(), fraction): fraction for fraction in sorted(keep_fractions)}
-    top = flat[torch.topk(flat.abs(), max(counts), sorted=True).indices].double()
-    zero = top.new_zeros(1)
-    kept = torch.cat([zero, torch.cumsum(top.square(), 0)])
-    rounding = torch.cat([zero, torch.cumsum((top - top.half().double()).square(), 0)])
-    total = float(flat.double().square().sum())
-    return [
-        Candidate(
-            sparse_nbytes(flat.numel(), count),
-            max(0.0, total - float(kept[count]) + float(rounding[count])),
-            {"kind": "sparse", "keep_fraction": fraction},
-        )
-        for count, fraction in counts.items()
-    ]
-
-
-def _lowrank_candidates(matrix: torch.Tensor, ladder: CandidateLadder) -> list[Candidate]:
-    """Errors of every (rank, scheme) candidate from one SVD, without forming any ``B @ A``.
-
-    Quantization is per column, so column ``j`` quantized at ``bits`` is the same in every
-    candidate; each width quantizes the factors once. With ``b_j``, ``a_j`` the quantized
-    columns of a candidate, ``||dW - sum_j b_j a_j^T||^2 = ||dW||^2 - 2 sum_j b_j^T dW a_j
-    + sum_ij (b_i . b_j)(a_i . a_j)``, and the sums over the first ``r`` columns of every rank
-    come from prefix sums.
-    """
-    out_features, in_features = matrix.shape
-    factors = lowrank_factors(matrix, energy=max(ladder.energies), method=ladder.method)
-    s, total = factors.singular_values, factors.total_energy
-    ranks = sorted({min(max(rank_for_energy(s, total, e), 1), factors.rank) for e in ladder.energies})
-    full = [resolve_scheme(scheme, factors.rank) for scheme in ladder.schemes]
-    widths = {bits for blocks in full for bits, _ in blocks}
-    b_at, a_at, cross_at = {}, {}, {}
-    for bits in widths:
-        b_at[bits] = quantize(factors.b, bits, ladder.group_size).dequantize()
-        a_at[bits] = quantize(factors.a.T, bits, ladder.group_size).dequantize().T
-        cross_at[bits] = ((b_at[bits].T @ matrix) * a_at[bits]).sum(dim=1).double()
-    results: dict[str, Candidate] = {}
-    for blocks in full:
-        column_bits = torch.tensor([bits for bits, columns in blocks for _ in range(columns)])
-        column_bits = column_bits.to(matrix.device)
-        b = torch.empty_like(factors.b)
-        a = torch.empty_like(factors.a)
-        cross = torch.empty(factors.rank, dtype=torch.float64, device=matrix.device)
-        for bits in widths:
-            mask = column_bits == bits
-            b[:, mask], a[mask], cross[mask] = b_at[bits][:, mask], a_at[bits][mask], cross_at[bits][mask]
-        b64, a64 = b.double(), a.double()
-        gram = ((b64.T @ b64) * (a64 @ a64.T)).cumsum(0).cumsum(1)
-        cross = cross.cumsum(0)
-        for rank in ranks:
-            spec = {"kind": "lowrank", "rank": rank, "scheme": blocks, "group_size": ladder.group_size}
-            spec = normalize_spec(spec, matrix.shape)
-            nbytes = sum(
-                quantized_nbytes(out_features, columns, bits, ladder.group_size)
-                + quantized_nbytes(in_features, columns, bits, ladder.group_size)
-                for bits, columns in spec["scheme"]
-            )
-            error = max(0.0, total - 2 * float(cross[rank - 1]) + float(gram[rank - 1, rank - 1]))
-            results.setdefault(json.dumps(spec), Candidate(nbytes, error, spec))
-    return list(results.values())
-
-
-def select(
-    candidates: Mapping[str, Sequence[Candidate]], byte_budget: int, *, resolution: int = 20_000
-) -> dict[str, Candidate]:
-    """Pick one candidate per module: the least total squared error with total bytes <= ``byte_budget``.
-
-    A multiple-choice knapsack, solved exactly by dynamic programming over bytes counted in whole
-    units of ``1 / resolution`` of the largest SkillPack the candidates can make, each candidate's
-    size rounded up. So the result never exceeds the budget; its error is at most that of the exact
-    optimum for a budget smaller by one unit per module; and the total error never rises when the
-    budget grows, since the unit does not depend on the budget and a larger one only adds choices.
-    (A greedy walk along each module's convex hull of (bytes, error) is cheaper, but strands bytes
-    whenever a module's next hull step is larger than what is left.)
-    """
-    names = list(candidates)
-    if not names or any(not candidates[name] for name in names):
-        raise HfGraftError("select needs at least one candidate for every module.")
-    check_int(byte_budget, "byte_budget", 0)
-    check_int(resolution, "resolution", 1)
-    options = [_frontier(candidates[name]) for name in names]
-    unit = max(1, -(-sum(frontier[-1].nbytes for frontier in options) // resolution))
-    capacity = min(byte_budget // unit, sum(-(-frontier[-1].nbytes // unit) for frontier in options))
-    # best[u]: least error of the modules so far within u units; picks[m, u]: module m's choice there.
-    best = np.zeros(capacity + 1)
-    picks = np.full((len(names), capacity + 1), -1, dtype=np.int32)
-    for module, frontier in enumerate(options):
-        reached = np.full(capacity + 1, np.inf)
-        for index, candidate in enumerate(frontier):
-            units = -(-candidate.nbytes // unit)
-            if units > capacity:
-                break
-            total = best[: capacity + 1 - units] + candidate.squared_error
-            better = total < reached[units:]
-            reached[units:][better] = total[better]
-            picks[module, units:][better] = index
-        best = reached
-    if not np.isfinite(best[capacity]):
-        cheapest = sum(frontier[0].nbytes for frontier in options)
-        raise HfGraftError(
-            f"A budget of {byte_budget} bytes is below the {cheapest} bytes of the cheapest candidates; "
-            "allow more bytes (a lower target_ratio) or add cheaper candidates (lower energies, fewer bits)."
-        )
-    chosen: dict[str, Candidate] = {}
-    units_left = capacity
-    for module in reversed(range(len(names))):
-        candidate = options[module][picks[module, units_left]]
-        chosen[names[module]] = candidate
-        units_left -= -(-candidate.nbytes // unit)
-    return {name: chosen[name] for name in names}
-
-
-def _frontier(options: Sequence[Candidate]) -> list[Candidate]:
-    """The candidates no other beats on both counts, by increasing bytes (and decreasing error)."""
-    frontier: list[Candidate] = []
-    for candidate in sorted(options):
-        if not frontier or candidate.squared_error < frontier[-1].squared_error:
-            frontier.append(candidate)
-    return frontier
-
-
-def allocate(
-    deltas: Mapping[str, torch.Tensor],
-    target_ratio: float | None = None,
-    byte_budget: int | None = None,
-    *,
-    sparse: Collection[str] = (),
-    candidates: CandidateLadder = CandidateLadder(),
-    progress: bool = True,
-) -> dict[str, dict[str, Any]]:
-    """Choose a spec per delta so the SkillPack fits the budget with the least total squared error.
-
-    The budget is ``byte_budget`` bytes of stored tensors, or the bf16 size of all ``deltas``
-    divided by ``target_ratio`` (give exactly one). Deltas named in ``sparse`` (embeddings,
-    ``lm_head``) get pruning candidates, other 2-D deltas low-rank ones, and the rest are stored
-    ``dense_fp16`` and count against the budget. Each module's candidates are measured by
-    :func:`measure_candidates` and one is picked per module by :func:`select`.
-    """
-    if (target_ratio is None) == (byte_budget is None):
-        raise HfGraftError("allocate needs exactly one of target_ratio and byte_budget.")
-    unknown = sorted(set(sparse) - set(deltas))
-    if unknown:
-        raise HfGraftError(f"sparse names {unknown[:5]} are not among the deltas; pass names of the deltas.")
-    if target_ratio is not None:
-        if isinstance(target_ratio, bool) or not isinstance(target_ratio, (int, float)) or not target_ratio > 0:
-            raise HfGraftError(f"target_ratio must be a positive number, got {target_ratio!r}.")
-        byte_budget = math.floor(sum(2 * delta.numel() for delta in deltas.values()) / target_ratio)
-    check_int(byte_budget, "byte_budget", 0)
-    measured = {
-        name: measure_candidates(deltas[name], sparse=name in sparse, candidates=candidates)
-        for name in tqdm(deltas, desc="Measuring SkillPack candidates", disable=not progress)
-    }
-    return {name: choice.spec for name, choice in select(measured, byte_budget).items()}
 
 
 def _factor_layout(factor: str, rows: int, scheme, group_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

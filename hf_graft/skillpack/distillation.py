@@ -118,7 +118,8 @@ def distill_scales(
     """Train the continuous values of ``deltas`` (``{"module.part": delta}``) so ``base`` + deltas matches ``tuned``.
 
     The loss is ``KL(tuned || base + deltas)`` of next-token distributions over every position of
-    the calibration ``batches`` (``input_ids`` tensors or dicts of model inputs), one batch per step,
+    the calibration ``batches`` (``input_ids`` tensors or dicts of model inputs; with ``labels``,
+    only the positions that predict a supervised token), one batch per step,
     Adam with cosine decay. Integer codes, positions and shapes never change, so neither do the
     bytes. Returns the trained deltas and the loss of each step. Neither model is modified.
     """
@@ -148,9 +149,12 @@ def distill_scales(
                 name: (parameters[name].detach().float() + trainable.delta()).to(parameters[name].dtype)
                 for name, trainable in trainables.items()
             }
-            logits = torch.func.functional_call(base, replaced, args=(), kwargs=batch).logits.float()
+            model_inputs = {key: value for key, value in batch.items() if key != "labels"}
+            logits = torch.func.functional_call(base, replaced, args=(), kwargs=model_inputs).logits.float()
             log_probs = torch.log_softmax(logits, dim=-1)
-            loss = torch.nn.functional.kl_div(log_probs.flatten(0, -2), target.flatten(0, -2), log_target=True, reduction="batchmean")
+            per_position = torch.nn.functional.kl_div(log_probs, target, log_target=True, reduction="none").sum(-1)
+            mask = _positions(batch)
+            loss = (per_position * mask).sum() / mask.sum().clamp_min(1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -163,7 +167,21 @@ def distill_scales(
 
 @torch.no_grad()
 def _log_probs(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-    return torch.log_softmax(model(**batch).logits.float(), dim=-1)
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    return torch.log_softmax(model(**inputs).logits.float(), dim=-1)
+
+
+def _positions(batch: Mapping[str, Any]) -> torch.Tensor:
+    """Which positions' next-token distributions to match: every attended one, or with ``labels``
+    (-100 where not supervised, as for SFT) those that predict a supervised token: the skill itself."""
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask", torch.ones_like(ids)).float()
+    labels = batch.get("labels")
+    if labels is not None:
+        supervised = torch.zeros_like(mask)
+        supervised[:, :-1] = (labels[:, 1:] != -100).float()
+        mask = mask * supervised
+    return mask
 
 
 def _teacher(tuned: nn.Module, inputs: list) -> list | None:

@@ -15,8 +15,8 @@ an embedding the "input" is a one-hot token: ``f`` is then the frequency of each
 the diagonal of the output gradients' second moment.
 
 :func:`collect_statistics` gathers both in one pass of forward and backward over the
-calibration batches (next-token loss on the batches themselves), through hooks, on the tuned
-model. Without calibration data every ``H`` is the identity and every ``f`` is one: the plain
+calibration batches (next-token loss on the batches themselves, or on their ``labels``: give
+the skill's supervised answers to weigh what the skill needs), through hooks, on the tuned model. Without calibration data every ``H`` is the identity and every ``f`` is one: the plain
 Frobenius error.
 """
 
@@ -125,7 +125,9 @@ def collect_statistics(
         with torch.enable_grad():
             for batch in tqdm(batches, desc="Measuring what each module's output costs", disable=not progress):
                 inputs = dict(batch) if isinstance(batch, Mapping) else {"input_ids": batch}
-                inputs.setdefault("labels", inputs["input_ids"])
+                if "labels" not in inputs:
+                    mask = inputs.get("attention_mask")
+                    inputs["labels"] = inputs["input_ids"] if mask is None else inputs["input_ids"].masked_fill(mask == 0, -100)
                 loss = model(**inputs).loss
                 loss.backward()
     finally:
