@@ -49,6 +49,7 @@ from hf_graft.causal_lm import (
     perplexity,
     pretrain,
     skill_learned,
+    task_batch,
     tiny_llama_config,
 )
 from hf_graft.data import copying, corpus_tokenizer, modular_addition, pydoc_corpus, reversal
@@ -65,7 +66,8 @@ MERGES = {"task arithmetic": "task_arithmetic", "TIES": "ties", "DARE-linear": "
 ROUTERS = {"router (learned)": "learned", "router (top-1)": "top1"}
 PACK_FILES = {CONFIG_NAME, WEIGHTS_NAME}  # what a saved fused model holds of each pack
 SKILL_LEARNED = 0.95  # exact match on held-back training-side examples at which a fine-tune stops
-DEFAULT_RATIO = 2.0  # at 4x the quick run's single packs kept 2-18% of reversal and copying; at 2x 66-88%
+DEFAULT_RATIO = 16.0  # each pack calibrated and distilled on its own skill's training examples
+CALIBRATION_EXAMPLES = 1024
 SETUPS = {
     # quick: a smaller model, shorter training and fewer evaluation prompts, to check the whole
     # pipeline in under 2 minutes; the figures to compare come from the full run.
@@ -409,7 +411,10 @@ def main():
     packs, pack_info = {}, []
     for skill in skills:
         folder = os.path.join(args.out, "packs", skill.replace(" ", "-"))
-        pack = hf_graft.extract_skillpack(bench.base, tuned[skill], hf_graft.SkillPackConfig(target_ratio=args.ratio), progress=False)
+        examples = bench.tasks[skill].train[:CALIBRATION_EXAMPLES]
+        calibration = [task_batch(bench.tokenizer, examples[i : i + 32]) for i in range(0, len(examples), 32)]
+        config = hf_graft.SkillPackConfig(target_ratio=args.ratio, calibration_samples=len(examples))
+        pack = hf_graft.extract_skillpack(bench.base, tuned[skill], config, calibration=calibration, progress=False)
         pack.save_pretrained(folder)
         measured = pack.peft_config["default"].measured
         packs[skill] = folder

@@ -96,13 +96,16 @@ class SkillPackConfig(PeftConfig):
         data.pop("check_base_fingerprint", None)
         return data
 
-    def to_json_text(self) -> str:
+    def to_json_text(self, auto_mapping: Optional[dict] = None) -> str:
         """``adapter_config.json`` as written: one top-level field per line, values in compact JSON.
 
         peft's indented layout would spend more bytes on whitespace than a small pack spends on
-        its deltas; every byte here counts against the pack's budget.
+        its deltas; every byte here counts against the pack's budget. ``auto_mapping`` is what
+        peft records for custom base models.
         """
         data = {key: sorted(value) if isinstance(value, set) else value for key, value in self.to_dict().items()}
+        if auto_mapping is not None:
+            data["auto_mapping"] = auto_mapping
         lines = [f"{json.dumps(key)}: {json.dumps(data[key], separators=(',', ':'), sort_keys=True)}" for key in sorted(data)]
         return "{\n" + ",\n".join(lines) + "\n}\n"
 
@@ -111,11 +114,7 @@ class SkillPackConfig(PeftConfig):
         if os.path.isfile(save_directory):
             raise HfGraftError(f"{save_directory} is a file; give a folder to save the SkillPack config in.")
         os.makedirs(save_directory, exist_ok=True)
-        text = self.to_json_text()
-        if kwargs.get("auto_mapping_dict") is not None:
-            data = json.loads(text)
-            data["auto_mapping"] = kwargs["auto_mapping_dict"]
-            text = json.dumps(data, indent=1, sort_keys=True)
+        text = self.to_json_text(kwargs.get("auto_mapping_dict"))
         atomic_write_text(os.path.join(save_directory, "adapter_config.json"), text)
 
     def __post_init__(self):

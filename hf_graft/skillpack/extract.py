@@ -278,7 +278,7 @@ def extract_skillpack(
         if stats is None and key.endswith(".weight") and flat[key].dim() == 2:
             stats = ModuleStatistics.identity(flat[key].shape, isinstance(modules[name], Conv1D))
         measured[key] = measure_candidates(key, flat[key], stats, sparse=key in sparse, ladder=ladder)
-    fixed = _fixed_overhead(config, bf16_bytes)
+    fixed = _fixed_overhead(config, bf16_bytes, clean_base)
     if budget <= fixed:
         raise HfGraftError(f"A budget of {budget} bytes does not even hold the pack's config ({fixed} bytes); allow more bytes.")
     chosen = {key: candidate.spec for key, candidate in select(measured, budget - fixed).items()}
@@ -324,7 +324,7 @@ def extract_skillpack(
         "module_errors": module_errors,
     }
     pack = SkillPackFile(config, by_module)
-    _record_file_bytes(pack, bf16_bytes)
+    _record_file_bytes(pack, bf16_bytes, clean_base)
     if config.measured["stored_bytes"] > budget:
         raise HfGraftError(
             f"Internal sizing error: the pack takes {config.measured['stored_bytes']} bytes for a budget of {budget}."
@@ -372,7 +372,17 @@ def _apply_compressed(module: nn.Module, part: str, delta: torch.Tensor, packed)
     parameter.copy_((parameter.float() - delta + packed.delta()).to(parameter.dtype))
 
 
-def _fixed_overhead(config: SkillPackConfig, bf16_bytes: int) -> int:
+def _saved_config(config: SkillPackConfig, model: nn.Module) -> str:
+    """``adapter_config.json`` exactly as ``PeftModel.save_pretrained`` will write it for ``model``."""
+    probe = copy.deepcopy(config)
+    probe.inference_mode = True
+    auto_mapping = None
+    if probe.task_type is None:  # peft records the base class of custom models
+        auto_mapping = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
+    return probe.to_json_text(auto_mapping)
+
+
+def _fixed_overhead(config: SkillPackConfig, bf16_bytes: int, model: nn.Module) -> int:
     """Bytes of a pack's files that no module's choice changes: the config around the module entries,
     the safetensors header's frame, and room for the figures recorded after extraction."""
     probe = copy.deepcopy(config)
@@ -383,10 +393,10 @@ def _fixed_overhead(config: SkillPackConfig, bf16_bytes: int) -> int:
         "relative_error": 0.1234, "omitted": [], "distill_loss": [0.12345, 0.12345], "module_errors": {},
     }
     header_frame = 8 + len(json.dumps({"__metadata__": {"format": "pt"}})) + 8
-    return len(probe.to_json_text().encode()) + header_frame + 256
+    return len(_saved_config(probe, model).encode()) + header_frame + 256
 
 
-def _record_file_bytes(pack: SkillPackFile, bf16_bytes: int) -> None:
+def _record_file_bytes(pack: SkillPackFile, bf16_bytes: int, model: nn.Module) -> None:
     """Set the pack's ``stored_bytes`` (its two files, exactly as saved) and ratio in its config."""
     from safetensors.torch import save
 
@@ -399,5 +409,5 @@ def _record_file_bytes(pack: SkillPackFile, bf16_bytes: int) -> None:
     weights = len(save(tensors, metadata={"format": "pt"}))
     measured = pack.config.measured
     for _ in range(3):  # the figures are part of the config they measure: settle their digits
-        total = weights + len(pack.config.to_json_text().encode())
+        total = weights + len(_saved_config(pack.config, model).encode())
         measured["stored_bytes"], measured["compression_ratio"] = total, round(bf16_bytes / total, 2)
