@@ -73,6 +73,23 @@ def write_model_card(model, save_directory: str, tags: Optional[list] = None, re
     return path
 
 
+def skillpack_figures(pack) -> dict:
+    """Bytes and ratio of a pack: as extraction measured them (the saved files, headers included) when
+    recorded, else from its stored tensors."""
+    measured = pack.config.measured
+    bf16_bytes = measured.get("delta_bf16_bytes") or sum(
+        2 * math.prod(delta.shape) for parts in pack.deltas.values() for delta in parts.values()
+    )
+    stored = measured.get("stored_bytes") or pack.nbytes
+    return {
+        "stored_bytes": stored,
+        "delta_bf16_bytes": bf16_bytes,
+        "compression_ratio": measured.get("compression_ratio") or bf16_bytes / max(1, stored),
+        "relative_error": measured.get("relative_error"),
+        "distill_loss": measured.get("distill_loss"),
+    }
+
+
 def write_skillpack_card(
     pack, save_directory: str, *, repo_id: Optional[str] = None, tags: Optional[list] = None
 ) -> str:
@@ -84,13 +101,7 @@ def write_skillpack_card(
     """
     config = pack.config
     base_model = config.base_model_name_or_path or "the-base-model"
-    bf16_bytes = sum(2 * math.prod(delta.shape) for parts in pack.deltas.values() for delta in parts.values())
-    figures = {
-        "stored_bytes": pack.nbytes,
-        "delta_bf16_bytes": bf16_bytes,
-        "compression_ratio": bf16_bytes / max(1, pack.nbytes),
-        "relative_error": config.measured.get("relative_error"),
-    }
+    figures = skillpack_figures(pack)
     title = os.path.basename(repo_id) if repo_id else "SkillPack"
     data = ModelCardData(
         library_name="peft",
@@ -121,8 +132,8 @@ def write_fusion_card(fused, save_directory: str, *, repo_id: Optional[str] = No
     rows, base_model = [], None
     for skill in fused.skills:
         pack = read_skillpack(os.path.join(save_directory, skill))
-        bf16 = sum(2 * math.prod(d.shape) for parts in pack.deltas.values() for d in parts.values())
-        rows.append({"skill": skill, "bytes": pack.nbytes, "ratio": bf16 / max(1, pack.nbytes)})
+        figures = skillpack_figures(pack)
+        rows.append({"skill": skill, "bytes": figures["stored_bytes"], "ratio": figures["compression_ratio"]})
         base_model = base_model or pack.config.base_model_name_or_path
     title = os.path.basename(repo_id) if repo_id else "fused-skillpacks"
     data = ModelCardData(

@@ -46,7 +46,7 @@ def packs(base, tmp_path_factory):
     root = tmp_path_factory.mktemp("packs")
     for name, (layer, module, seed) in {"add": (0, "mlp.down_proj", 1), "rev": (1, "self_attn.o_proj", 2),
                                         "sql": (1, "mlp.up_proj", 3)}.items():
-        pack = sp.extract_skillpack(base, _skill(base, layer, module, seed), sp.SkillPackConfig(target_ratio=4), progress=False)
+        pack = sp.extract_skillpack(base, _skill(base, layer, module, seed), sp.SkillPackConfig(target_ratio=None, byte_budget=4096), progress=False)
         pack.save_pretrained(root / name)
     return {name: root / name for name in ("add", "rev", "sql")}
 
@@ -131,7 +131,7 @@ def test_save_load_and_push_round_trip(base, packs, tokenizer, tmp_path, hub, re
 def test_bad_fusions_fail_before_any_work(base, packs, tokenizer, tmp_path):
     torch.manual_seed(5)
     other = LlamaForCausalLM(base.config).eval()
-    stranger = sp.extract_skillpack(other, _skill(other, 0, "mlp.down_proj", 9), sp.SkillPackConfig(target_ratio=4), progress=False)
+    stranger = sp.extract_skillpack(other, _skill(other, 0, "mlp.down_proj", 9), sp.SkillPackConfig(target_ratio=None, byte_budget=4096), progress=False)
     stranger.save_pretrained(tmp_path / "stranger")
     with pytest.raises(HfGraftError, match=r"SkillPacks \['x'\] were extracted from different base models"):
         hf_graft.fuse(copy.deepcopy(base), {"add": packs["add"], "x": tmp_path / "stranger"})

@@ -69,7 +69,9 @@ class CandidateLadder:
     residual_ranks: tuple[float, ...] = (0.02, 0.06)
     residual_scheme: Scheme = ((8, 2), (4, None))
     energies: tuple[float, ...] = (0.1, 0.25, 0.5, 0.7, 0.85, 0.95)
-    schemes: tuple[Scheme, ...] = (DELTA_COME_SCHEME, ((8, 1), (3, 4), (2, None)), ((8, 2), (3, None)), ((8, 2), (4, None)))
+    schemes: tuple[Scheme, ...] = (
+        DELTA_COME_SCHEME, ((8, 1), (3, 4), (2, None)), ((8, 2), (3, None)), ((8, 2), (4, None)), ((8, None),)
+    )
     keep_fractions: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
     group_size: int = DEFAULT_GROUP_SIZE
     allow_omit: bool = True

@@ -189,7 +189,14 @@ def block_groups(names: Iterable[str]) -> list[list[str]]:
 
 
 def _two_d(modules: dict, names: Iterable[str]) -> dict:
-    return {name: modules[name] for name in names if isinstance(modules[name], (nn.Linear, Conv1D, nn.Embedding))}
+    """The linear and embedding modules among ``names`` (adapter-wrapped ones by their base layer)."""
+    found = {}
+    for name in names:
+        module = modules[name]
+        module = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        if isinstance(module, (nn.Linear, Conv1D, nn.Embedding)):
+            found[name] = module
+    return found
 
 
 def _tie_statistics(statistics: dict, tied: dict) -> dict:

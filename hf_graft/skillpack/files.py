@@ -102,13 +102,22 @@ class SkillPackFile:
                         "kind": delta.kind,
                         "shape": "x".join(map(str, delta.shape)),
                         "rank": meta.get("rank"),
-                        "bits": "/".join(f"{bits}x{cols}" for bits, cols in meta["scheme"]) if "scheme" in meta else None,
+                        "bits": _bits(meta),
                         "kept": meta.get("count"),
                         "bytes": delta.nbytes,
                         "relative_error": errors.get(f"{module}.{part}"),
                     }
                 )
         return rows
+
+
+def _bits(meta: dict) -> Optional[str]:
+    """The bit widths of a stored delta: ``2`` for a 2-bit quantized one, ``8x2/3x30`` for factors,
+    ``1 + 8x2/4x4`` for signs with a low-rank correction."""
+    scheme = "/".join(f"{bits}x{cols}" for bits, cols in meta["scheme"]) if "scheme" in meta else None
+    if meta["kind"] == "quant":
+        return f"{meta['bits']}" + (f" + {scheme}" if scheme else "")
+    return scheme
 
 
 def resolve_files(path_or_repo: str | os.PathLike, revision: Optional[str] = None, token=None) -> tuple[str, str]:

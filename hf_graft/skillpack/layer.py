@@ -101,10 +101,11 @@ class SkillPackLayer(BaseTunerLayer):
         for name in adapter_names:
             if name not in self.skillpack_tensors:
                 continue
-            delta = self.get_delta_weight(name)
-            if safe_merge and not torch.isfinite(base.weight.data + delta).all():
-                raise ValueError(f"Merging SkillPack {name!r} gives non-finite weights; the pack is broken.")
-            base.weight.data += delta
+            if "weight" in self.skillpack_specs[name]:
+                delta = self.get_delta_weight(name)
+                if safe_merge and not torch.isfinite(base.weight.data + delta).all():
+                    raise ValueError(f"Merging SkillPack {name!r} gives non-finite weights; the pack is broken.")
+                base.weight.data += delta
             bias = self._bias_delta(name)
             if bias is not None:
                 base.bias.data += bias.to(base.bias.dtype)
@@ -115,7 +116,8 @@ class SkillPackLayer(BaseTunerLayer):
         base = self.get_base_layer()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            base.weight.data -= self.get_delta_weight(name)
+            if "weight" in self.skillpack_specs[name]:
+                base.weight.data -= self.get_delta_weight(name)
             bias = self._bias_delta(name)
             if bias is not None:
                 base.bias.data -= bias.to(base.bias.dtype)
@@ -167,8 +169,11 @@ class Linear(_SkillPackModule):
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
 
     def _delta_output(self, x: torch.Tensor, parts: dict) -> torch.Tensor:
-        weight = parts["weight"]
+        weight = parts.get("weight")
         flat = x.reshape(-1, x.shape[-1]).to(self.get_base_layer().weight.dtype)
+        if weight is None:  # only the bias changed enough to be stored
+            out = parts["bias"].expand(flat.shape[0], -1)
+            return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
         if isinstance(weight, tuple):
             a, b = weight  # dW = B @ A, in the weight's own layout
             out = (flat @ b) @ a if self.fan_in_fan_out else (flat @ a.T) @ b.T

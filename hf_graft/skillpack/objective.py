@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
@@ -115,6 +116,10 @@ def collect_statistics(
             output.register_hook(lambda grad: add(name, "gradients", grad.detach().reshape(-1, grad.shape[-1]).double().square().sum(0).cpu()))
         return hook
 
+    modules = {name: module.get_base_layer() if isinstance(module, BaseTunerLayer) else module for name, module in modules.items()}
+    embeddings = model.get_input_embeddings()
+    if embeddings is not None:  # gradients must flow from the first layer on, whichever modules are measured
+        handles.append(embeddings.register_forward_hook(lambda _, args, output: output.requires_grad_(True) if not output.requires_grad else None))
     for name, module in modules.items():
         if not isinstance(module, (nn.Linear, Conv1D, nn.Embedding)):
             raise HfGraftError(f"Calibration statistics are for linear and embedding modules, not {name} ({type(module).__name__}).")
