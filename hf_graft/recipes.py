@@ -34,8 +34,8 @@ A recipe::
       sft: {steps: 200, batch_size: 16, learning_rate: 1.0e-3}          # SftSettings
       dpo: {steps: 20, batch_size: 8, learning_rate: 1.0e-4, beta: 0.1}  # DpoSettings
       logits: {steps: 100, batch_size: 16, checkpoint_every: 50}        # LogitSettings
-    skillpack: {target_ratio: 16, calibration: task}   # SkillPackConfig fields; calibration:
-                                                       # none | task (the distillation data) | pydoc
+    skillpack: {target_ratio: 16, calibration: task}   # SkillPackConfig fields; calibration: task
+                                                       # (the distillation data, the default) | pydoc | none
     evaluation: {metric: exact_match, references: task}  # an hf_graft.metrics module; false: none
     push_to_hub: org/my-skillpack       # optional
 
@@ -89,7 +89,10 @@ _TASKS = ("addition", "modular_addition")
 _TINY_KEYS = ("tiny", "family", "vocab_size", "seed", "pretrain", "finetune")
 _TINY_CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings")
 _SCHEDULE_KEYS = ("steps", "batch_size", "learning_rate", "warmup_steps", "min_lr_ratio", "weight_decay", "max_grad_norm", "seed")
-_SKILLPACK_KEYS = ("target_ratio", "byte_budget", "sparse_modules", "target_modules", "calibration", "calibration_samples", "calibration_length")
+_SKILLPACK_KEYS = (
+    "target_ratio", "byte_budget", "sparse_modules", "target_modules", "calibration", "calibration_samples",
+    "calibration_length", "distill_steps", "distill_learning_rate", "objective", "formats", "compensation",
+)
 _CALIBRATION = ("none", "task", "pydoc")
 _TEXT_METRICS = ("exact_match", "format_hard", "format_soft", "factual")
 MARKER = "hf_graft_step.json"
@@ -282,7 +285,7 @@ def load_recipe(source: str | os.PathLike | dict, *, output_dir: str | None = No
 
     generation = _check_keys("generation", raw.get("generation") or {}, ("max_new_tokens", "batch_size"))
     skillpack = dict(_check_keys("skillpack", raw.get("skillpack") or {}, _SKILLPACK_KEYS))
-    if skillpack.get("calibration", "none") not in _CALIBRATION:
+    if skillpack.get("calibration", "task") not in _CALIBRATION:
         raise HfGraftError(f"recipe: skillpack.calibration must be one of {', '.join(_CALIBRATION)}, got {skillpack['calibration']!r}.")
     from .skillpack import SkillPackConfig
 
@@ -523,11 +526,11 @@ def _run_stage(job: _Job, name: str, student, tokenizer, teacher, answers, recor
 
 
 def _calibration(job: _Job, tokenizer, answers):
-    from .causal_lm import example_batches
+    from .causal_lm import task_batch
 
-    kind = job.recipe.skillpack.get("calibration", "none")
-    if kind == "task":
-        return example_batches(tokenizer, answers, batch_size=16)
+    kind = job.recipe.skillpack.get("calibration", "task")
+    if kind == "task":  # the distillation examples, only their answers supervised
+        return [task_batch(tokenizer, answers[start : start + 32]) for start in range(0, len(answers), 32)]
     if kind == "pydoc":
         from .skillpack.cli import calibration_batches, calibration_texts
 
@@ -605,7 +608,7 @@ def _skillpack(job: _Job, tuned, tokenizer, teacher, teacher_tokenizer, answers)
     settings = {k: v for k, v in recipe.skillpack.items() if k not in ("calibration", "calibration_length")}
     calibration = _calibration(job, tokenizer, answers)
     if calibration is not None:
-        settings.setdefault("calibration_samples", sum(len(batch) for batch in calibration))
+        settings.setdefault("calibration_samples", sum(len(batch["input_ids"]) for batch in calibration))
     job.say("skillpack", f"tuned target - base target, {settings}")
     torch.manual_seed(recipe.seed)
     pack = extract_skillpack(base, tuned, SkillPackConfig(**settings), calibration=calibration, progress=job.progress)

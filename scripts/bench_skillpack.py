@@ -25,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built here; nothin
 import argparse
 import copy
 import math
+import re
 import time
 from dataclasses import dataclass
 
@@ -52,7 +53,6 @@ from hf_graft.skillpack import delta_spectrum, weight_deltas
 from hf_graft.skillpack.calibrate import input_hessians
 
 RATIOS = (8, 16, 32, 64)
-ABLATION_RATIOS = (16, 32)
 ABLATIONS = {
     "SkillPack - objective (weight error)": {"objective": "weight"},
     "SkillPack - formats (low rank only)": {"formats": "lowrank"},
@@ -72,6 +72,7 @@ SETUPS = {
         "test_size": 200,
         "calibration_examples": 256,
         "ratios": (16, 32),
+        "ablation_ratios": (16,),
     },
     "full": {
         "model": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4},
@@ -83,6 +84,7 @@ SETUPS = {
         "test_size": 800,
         "calibration_examples": 1024,
         "ratios": RATIOS,
+        "ablation_ratios": (16, 32),
     },
 }
 
@@ -162,7 +164,7 @@ def skillpack_row(skill: Skill, folder: str, method: str, ratio: int, calibratio
     start = time.perf_counter()
     pack = hf_graft.extract_skillpack(skill.base, skill.tuned, config, calibration=calibration, progress=False)
     row["extract_s"] = time.perf_counter() - start
-    directory = os.path.join(folder, f"{skill.name}-{method.replace(' ', '_')}-{ratio}x")
+    directory = os.path.join(folder, f"{skill.name}-{re.sub('[^A-Za-z0-9]+', '_', method)}-{ratio}x")
     pack.save_pretrained(directory)
     row["file_bytes"] = sum(os.path.getsize(os.path.join(directory, f)) for f in ("adapter_config.json", "adapter_model.safetensors"))
     specs = pack.peft_config["default"].module_specs
@@ -180,10 +182,10 @@ def anchor_row(skill: Skill, folder: str, method: str, ratio: int, encode, bf16_
     """Encode with an anchor at the budget of ``ratio`` (shrinking the tensor budget until the file fits), score it."""
     budget = bf16_bytes // ratio
     row = {"fine-tune": skill.name, "method": method, "target_ratio": ratio, "budget_bytes": budget}
-    path = os.path.join(folder, f"{skill.name}-{method.replace(' ', '_')}-{ratio}x.safetensors")
+    path = os.path.join(folder, f"{skill.name}-{re.sub('[^A-Za-z0-9]+', '_', method)}-{ratio}x.safetensors")
     start = time.perf_counter()
     target = budget
-    for _ in range(4):
+    for _ in range(8):
         encoded = encode(deltas, target)
         size = encoded.save(path)
         if size <= budget or "own size" in encoded.note:
@@ -250,7 +252,7 @@ def evaluate(skill: Skill, setup: dict, folder: str, ablations: bool) -> list:
     for ratio in setup["ratios"]:
         rows.append(skillpack_row(skill, folder, "SkillPack", ratio, calibration, bf16_bytes, deltas))
         print(f"{skill.name} {ratio}x SkillPack: retention {rows[-1]['retention']:.3f} ({rows[-1]['extract_s']:.0f} s)", flush=True)
-        if ablations and ratio in ABLATION_RATIOS:
+        if ablations and ratio in setup["ablation_ratios"]:
             for method, settings in ABLATIONS.items():
                 rows.append(skillpack_row(skill, folder, method, ratio, calibration, bf16_bytes, deltas, **settings))
         for method, encode in encoders.items():
@@ -343,7 +345,7 @@ def main():
     columns = ["fine-tune", "method", "target_ratio", "file_bytes", "ratio", "exact_match", "retention", "perplexity",
                "relative_error", "extract_s", "note"]
     main_rows = [r for r in rows if not r["method"].startswith("SkillPack -")]
-    ablation_rows = [r for r in rows if r["method"].startswith("SkillPack") and r["fine-tune"] == skills[0].name and r["target_ratio"] in ABLATION_RATIOS]
+    ablation_rows = [r for r in rows if r["method"].startswith("SkillPack") and r["fine-tune"] == skills[0].name and r["target_ratio"] in setup["ablation_ratios"]]
     markdown = (
         f"# SkillPack benchmark ({mode}, {args.threads} threads)\n\n"
         f"Tiny Llama ({parameters:,} parameters, {setup['model']}) pretrained on pydoc text for {pretrain_steps} steps "

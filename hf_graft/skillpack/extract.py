@@ -327,7 +327,7 @@ def extract_skillpack(
         "compression_ratio": 0.0,
         "relative_error": round((error_sq / total_sq) ** 0.5, 4) if total_sq else 0.0,
         "omitted": sorted(set(flat) - set(compressed)),
-        "distill_loss": [round(distill_losses[0], 5), round(distill_losses[-1], 5)] if distill_losses else None,
+        "distill_loss": [round(max(0.0, distill_losses[0]), 5), round(max(0.0, distill_losses[-1]), 5)] if distill_losses else None,
         "module_errors": module_errors,
     }
     pack = SkillPackFile(config, by_module)
@@ -343,40 +343,51 @@ def extract_skillpack(
 def _compress_in_order(flat, specs, modules, inner_modules, calibration_model, statistics, statistics_of, *, compensate):
     """Compress every chosen delta, decoder block by decoder block in forward order.
 
-    With ``compensate``, each block's statistics are measured again on a working copy of the tuned
-    model in which every earlier block already carries its compressed delta (GPTQ's and DeltaZip's
-    sequential scheme), so the errors of earlier blocks are compensated, not compounded.
+    With ``compensate``, each block's statistics are measured again on the tuned model in which
+    every earlier block already carries its compressed delta (GPTQ's and DeltaZip's sequential
+    scheme), so the errors of earlier blocks are compensated, not compounded. The tuned model's
+    weights are changed in place for that and restored before this returns: no copy of it is made.
     """
-    compressed = {}
-    working = copy.deepcopy(calibration_model) if compensate else None
-    working_inner = working.base_model.model if isinstance(working, PeftModel) else working
-    working_modules = dict(working_inner.named_modules()) if working is not None else {}
-    names = [name for name in modules if any(key.startswith(name + ".") and key.rsplit(".", 1)[0] == name for key in specs)]
-    for group in block_groups(names):
-        current = statistics
-        if compensate and any(f"{name}.weight" in specs and flat[f"{name}.weight"].dim() == 2 for name in group):
-            current = {**statistics, **statistics_of(working_modules, working, [n for n in group if f"{n}.weight" in specs])}
-        for name in group:
-            for part in ("weight", "bias"):
-                key = f"{name}.{part}"
-                if key not in specs:
-                    continue
-                delta = flat[key]
-                stats = current.get(name) if part == "weight" else None
-                if delta.dim() == 2 and stats is None:
-                    stats = ModuleStatistics.identity(delta.shape, isinstance(modules[name], Conv1D))
-                compressed[key] = compress_with_statistics(delta, specs[key], stats) if delta.dim() == 2 else compress_delta(delta, specs[key])
-                if working is not None:
-                    _apply_compressed(working_modules[name], part, flat[key], compressed[key])
+    compressed, changed = {}, []
+    names = [name for name in modules if any(key.rsplit(".", 1)[0] == name for key in specs)]
+    try:
+        for group in block_groups(names):
+            current = statistics
+            if compensate and any(f"{name}.weight" in specs and flat[f"{name}.weight"].dim() == 2 for name in group):
+                measured = [n for n in group if f"{n}.weight" in specs]
+                current = {**statistics, **statistics_of(inner_modules, calibration_model, measured)}
+            for name in group:
+                for part in ("weight", "bias"):
+                    key = f"{name}.{part}"
+                    if key not in specs:
+                        continue
+                    delta = flat[key]
+                    stats = current.get(name) if part == "weight" else None
+                    if delta.dim() == 2 and stats is None:
+                        stats = ModuleStatistics.identity(delta.shape, isinstance(modules[name], Conv1D))
+                    packed = compress_with_statistics(delta, specs[key], stats) if delta.dim() == 2 else compress_delta(delta, specs[key])
+                    compressed[key] = packed
+                    if compensate:
+                        changed.append(_apply_compressed(inner_modules[name], part, delta, packed))
+    finally:
+        for restore in reversed(changed):
+            restore()
     return compressed
 
 
 @torch.no_grad()
-def _apply_compressed(module: nn.Module, part: str, delta: torch.Tensor, packed) -> None:
-    """Replace the tuned weight in a working copy by base + compressed delta (tuned - delta + decoded)."""
+def _apply_compressed(module: nn.Module, part: str, delta: torch.Tensor, packed):
+    """Put base + compressed delta in place of the tuned weight (tuned - delta + decoded); returns its undo."""
     target = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
     parameter = getattr(target, part)
+    original = parameter.detach().clone()
     parameter.copy_((parameter.float() - delta + packed.delta()).to(parameter.dtype))
+
+    def restore() -> None:
+        with torch.no_grad():
+            parameter.copy_(original)
+
+    return restore
 
 
 def _saved_config(config: SkillPackConfig, model: nn.Module) -> str:
