@@ -128,5 +128,10 @@ class SkillPackConfig(PeftConfig):
             raise ValueError(f"formats must be 'all' or 'lowrank', got {self.formats!r}.")
         if isinstance(self.distill_steps, bool) or not isinstance(self.distill_steps, int) or self.distill_steps < 0:
             raise ValueError(f"distill_steps must be an int >= 0, got {self.distill_steps!r}.")
+        rate = self.distill_learning_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
+            raise ValueError(f"distill_learning_rate must be a positive number, got {rate!r}.")
+        if not isinstance(self.compensation, bool):
+            raise ValueError(f"compensation must be True or False, got {self.compensation!r}.")
         if self.byte_budget is not None and self.byte_budget <= 0:
             raise ValueError(f"byte_budget must be positive, got {self.byte_budget}.")
