@@ -267,7 +267,7 @@ def extract_skillpack(
     budget = config.byte_budget or int(bf16_bytes / config.target_ratio)
     sparse = {key for key in flat if any(key.rsplit(".", 1)[0].endswith(s) for s in config.sparse_modules)}
     tied = tied_partners(clean_base, deltas)
-    weights = {name: name for name in deltas if "weight" in deltas[name] and deltas[name]["weight"].dim() == 2}
+    matrices = [name for name in deltas if "weight" in deltas[name] and deltas[name]["weight"].dim() == 2]
 
     def statistics_of(model_modules: dict, model: nn.Module, names) -> dict:
         if batches is None or config.objective != "output":
@@ -276,7 +276,7 @@ def extract_skillpack(
         found = collect_statistics(model, wanted, batches, progress=progress)
         return _tie_statistics(found, tied)
 
-    statistics = statistics_of(inner_modules, calibration_model, list(weights))
+    statistics = statistics_of(inner_modules, calibration_model, matrices)
     ladder = CandidateLadder() if config.formats == "all" else CandidateLadder(quant_bits=(), allow_omit=False)
     measured = {}
     for key in tqdm(flat, desc="Measuring SkillPack candidates", disable=not progress):
@@ -300,8 +300,7 @@ def extract_skillpack(
     distill_losses = []
     if batches is not None and config.distill_steps:
         compressed, distill_losses = distill_scales(
-            clean_base, calibration_model if not isinstance(calibration_model, PeftModel) else calibration_model,
-            compressed, batches, steps=config.distill_steps, learning_rate=config.distill_learning_rate, progress=progress,
+            clean_base, calibration_model, compressed, batches, steps=config.distill_steps, learning_rate=config.distill_learning_rate, progress=progress,
         )
 
     by_module, module_errors, error_sq, total_sq = {}, {}, 0.0, 0.0
