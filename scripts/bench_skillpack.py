@@ -300,13 +300,13 @@ def plot(rows: list, path: str) -> str:
     for ax, tune in zip(axes[0], tunes):
         methods = [m for m in dict.fromkeys(r["method"] for r in rows) if not m.startswith("SkillPack -")]
         for method in methods:
-            points = sorted((r["target_ratio"], r["retention"]) for r in rows if r["fine-tune"] == tune and r["method"] == method)
+            points = sorted({(r["ratio"], r["retention"]) for r in rows if r["fine-tune"] == tune and r["method"] == method})
             if points:
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, marker="o", label=method, linewidth=2.5 if method == "SkillPack" else 1.2)
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({r["target_ratio"] for r in rows}), [f"{r}x" for r in sorted({r["target_ratio"] for r in rows})])
-        ax.set_xlabel("bf16 delta bytes / file bytes")
+        ax.set_xlabel("bf16 delta bytes / file bytes (each point at its own file size)")
         ax.set_ylabel("skill retention")
         ax.set_title(f"{tune} fine-tune")
         ax.grid(True, alpha=0.3)
