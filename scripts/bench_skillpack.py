@@ -15,7 +15,7 @@
 Writes ``skillpack.json``, ``skillpack.md`` and ``skillpack.png`` to ``--out``.
 
     python scripts/bench_skillpack.py --quick     # a few minutes on 2 CPU cores: a smaller model
-    python scripts/bench_skillpack.py             # about 35 minutes
+    python scripts/bench_skillpack.py             # about 40 minutes
 """
 
 import os
