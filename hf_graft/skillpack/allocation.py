@@ -10,7 +10,7 @@ and measured by what its error costs the model (:mod:`.objective`):
 - ``lowrank``: truncated activation-aware SVD with mixed-precision factors, from all-4-bit to
   2- and 3-bit-heavy splits and Delta-CoMe's 8/3/2 recipe, at ranks chosen by kept energy.
 - ``sparse`` (embeddings and heads): the entries whose loss costs most, at several kept fractions.
-- leaving the module's delta out altogether (no bytes, the whole delta as error).
+- leaving the module's delta out altogether (its name as the only bytes, the whole delta as error).
 
 :func:`select` then picks one candidate per module under the budget with the least total cost.
 A candidate's bytes are what it adds to the saved files: its payload, its safetensors header
@@ -135,7 +135,8 @@ def measure_candidates(
         return [_measured(name, matrix, packed, {"kind": "dense_fp16"}, None)]
     statistics = statistics or ModuleStatistics.identity(matrix.shape)
     total = statistics.cost(matrix)
-    candidates = [Candidate(0, total, dict(OMIT))] if ladder.allow_omit else []
+    # Left out, a delta costs only its name in the config's list of omitted modules.
+    candidates = [Candidate(len(json.dumps(name)) + 1, total, dict(OMIT))] if ladder.allow_omit else []
     for spec in _specs(matrix, sparse, ladder):
         try:
             packed = compress_with_statistics(matrix, spec, statistics)
