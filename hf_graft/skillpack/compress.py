@@ -17,29 +17,24 @@ Each stored delta is one uint8 tensor whose segments :func:`segment_layout` desc
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import HfGraftError
 from .bitpack import check_fraction, check_int, meta_int, meta_keys, meta_shape, packed_size, stored_tensor
-from .lowrank import lowrank_factors, rank_for_energy
-from .prune import SparseDelta, kept_count, prune, sparse_nbytes
+from .lowrank import lowrank_factors
+from .prune import SparseDelta, prune
 from .quantize import (
     DEFAULT_GROUP_SIZE,
     DEFAULT_SCHEME,
     MixedPrecisionFactor,
     QuantizedMatrix,
-    Scheme,
     quantize,
     quantize_factor,
-    quantized_nbytes,
     resolve_scheme,
 )
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import HfGraftError
-from .allocation import OMIT, CandidateLadder, entry_overhead, measure_candidates, select
+from .allocation import OMIT, CandidateLadder, measure_candidates, select
 from .calibrate import compress_with_statistics
 from .calibration_data import default_calibration
 from .compress import compress_delta
