@@ -191,6 +191,8 @@ def _export_lora(args) -> None:
         print(f"  approximated at rank <= {args.sparse_rank}: {name} (relative error {error:.4f})")
     for name in report.left_out:
         print(f"  left out (LoRA cannot express it): {name}")
+    for head, source in sorted(report.tied.items()):
+        print(f"  tied: {head} shares {source}'s factors; untie {head} before merge_and_unload() (peft adds it twice)")
 
 
 def _push(args) -> None:

@@ -30,6 +30,9 @@ class SkillPackConfig(PeftConfig):
             Bytes budget as a compression ratio: (bf16 bytes of the changed modules' deltas) /
             (bytes on disk). GraftLLM's comparisons are at 1/16 of the bf16 delta (Delta-CoMe
             keeps 53.2 of 53.5), so 16 is the default.
+        inference_mode (`bool`, defaults to `True`):
+            SkillPacks are frozen (their codes are integers); loading one with ``is_trainable=True``
+            is refused with a message saying how to train further.
         byte_budget (`int`, *optional*):
             An absolute budget in bytes instead of ``target_ratio``.
         calibration_samples (`int`, defaults to 128):
@@ -72,6 +75,7 @@ class SkillPackConfig(PeftConfig):
     """
 
     target_ratio: Optional[float] = field(default=16.0, metadata={"help": "bf16 delta bytes / bytes on disk"})
+    inference_mode: bool = field(default=True, metadata={"help": "always True: SkillPacks are frozen"})
     byte_budget: Optional[int] = field(default=None, metadata={"help": "absolute byte budget"})
     calibration_samples: int = field(default=128, metadata={"help": "calibration sequences used at most; 0 = all given"})
     distill_steps: int = field(default=200, metadata={"help": "scale distillation steps; 0 = none"})
@@ -114,6 +118,7 @@ class SkillPackConfig(PeftConfig):
         if os.path.isfile(save_directory):
             raise HfGraftError(f"{save_directory} is a file; give a folder to save the SkillPack config in.")
         os.makedirs(save_directory, exist_ok=True)
+        _refuse_pickled_weights(save_directory)
         text = self.to_json_text(kwargs.get("auto_mapping_dict"))
         atomic_write_text(os.path.join(save_directory, "adapter_config.json"), text)
 
@@ -135,3 +140,19 @@ class SkillPackConfig(PeftConfig):
             raise ValueError(f"compensation must be True or False, got {self.compensation!r}.")
         if self.byte_budget is not None and self.byte_budget <= 0:
             raise ValueError(f"byte_budget must be positive, got {self.byte_budget}.")
+
+
+def _refuse_pickled_weights(folder: str) -> None:
+    """Remove a pickled ``adapter_model.bin`` that ``save_pretrained(safe_serialization=False)`` just wrote, and say why.
+
+    peft writes the weights before the config; a pickle can run code when it is loaded, so a
+    SkillPack is never stored that way.
+    """
+    pickle, safe = os.path.join(folder, "adapter_model.bin"), os.path.join(folder, "adapter_model.safetensors")
+    if os.path.isfile(pickle) and (not os.path.isfile(safe) or os.path.getmtime(pickle) >= os.path.getmtime(safe)):
+        os.remove(pickle)
+        raise HfGraftError(
+            "SkillPacks are saved as safetensors only (a pickle can run code when it is loaded): "
+            "save_pretrained(safe_serialization=False) is refused and the adapter_model.bin it began was removed. "
+            "Call save_pretrained without safe_serialization=False."
+        )

@@ -68,21 +68,24 @@ class SkillPackLayer(BaseTunerLayer):
         """The adapter's parts ready to compute with, dequantized once and cached.
 
         ``weight`` is ``(A, B)`` for a low-rank delta, a sparse COO matrix for a pruned one, a dense
-        tensor otherwise; ``bias`` is dense.
+        tensor otherwise; ``bias`` is dense. They follow the base weight's dtype and device: after
+        ``model.to(torch.bfloat16)`` or a device move they are decoded again from the stored codes,
+        which keep their own dtypes.
         """
-        if adapter_name not in self._decoded:
-            dtype = self.get_base_layer().weight.dtype
+        weight = self.get_base_layer().weight
+        cached = self._decoded.get(adapter_name)
+        if cached is None or cached[0] != (weight.dtype, weight.device):
             parts = {}
             for part in self.skillpack_specs[adapter_name]:
                 delta = self.compressed(adapter_name, part)
                 if delta.kind == "lowrank":
-                    parts[part] = tuple(t.to(dtype) for t in delta.lowrank())
+                    parts[part] = tuple(t.to(weight) for t in delta.lowrank())
                 elif delta.kind == "sparse":
-                    parts[part] = delta.delta().to(dtype).to_sparse_coo().coalesce()
+                    parts[part] = delta.delta().to(weight).to_sparse_coo().coalesce()
                 else:
-                    parts[part] = delta.delta().to(dtype)
-            self._decoded[adapter_name] = parts
-        return self._decoded[adapter_name]
+                    parts[part] = delta.delta().to(weight)
+            cached = self._decoded[adapter_name] = ((weight.dtype, weight.device), parts)
+        return cached[1]
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``dW`` of one adapter, dense, in the base weight's layout and dtype (for merging)."""
@@ -126,19 +129,47 @@ class SkillPackLayer(BaseTunerLayer):
         return [name for name in self.active_adapters if name in self.skillpack_tensors]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         for name in self._unmerged_adapters():
-            delta = self._delta_output(x, self.decoded(name))
-            weight = self.skillpack_mixing.get(name)
-            if weight is not None:  # one weight per example: a router's R_i(x)
-                delta = delta * weight.to(result.dtype).reshape(-1, *([1] * (result.dim() - 1)))
-            result = result + delta
+            result = result + self._weighted_delta(name, x, result)
+        return result
+
+    def _weighted_delta(self, name: str, x: torch.Tensor, result: torch.Tensor, rows=None) -> torch.Tensor:
+        """One adapter's change of the output for ``x``, scaled per example by a router's weights if set.
+
+        ``rows`` (a 1-D index) says which examples of the whole batch ``x`` holds, for those weights.
+        """
+        delta = self._delta_output(x, self.decoded(name))
+        weight = self.skillpack_mixing.get(name)
+        if weight is not None:  # one weight per example: a router's R_i(x)
+            weight = weight if rows is None else weight[rows.to(weight.device)]
+            delta = delta * weight.to(result.dtype).reshape(-1, *([1] * (result.dim() - 1)))
+        return delta
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list, **kwargs: Any) -> torch.Tensor:
+        """Each example with its own pack (``"__base__"``: none), one pass per distinct pack over its rows."""
+        if self.merged:
+            raise ValueError("Cannot pass adapter_names while SkillPacks are merged; unmerge them first.")
+        if x.shape[0] == 1 and len(adapter_names) > 1:  # one input shared by the batch (e.g. GPT-2's position ids)
+            x = x.expand(len(adapter_names), *x.shape[1:])
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(f"adapter_names needs one adapter name per example: got {len(adapter_names)} for {x.shape[0]}.")
+        result = self.base_layer(x, *args, **kwargs)
+        for name in dict.fromkeys(adapter_names):
+            if name not in self.skillpack_tensors or not self.decoded(name):  # "__base__", or a pack leaving it alone
+                continue
+            rows = torch.tensor([i for i, each in enumerate(adapter_names) if each == name], device=x.device)
+            sub = x.index_select(0, rows)
+            result = result.index_add(0, rows, self._weighted_delta(name, sub, result, rows).to(result.dtype))
         return result
 
     def __repr__(self) -> str:
@@ -209,7 +240,7 @@ class Norm(_SkillPackModule):
     """
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters or self.merged or self.skillpack_mixing:
+        if self.disable_adapters or self.merged or self.skillpack_mixing or "adapter_names" in kwargs:
             return SkillPackLayer.forward(self, x, *args, **kwargs)
         # Unweighted: one call with the deltas added to the parameters.
         base = self.get_base_layer()

@@ -5,10 +5,15 @@ rank through ``rank_pattern``, with ``alpha_pattern`` equal to it so the scaling
 deltas (embeddings, output heads) have no LoRA form: they are factored by a truncated SVD at
 ``sparse_rank``, with the error reported. Norm and bias deltas cannot be expressed by LoRA at all
 and are left out, also reported. The exported file holds only the LoRA factors.
+
+An output head tied to a packed embedding gets the embedding's factors through peft's
+``ensure_weight_tying`` (stored once), so the unmerged LoRA equals the pack. peft merges a LoRA on
+both halves of a tied matrix into it twice; to merge, untie the head first (see :class:`LoraExport`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -26,17 +31,30 @@ from .lowrank import lowrank_factors
 
 __all__ = ["LoraExport", "export_lora"]
 
+logger = logging.getLogger(__name__)
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
 class LoraExport:
-    """What :func:`export_lora` wrote: modules exported exactly, approximated (with relative error), left out."""
+    """What :func:`export_lora` wrote: modules exported exactly, approximated (with relative error), left out.
+
+    ``tied`` maps each output head that shares the factors of its tied embedding to that embedding.
+    Merging such a LoRA with peft adds the shared delta twice to the one matrix; untie the head
+    before ``merge_and_unload()``::
+
+        head = lora.get_base_model().get_output_embeddings().get_base_layer()
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())
+        merged = lora.merge_and_unload()
+        merged.config.tie_word_embeddings = False
+    """
 
     path: str
     exact: list = field(default_factory=list)
     approximated: dict = field(default_factory=dict)
     left_out: list = field(default_factory=list)
+    tied: dict = field(default_factory=dict)
     nbytes: int = 0
 
 
@@ -107,11 +125,13 @@ def export_lora(
         else:
             report.exact.append(name)
         factors[name] = (a, b)
-    for head, source in pack.config.tied_modules.items():  # the shared delta, on the head's side as well
-        if source in factors and isinstance(modules.get(head), nn.Linear):
-            a, b = factors[source]
-            tensors[f"base_model.model.{head}.lora_A.weight"], tensors[f"base_model.model.{head}.lora_B.weight"] = a, b
-            ranks[head] = a.shape[0]
+    report.tied = {head: source for head, source in pack.config.tied_modules.items() if source in factors}
+    tied = set(report.tied)
+    if tied:
+        logger.warning(
+            "%s shares its tied embedding's LoRA factors; peft's merge_and_unload() would add that delta twice. "
+            "Untie the head before merging (see LoraExport).", ", ".join(sorted(tied)),
+        )
     if not ranks:
         raise HfGraftError("The pack holds no weight delta LoRA can express (only norms and biases).")
     tensors = {key: value.to(DTYPES[dtype]).contiguous() for key, value in tensors.items()}
@@ -119,11 +139,12 @@ def export_lora(
     config = LoraConfig(
         r=top,
         lora_alpha=top,
-        target_modules=sorted(ranks),
+        target_modules=sorted(ranks | dict.fromkeys(tied, 0)),
         rank_pattern=dict(ranks),
         alpha_pattern=dict(ranks),
         fan_in_fan_out=conv1d,
         lora_dropout=0.0,
+        ensure_weight_tying=bool(tied),  # a tied head shares the embedding's factors: added once, merged once
         bias="none",
         base_model_name_or_path=pack.config.base_model_name_or_path,
         task_type=pack.config.task_type,

@@ -1,6 +1,8 @@
 """``SkillPackModel``: the PEFT tuner that puts SkillPack layers on the modules a pack changed."""
 
 import hashlib
+from contextlib import contextmanager
+from functools import partial
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -17,10 +19,11 @@ FINGERPRINT_SAMPLES = 65_536
 
 
 def base_fingerprint(model: nn.Module, module_names) -> str:
-    """SHA-256 over names, shapes, dtypes and a strided sample of the named modules' base weights.
+    """SHA-256 over names, shapes and the signs of a strided sample of the named modules' base weights.
 
-    Sampling keeps this fast on billions of parameters; a fine-tuned or different base changes
-    essentially every weight, so the sample changes with it.
+    Signs survive every cast between float dtypes, so a base loaded in fp32, bf16 or fp16 gives the
+    same fingerprint, while a fine-tuned or different base flips the signs of many sampled weights
+    and so changes it. Sampling keeps this fast on billions of parameters.
     """
     modules = dict(model.named_modules())
     digest = hashlib.sha256()
@@ -30,9 +33,10 @@ def base_fingerprint(model: nn.Module, module_names) -> str:
             module = module.get_base_layer()
         weight = module.weight.detach()
         flat = weight.reshape(-1)
-        sample = flat[:: max(1, flat.numel() // FINGERPRINT_SAMPLES)].float().cpu().contiguous()
-        digest.update(f"{name}|{tuple(weight.shape)}|{weight.dtype}|".encode())
-        digest.update(sample.numpy().tobytes())
+        sample = flat[:: max(1, flat.numel() // FINGERPRINT_SAMPLES)]
+        signs = (torch.sign(sample).to(torch.int8) + 1).to(torch.uint8).cpu().contiguous()  # 0, 1, 2
+        digest.update(f"{name}|{tuple(weight.shape)}|".encode())
+        digest.update(signs.numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -85,6 +89,12 @@ class SkillPackModel(BaseTuner):
     target_module_mapping: dict = {}
 
     def _prepare_adapter_config(self, peft_config: SkillPackConfig, model_config: dict) -> SkillPackConfig:
+        if not peft_config.inference_mode:
+            raise HfGraftError(
+                "SkillPacks are frozen: their packed integer codes cannot be trained, so is_trainable=True (or "
+                "inference_mode=False) would train nothing. To keep training, merge the pack (merge_and_unload()), "
+                "add a LoRA on top, and extract a new SkillPack from the result."
+            )
         if not peft_config.module_specs:
             raise HfGraftError(
                 "This SkillPackConfig describes no stored deltas (module_specs is empty): make a SkillPack "
@@ -191,6 +201,43 @@ class SkillPackModel(BaseTuner):
             raise HfGraftError(f"SkillPacks tie {key} to {source}, but {key} is a {type(target).__name__}, not a linear head.")
         return TiedLinear(target, adapter_name, source, self.model)
 
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """``adapter_names=[...]`` in a forward or ``generate`` call: each example with its own pack.
+
+        As for peft's LoRA: one name per example, ``"__base__"`` for none; with beam search each
+        name is repeated for its beams.
+        """
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        if not isinstance(adapter_names, (list, tuple)):
+            raise TypeError(f"adapter_names must be a list of adapter names, one per example, got {type(adapter_names).__name__}.")
+        known = set().union(*(layer.skillpack_tensors.keys() for layer in self.modules() if isinstance(layer, SkillPackLayer)))
+        unknown = {name for name in adapter_names if name != "__base__"} - known
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:
+            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+        handles = [
+            layer.register_forward_pre_hook(partial(_with_adapter_names, adapter_names=list(adapter_names)), with_kwargs=True)
+            for layer in self.modules()
+            if isinstance(layer, SkillPackLayer)
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for parameter in model.parameters():
             parameter.requires_grad = False
+
+
+def _with_adapter_names(module, args, kwargs, adapter_names):
+    return args, {**kwargs, "adapter_names": adapter_names}
