@@ -5,13 +5,14 @@ Importing the package registers the graft models with transformers' Auto classes
 SkillPack adapter type with peft, so ``PeftModel.from_pretrained(base, "org/skillpack-...")`` works.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageClassification
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoModelForImageClassification
 
 from . import data, hub, layers, skillpack, vision
 from .errors import HfGraftError
 from .models.configuration_grafted import GraftedConfig
 from .models.configuration_grafted_causal_lm import GraftedCausalLMConfig
 from .models.configuration_grafted_vision import GraftedVisionConfig
+from .models.image_processing_grafted import GraftedImageProcessor
 from .models.modeling_grafted import GraftedModel
 from .models.modeling_grafted_causal_lm import GraftedModelForCausalLM
 from .models.modeling_grafted_vision import GraftedModelForImageClassification
@@ -24,6 +25,7 @@ GraftedModel.model_card_writer = staticmethod(hub.write_model_card)
 AutoConfig.register(GraftedVisionConfig.model_type, GraftedVisionConfig, exist_ok=True)
 AutoModel.register(GraftedVisionConfig, GraftedModelForImageClassification, exist_ok=True)
 AutoModelForImageClassification.register(GraftedVisionConfig, GraftedModelForImageClassification, exist_ok=True)
+AutoImageProcessor.register(GraftedVisionConfig, slow_image_processor_class=GraftedImageProcessor, exist_ok=True)
 AutoConfig.register(GraftedCausalLMConfig.model_type, GraftedCausalLMConfig, exist_ok=True)
 AutoModel.register(GraftedCausalLMConfig, GraftedModelForCausalLM, exist_ok=True)
 AutoModelForCausalLM.register(GraftedCausalLMConfig, GraftedModelForCausalLM, exist_ok=True)
@@ -33,6 +35,7 @@ __all__ = [
     "GraftedConfig",
     "GraftedModel",
     "GraftedModelForCausalLM",
+    "GraftedImageProcessor",
     "GraftedModelForImageClassification",
     "GraftedVisionConfig",
     "HfGraftError",

@@ -295,3 +295,75 @@ def test_cli_eval_prints_accuracy_and_size_of_a_saved_graft(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["split"] == "val" and 0.0 <= report["accuracy"] <= 1.0
     assert report["params"] == metrics.footprint(hf_graft.GraftedModelForImageClassification(small_config()))["parameters"]
+
+
+def _digit_images(count=4):
+    """A few of scikit-learn's 8x8 digits as grey PIL images (values 0..16 scaled to 0..255)."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return [Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8), mode="L") for i in range(count)], digits
+
+
+def test_saved_graft_has_an_image_processor_matching_the_training_transform(tmp_path):
+    from transformers import AutoImageProcessor
+
+    config = small_config(num_channels=1, image_mean=[0.5], image_std=[0.25])
+    hf_graft.GraftedModelForImageClassification(config).save_pretrained(tmp_path)
+    assert "preprocessor_config.json" in os.listdir(tmp_path)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert saved["image_size"] == 16 and saved["image_mean"] == [0.5] and saved["image_std"] == [0.25]
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    assert type(processor) is hf_graft.GraftedImageProcessor
+    images, digits = _digit_images()
+    pixels = processor(images, return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (4, 1, 16, 16)
+    import numpy as np
+
+    grey = torch.tensor(np.stack([np.asarray(image) for image in images]), dtype=torch.float32)[:, None] / 255
+    dataset = hf_graft.vision.data.TensorImageDataset(grey, torch.tensor(digits.target[:4]), 16, [0.5], [0.25])
+    library = torch.stack([dataset[i][0] for i in range(4)])  # what training feeds the model
+    assert (pixels - library).abs().max() < 1e-3
+
+
+def test_image_classification_pipeline_from_the_folder(tmp_path):
+    from transformers import pipeline
+
+    config = small_config(num_channels=1, image_mean=[0.5], image_std=[0.25], id2label={i: f"digit {i}" for i in range(10)})
+    model = hf_graft.GraftedModelForImageClassification(config).eval()
+    model.save_pretrained(tmp_path)
+    images, _ = _digit_images(2)
+    classify = pipeline("image-classification", model=str(tmp_path))
+    results = classify(images, top_k=3)
+    processor = hf_graft.GraftedImageProcessor.from_model_config(config)
+    with torch.no_grad():
+        expected = model(processor(images)["pixel_values"]).logits.softmax(-1)
+    for result, probabilities in zip(results, expected):
+        top = probabilities.topk(3)
+        assert [r["label"] for r in result] == [f"digit {i}" for i in top.indices.tolist()]
+        assert [round(r["score"], 5) for r in result] == [round(v, 5) for v in top.values.tolist()]
+
+
+def test_image_processor_and_pipeline_with_trust_remote_code_where_hf_graft_is_absent(tmp_path):
+    config = small_config(num_channels=1, image_mean=[0.5], image_std=[0.25])
+    model = hf_graft.GraftedModelForImageClassification(config).eval()
+    model.save_pretrained(tmp_path / "model")
+    images, _ = _digit_images(1)
+    images[0].save(tmp_path / "digit.png")
+    with torch.no_grad():
+        expected = model(hf_graft.GraftedImageProcessor.from_model_config(config)(images)["pixel_values"]).logits.softmax(-1)
+    script = f"""
+import sys, json
+sys.modules["hf_graft"] = None
+from transformers import AutoImageProcessor, pipeline
+processor = AutoImageProcessor.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True)
+assert not type(processor).__module__.startswith("hf_graft"), type(processor).__module__
+classify = pipeline("image-classification", model={str(tmp_path / "model")!r}, trust_remote_code=True)
+print(json.dumps(classify({str(tmp_path / "digit.png")!r}, top_k=1)))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    top = json.loads(result.stdout.strip().splitlines()[-1])[0]
+    assert abs(top["score"] - float(expected.max())) < 1e-4

@@ -15,6 +15,7 @@ from torch import nn
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from .configuration_grafted_vision import GraftedVisionConfig
+from .image_processing_grafted import GraftedImageProcessor
 from .modeling_grafted import GraftedModel
 
 _INITIALISED_TYPES = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
@@ -192,6 +193,13 @@ class GraftedModelForImageClassification(GraftedModel):
             wanted = model.scion.state_dict().keys()
             model.scion.load_state_dict({key: donor_state[key] for key in wanted})
         return model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save the graft and its image processor (``preprocessor_config.json``), so
+        ``pipeline("image-classification", model=save_directory)`` works from the folder alone."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            GraftedImageProcessor.from_model_config(self.config).save_pretrained(save_directory)
 
     def train(self, mode: bool = True):
         super().train(mode)

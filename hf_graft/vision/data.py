@@ -9,10 +9,10 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..errors import HfGraftError
+from ..models.image_processing_grafted import prepare_image
 
 DIGITS = "digits"
 
@@ -37,7 +37,7 @@ class _NormalisedImages(Dataset):
         self.std = torch.tensor(std).view(-1, 1, 1)
 
     def _prepare(self, image: torch.Tensor) -> torch.Tensor:
-        return (_resize(image, self.image_size, len(self.mean)) - self.mean) / self.std
+        return prepare_image(image, self.image_size, self.mean, self.std)
 
 
 class TensorImageDataset(_NormalisedImages):
@@ -70,14 +70,6 @@ class HFImageDataset(_NormalisedImages):
         pixels = np.asarray(row[self.image_column].convert(mode), dtype=np.float32) / 255.0
         image = torch.from_numpy(pixels).reshape(pixels.shape[0], pixels.shape[1], -1).permute(2, 0, 1)
         return self._prepare(image), int(row[self.label_column])
-
-
-def _resize(image: torch.Tensor, size: int, channels: int) -> torch.Tensor:
-    if image.shape[-1] != size or image.shape[-2] != size:
-        image = F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False)[0]
-    if image.shape[0] != channels:
-        image = image.expand(channels, -1, -1)
-    return image.contiguous()
 
 
 def _split(labels: np.ndarray, fraction: float, seed: int):
