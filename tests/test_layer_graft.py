@@ -210,3 +210,59 @@ def test_cli_specialise_graft_eval(tmp_path, tokenizer, capsys):
     assert main(["layers", "graft", "--host", str(tmp_path / "host"), "--donor", str(tmp_path / "vanilla"),
                  "--donor-layer", "1", "--position", "9", "--out", str(tmp_path / "bad")]) == 2
     assert "position 9 is outside the host" in capsys.readouterr().err
+
+
+def test_text_generation_pipeline_from_the_saved_folder(tmp_path, tokenizer):
+    from transformers import pipeline
+
+    grafted = hf_graft.GraftedModelForCausalLM.from_models(make("llama", 0), make("llama", 1), donor_layer=1, position=2)
+    assert grafted.can_generate()
+    grafted.save_pretrained(tmp_path, tokenizer=tokenizer)
+    assert (tmp_path / "tokenizer.json").exists() and (tmp_path / "generation_config.json").exists()
+    generate = pipeline("text-generation", model=str(tmp_path))
+    out = generate("3 + 4 mod 4", max_new_tokens=5, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+    ids = tokenizer("3 + 4 mod 4", return_tensors="pt")["input_ids"]
+    mask = torch.ones_like(ids)  # as the pipeline passes it
+    expected = grafted.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert [int(i) for i in out] == expected[0].tolist()
+
+
+def test_text_generation_pipeline_with_trust_remote_code_where_hf_graft_is_absent(tmp_path, tokenizer):
+    grafted = hf_graft.GraftedModelForCausalLM.from_models(make("gpt_neox", 0), make("gpt_neox", 1), donor_layer=0, position=1)
+    grafted.save_pretrained(tmp_path / "model", tokenizer=tokenizer)
+    ids = tokenizer("3 + 4 mod 4", return_tensors="pt")["input_ids"]
+    mask = torch.ones_like(ids)  # as the pipeline passes it
+    expected = grafted.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)[0].tolist()
+    script = f"""
+import sys, json
+sys.modules["hf_graft"] = None
+from transformers import pipeline
+for _ in range(2):  # a second load in the same process generates too
+    generate = pipeline("text-generation", model={str(tmp_path / "model")!r}, trust_remote_code=True)
+    out = generate("3 + 4 mod 4", max_new_tokens=4, do_sample=False, pad_token_id=0, return_tensors=True)
+    print(json.dumps([int(i) for i in out[0]["generated_token_ids"]]))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    assert [json.loads(line) for line in result.stdout.strip().splitlines()[-2:]] == [expected, expected]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grafted = hf_graft.GraftedModelForCausalLM.from_models(make("llama", 0), make("llama", 1), donor_layer=1, position=2)
+
+    def gradients(model):
+        model.train()
+        model.zero_grad()
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    plain = gradients(grafted)
+    grafted.gradient_checkpointing_enable()
+    assert grafted.is_gradient_checkpointing
+    checkpointed = gradients(grafted)
+    assert plain.keys() == checkpointed.keys() and any("pre" in name for name in plain)
+    assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)
+    grafted.gradient_checkpointing_disable()
+    assert not grafted.is_gradient_checkpointing

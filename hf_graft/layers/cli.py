@@ -101,11 +101,10 @@ def _graft(args) -> None:
     if tuned is not None and args.strategy == "original":
         grafted.swap_block(tuned)
     grafted.config.graft_dataset = f"{args.data} (modular addition n={args.modulus}, pydoc corpus)"
-    grafted.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
+    grafted.save_pretrained(args.out, tokenizer=tokenizer)
     print(json.dumps({"translator_losses": losses, "out": args.out}, indent=2))
     if args.push_to_hub:
-        print(f"pushed: {grafted.push_to_hub(args.push_to_hub)}")
+        print(f"pushed: {grafted.push_to_hub(args.push_to_hub, tokenizer=tokenizer)}")
 
 
 def _evaluate(args) -> None:

@@ -225,7 +225,7 @@ def run_graft_recipe(recipe: GraftRecipe, *, progress: bool = True) -> dict:
         metrics = list(scores["grafted"])
         print(markdown_table([{"metric": m, **{name: scores[name][m] for name in models}} for m in metrics]))
     if recipe.push_to_hub:
-        report["pushed"] = str(grafted.push_to_hub(recipe.push_to_hub))
+        report["pushed"] = str(grafted.push_to_hub(recipe.push_to_hub, tokenizer=tokenizer))
         job.say("evaluation", f"pushed to {report['pushed']}")
     atomic_write_json(job.out / "report.json", report)
     return report

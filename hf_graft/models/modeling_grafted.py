@@ -46,12 +46,19 @@ class GraftedModel(PreTrainedModel):
         auto_map.update({name: model_ref for name in self.auto_classes})
         self.config.auto_map = auto_map
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save weights (safetensors), config, the modeling code and, with hf-graft, a model card."""
+    def save_pretrained(self, save_directory, *args, tokenizer=None, **kwargs):
+        """Save weights (safetensors), config, the modeling code and, with hf-graft, a model card.
+
+        ``tokenizer`` (or any processor with ``save_pretrained``) is saved beside the model, so
+        ``pipeline(task, model=save_directory)`` works from the folder alone.
+        """
         self._record_auto_map()
         super().save_pretrained(save_directory, *args, **kwargs)
+        main = kwargs.get("is_main_process", True)
+        if tokenizer is not None and main:
+            tokenizer.save_pretrained(save_directory)
         writer = GraftedModel.model_card_writer
-        if writer is not None and kwargs.get("is_main_process", True):
+        if writer is not None and main:
             writer(self, save_directory, **getattr(self, "_push_context", {}))
 
     def push_to_hub(
@@ -65,8 +72,9 @@ class GraftedModel(PreTrainedModel):
         create_pr: bool = False,
         tags: Optional[list] = None,
         max_shard_size="5GB",
+        tokenizer=None,
     ):
-        """Create ``repo_id`` if needed and upload what ``save_pretrained`` writes, in one commit.
+        """Create ``repo_id`` if needed and upload what ``save_pretrained`` writes (``tokenizer`` too), in one commit.
 
         The Hub endpoint comes from ``HF_ENDPOINT`` as for every huggingface_hub call.
         """
@@ -75,7 +83,7 @@ class GraftedModel(PreTrainedModel):
         with tempfile.TemporaryDirectory() as folder:
             self._push_context = {"tags": tags, "repo_id": repo_id}
             try:
-                self.save_pretrained(folder, max_shard_size=max_shard_size)
+                self.save_pretrained(folder, max_shard_size=max_shard_size, tokenizer=tokenizer)
             finally:
                 del self._push_context
             return api.upload_folder(

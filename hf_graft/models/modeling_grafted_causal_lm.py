@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GenerationMixin
 
 from .configuration_grafted_causal_lm import GraftedCausalLMConfig, _config_from_dict
 from .modeling_grafted import GraftedModel
@@ -69,7 +69,7 @@ def _rotary_class(model: nn.Module):
     return type(rotary) if rotary is not None else None
 
 
-class GraftedModelForCausalLM(GraftedModel):
+class GraftedModelForCausalLM(GraftedModel, GenerationMixin):
     """A causal LM with blocks grafted from donors (layer grafting with translators).
 
     Build it with :meth:`from_models` (host weights, donor block weights, identity translators);
@@ -81,6 +81,7 @@ class GraftedModelForCausalLM(GraftedModel):
     base_model_prefix = "host"
     auto_classes = ("AutoModel", "AutoModelForCausalLM")
     _supports_cache_class = True
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: GraftedCausalLMConfig):
         super().__init__(config)
@@ -112,6 +113,7 @@ class GraftedModelForCausalLM(GraftedModel):
         for module in self.modules():
             if isinstance(module, Translator):
                 module.reset_to_identity()
+        self.generation_config = self.host.generation_config  # one generation config: the host's
 
     def _init_weights(self, module):
         if isinstance(module, Translator):
@@ -133,8 +135,16 @@ class GraftedModelForCausalLM(GraftedModel):
         return self.host(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
-        """The host's ``generate``, through the grafted stack."""
+        """The host's ``generate``, through the grafted stack, with this model's generation config."""
+        self.host.generation_config = self.generation_config  # e.g. the one from_pretrained read from the folder
         return self.host.generate(*args, **kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        """Checkpoint the host's blocks, grafted ones included (the host's own implementation)."""
+        self.host.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+    def gradient_checkpointing_disable(self):
+        self.host.gradient_checkpointing_disable()
 
     @classmethod
     def from_models(
