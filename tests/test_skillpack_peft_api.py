@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+import transformers
 from peft import PeftModel
 from safetensors import safe_open
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -239,3 +240,21 @@ def test_exported_lora_on_tied_embeddings_equals_the_pack_unmerged_and_merged_un
     head = lora.get_base_model().get_output_embeddings().get_base_layer()  # untied as LoraExport says
     head.weight = torch.nn.Parameter(head.weight.detach().clone())
     assert torch.allclose(logits(lora.merge_and_unload(), IDS), reference, atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(
+    int(transformers.__version__.split(".")[0]) >= 5,
+    reason="transformers 5's own adapter methods need peft >= 0.22; PeftModel's API works on both lines",
+)
+def test_transformers_native_adapter_methods(two_packs):
+    base, root = two_packs
+    reference = loaded(base, root, "a", "b")
+    model = copy.deepcopy(base)
+    model.load_adapter(str(root / "a"), adapter_name="a")
+    model.load_adapter(str(root / "b"), adapter_name="b")
+    for name in ("a", "b"):
+        model.set_adapter(name)
+        reference.set_adapter(name)
+        assert torch.equal(logits(model, IDS), logits(reference, IDS))
+    model.disable_adapters()
+    assert torch.allclose(logits(model, IDS), logits(base, IDS), atol=1e-6, rtol=0)
