@@ -148,6 +148,9 @@ def _train(
 ) -> list[float]:
     """Run ``schedule``; each step's loss is the sum of the model's losses on ``next_batches(generator)``.
 
+    Each element is a batch of model inputs (its loss is ``model(**batch).loss``) or a callable
+    taking the model and returning a loss.
+
     ``generator`` is the loop's own, seeded by ``schedule.seed``. Every ``check_every`` steps
     ``stop()`` (if given) is asked, with the model in eval mode, whether to end early. Returns the
     loss of every step taken.
@@ -163,7 +166,7 @@ def _train(
     with tqdm(range(schedule.steps), desc=description, disable=not progress) as bar:
         for _ in bar:
             loss = sum(
-                model(**{key: value.to(device) for key, value in batch.items()}).loss
+                batch(model) if callable(batch) else model(**{key: value.to(device) for key, value in batch.items()}).loss
                 for batch in next_batches(generator)
             )
             loss.backward()
@@ -273,6 +276,7 @@ def finetune(
     *,
     replay_ids: torch.Tensor | None = None,
     replay_batch_size: int = 8,
+    replay_reference: PreTrainedModel | None = None,
     seq_len: int = 128,
     stop: Callable[[], bool] | None = None,
     check_every: int = 100,
@@ -280,25 +284,43 @@ def finetune(
 ) -> list[float]:
     """Fine-tune every trainable weight of ``model`` on ``examples`` (random batches, answer-only loss).
 
-    With ``replay_ids`` (pretraining text as token ids), each step also adds the language-model
-    loss of ``replay_batch_size`` windows of ``seq_len`` tokens from it, the rehearsal that keeps
-    a small model's general perplexity near its base's while it learns the skill. ``stop`` ends
-    training early when it returns True (asked every ``check_every`` steps), e.g. once a held-out
-    exact match is reached, so the weights move no further than the skill needs.
+    With ``replay_ids`` (pretraining text as token ids), each step also rehearses on
+    ``replay_batch_size`` windows of ``seq_len`` tokens from it, which keeps a small model's
+    general perplexity near its base's while it learns the skill: by default the language-model
+    loss on those windows; with ``replay_reference`` (the base model, frozen) the KL divergence
+    from the reference's next-token distributions, which holds the model to what the base predicts
+    rather than re-fitting (and over-fitting) the text itself. ``stop`` ends training early when
+    it returns True (asked every ``check_every`` steps), e.g. once a held-out exact match is
+    reached, so the weights move no further than the skill needs.
     """
     if not examples:
         raise HfGraftError("finetune needs at least one (prompt, answer) example.")
     if replay_ids is not None:
         _check_text(replay_ids, seq_len)
+    elif replay_reference is not None:
+        raise HfGraftError("replay_reference needs replay_ids: the text to rehearse the reference's predictions on.")
 
-    def batches(generator: torch.Generator) -> list[dict]:
+    def batches(generator: torch.Generator) -> list:
         picks = torch.randint(0, len(examples), (schedule.batch_size,), generator=generator)
         task = task_batch(tokenizer, [examples[i] for i in picks.tolist()])
         if replay_ids is None:
             return [task]
-        return [task, _text_batch(replay_ids, replay_batch_size, seq_len, generator)]
+        text = _text_batch(replay_ids, replay_batch_size, seq_len, generator)
+        if replay_reference is None:
+            return [task, text]
+        return [task, lambda model: _kl_to_reference(model, replay_reference, text["input_ids"])]
 
     return _train(model, schedule, batches, "Fine-tuning", progress, stop, check_every)
+
+
+def _kl_to_reference(model: PreTrainedModel, reference: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean per-token ``KL(reference || model)`` of the next-token distributions on ``input_ids``."""
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    with torch.no_grad():
+        target = torch.log_softmax(reference(input_ids=input_ids).logits.float(), dim=-1).flatten(0, 1)
+    predicted = torch.log_softmax(model(input_ids=input_ids).logits.float(), dim=-1).flatten(0, 1)
+    return torch.nn.functional.kl_div(predicted, target, log_target=True, reduction="batchmean")
 
 
 @torch.inference_mode()

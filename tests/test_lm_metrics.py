@@ -117,6 +117,33 @@ def test_training_is_seeded_and_stops_when_asked(tokenizer):
     assert len(losses) == 2
 
 
+def test_rehearsal_against_a_reference_holds_the_model_to_its_predictions(tokenizer):
+    import copy
+
+    config = tiny_llama_config(tokenizer, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    text = torch.randint(0, len(tokenizer), (600,), generator=torch.Generator().manual_seed(0))
+    base = build_causal_lm(config)
+    pretrain(base, text, Schedule(steps=20, batch_size=4, learning_rate=3e-3), seq_len=16, progress=False)
+    schedule = Schedule(steps=40, batch_size=4, learning_rate=1e-2, seed=2)
+    plain, text_rehearsal, with_reference = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
+    finetune(plain, tokenizer, [("1+2=", "3")], schedule, progress=False)
+    rehearsal = dict(replay_ids=text, replay_batch_size=4, seq_len=16, progress=False)
+    finetune(text_rehearsal, tokenizer, [("1+2=", "3")], schedule, **rehearsal)
+    finetune(with_reference, tokenizer, [("1+2=", "3")], schedule, replay_reference=base, **rehearsal)
+    windows = text[:160].reshape(10, 16)
+
+    def drift(model):  # KL from the base's next-token distributions on the text
+        with torch.no_grad():
+            target = torch.log_softmax(base(input_ids=windows).logits, -1)
+            predicted = torch.log_softmax(model(input_ids=windows).logits, -1)
+        return float((target.exp() * (target - predicted)).sum(-1).mean())
+
+    assert drift(base) == pytest.approx(0.0, abs=1e-6)
+    assert drift(with_reference) < 0.5 * min(drift(plain), drift(text_rehearsal))
+    with pytest.raises(HfGraftError, match="replay_reference needs replay_ids"):
+        finetune(plain, tokenizer, [("1+2=", "3")], schedule, replay_reference=base, progress=False)
+
+
 def test_task_batch_labels_only_the_answer_and_eos(tokenizer):
     batch = task_batch(tokenizer, [("1+2=", "3"), ("10+20=", "30")])
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, 10)
