@@ -14,6 +14,7 @@ import json
 import os
 import sys
 
+from .errors import is_network_error
 from .layers import cli as layers_cli
 from .skillpack import cli as skillpack_cli
 
@@ -31,8 +32,8 @@ def _vision_parser(sub):
     train.add_argument("--out", required=True, help="output directory (donor/, grafted/, report.md)")
     train.add_argument("--preset", default="paper", help="architecture preset (paper, paper-mobilenetv2, rootstock-only)")
     train.add_argument("--dataset", default="digits", help="'digits' (embedded), an image folder, or a Hub dataset id")
-    train.add_argument("--image-column")
-    train.add_argument("--label-column")
+    train.add_argument("--image-column", help="image column of a Hub dataset (default: found by type)")
+    train.add_argument("--label-column", help="label column of a Hub dataset (default: found by type)")
     train.add_argument("--image-size", type=int, help="override the preset's input size")
     train.add_argument("--donor-name", help="timm name of the donor CNN")
     train.add_argument("--scion-cut", help="donor layer after which the scion is cut (e.g. features.13)")
@@ -42,23 +43,23 @@ def _vision_parser(sub):
     train.add_argument("--donor-pretrained", action="store_true", help="start the donor from timm's pretrained weights")
     _add_training_flags(train, "donor", 3, 1e-4)
     _add_training_flags(train, "graft", 3, 1e-3)
-    train.add_argument("--batch-size", type=int, default=32)
-    train.add_argument("--distill-weight", type=float, default=0.5)
-    train.add_argument("--distill-temperature", type=float, default=4.0)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    train.add_argument("--distill-weight", type=float, default=0.5, help="weight of the donor's soft targets (default 0.5)")
+    train.add_argument("--distill-temperature", type=float, default=4.0, help="distillation temperature (default 4)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the splits and training (default 0)")
     train.add_argument("--push-to-hub", metavar="REPO_ID", help="push the graft to this Hub repo when done")
 
     evaluate = commands.add_parser("eval", help="evaluate a saved graft (directory or Hub repo)")
-    evaluate.add_argument("model")
-    evaluate.add_argument("--dataset", default="digits")
-    evaluate.add_argument("--split", choices=["train", "val", "test"], default="test")
+    evaluate.add_argument("model", help="a saved graft (folder or Hub id)")
+    evaluate.add_argument("--dataset", default="digits", help="'digits' (embedded), an image folder, or a Hub dataset id")
+    evaluate.add_argument("--split", choices=["train", "val", "test"], default="test", help="split to score (default test)")
 
     export = commands.add_parser("export", help="export to ONNX with Optimum and quantise to static int8")
-    export.add_argument("model")
-    export.add_argument("--out", required=True)
+    export.add_argument("model", help="a saved graft (folder or Hub id)")
+    export.add_argument("--out", required=True, help="folder for model.onnx and model_int8.onnx")
     export.add_argument("--dataset", default="digits", help="calibration and agreement images")
-    export.add_argument("--calibration-samples", type=int, default=256)
-    export.add_argument("--opset", type=int)
+    export.add_argument("--calibration-samples", type=int, default=256, help="images to calibrate int8 on (default 256)")
+    export.add_argument("--opset", type=int, help="ONNX opset (default: Optimum's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     skillpack_cli.add_parser(sub)
     layers_cli.add_parser(sub)
     run = sub.add_parser("run", help="run a recipe (YAML): distillation to a SkillPack, or a layer graft; evaluation, push")
-    run.add_argument("recipe")
+    run.add_argument("recipe", help="a recipe file (YAML), e.g. hub_templates/recipes/addition-skill.yaml")
     run.add_argument("--out", help="output directory (overrides the recipe's output_dir)")
     return parser
 
@@ -123,7 +124,9 @@ def _load_graft(reference: str):
     import hf_graft  # noqa: F401  (registers the Auto classes)
     from transformers import AutoModelForImageClassification
 
-    return AutoModelForImageClassification.from_pretrained(reference)
+    from .references import checked_reference
+
+    return AutoModelForImageClassification.from_pretrained(checked_reference(reference, "vision graft"))
 
 
 def _vision_eval(args):
@@ -175,6 +178,16 @@ def main(argv=None) -> int:
             _vision_export(args)
     except ValueError as error:  # HfGraftError and the model configs' own checks: user errors
         print(f"hf-graft: error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:
+        if not is_network_error(error):
+            raise
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+        print(
+            f"hf-graft: error: the Hub at {endpoint} cannot be reached ({type(error).__name__}). Check the "
+            "network, or set HF_ENDPOINT to a reachable Hub (HF_HUB_OFFLINE=1 to use only cached files).",
+            file=sys.stderr,
+        )
         return 2
     return 0
 

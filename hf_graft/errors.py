@@ -7,3 +7,13 @@ class HfGraftError(ValueError):
     The message always names what went wrong and how to fix it. It subclasses ``ValueError`` so
     code that already catches ``ValueError`` around ``from_pretrained`` keeps working.
     """
+
+
+class BaseModelMismatchError(HfGraftError):
+    """A SkillPack applied to a base whose weights fingerprint differs from the one it was made on."""
+
+
+def is_network_error(error: BaseException) -> bool:
+    """True for a failure to reach the Hub (requests' or httpx's connection and timeout errors)."""
+    names = {cls.__name__ for cls in type(error).__mro__}
+    return bool(names & {"ConnectionError", "TransportError", "Timeout", "OfflineModeIsEnabled"})

@@ -106,3 +106,78 @@ def test_bad_input_exits_with_one_message(models, tmp_path, capsys):
     assert not (tmp_path / "p").exists()
     with pytest.raises(SystemExit):
         main(["skillpack", "extract", "--base", "b", "--tuned", "t", "--out", "o", "--ratio", "4", "--bytes", "10"])
+
+
+@pytest.fixture(scope="module")
+def embedding_pack(models, tmp_path_factory):
+    """A pack whose embedding and head change in a few rows (as a new skill's tokens do): sparse deltas."""
+    root = tmp_path_factory.mktemp("embedding")
+    base = AutoModelForCausalLM.from_pretrained(models["base"])
+    tuned = copy.deepcopy(base)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        tuned.model.embed_tokens.weight[10:40] += 0.05 * torch.randn(30, 32, generator=generator)
+        tuned.lm_head.weight[10:40] += 0.05 * torch.randn(30, 32, generator=generator)
+        tuned.model.layers[0].mlp.down_proj.weight += 0.01 * torch.randn(32, 64, generator=generator)
+    tuned.save_pretrained(root / "tuned")
+    assert main(["skillpack", "extract", "--base", str(models["base"]), "--tuned", str(root / "tuned"),
+                 "--out", str(root / "pack"), "--ratio", "2", "--calibration", "none"]) == 0
+    return root / "pack"
+
+
+def test_export_lora_is_exact_where_the_rank_allows_and_refuses_lossy_output(models, embedding_pack, tmp_path, capsys):
+    pack = sp.read_skillpack(embedding_pack)
+    assert {pack.config.module_specs[m]["weight"]["kind"] for m in ("model.embed_tokens", "lm_head")} <= {"sparse", "quant"}
+    exact = tmp_path / "exact"
+    assert main(["skillpack", "export-lora", str(embedding_pack), "--out", str(exact), "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "approximated" not in out
+    base = AutoModelForCausalLM.from_pretrained(models["base"])
+    lora = PeftModel.from_pretrained(copy.deepcopy(base), exact).merge_and_unload()
+    merged = sp.load_skillpack(copy.deepcopy(base), embedding_pack).merge_and_unload()
+    for name in ("model.embed_tokens", "lm_head"):
+        want = merged.get_submodule(name).weight - base.get_submodule(name).weight
+        got = lora.get_submodule(name).weight - base.get_submodule(name).weight
+        assert (got - want).norm() <= 1e-5 * want.norm(), name  # the embedding change survives, exactly
+
+    lossy = tmp_path / "lossy"
+    assert main(["skillpack", "export-lora", str(embedding_pack), "--out", str(lossy), "--sparse-rank", "2"]) == 2
+    captured = capsys.readouterr()
+    assert "approximated at rank 2: model.embed_tokens" in captured.out
+    assert "--allow-lossy" in captured.err and "model.embed_tokens" in captured.err
+    assert main(["skillpack", "export-lora", str(embedding_pack), "--out", str(lossy), "--sparse-rank", "2", "--allow-lossy"]) == 0
+
+
+def test_missing_paths_and_unreachable_hub_say_so_in_one_line(models, tmp_path, capsys, monkeypatch):
+    missing = str(tmp_path / "no" / "such" / "model")
+    assert main(["skillpack", "extract", "--base", missing, "--tuned", str(models["tuned"]), "--out", str(tmp_path / "p")]) == 2
+    assert capsys.readouterr().err.strip() == f"hf-graft: error: The folder {missing} does not exist (and it is not a Hub repo id like org/name)."
+    assert main(["vision", "eval", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder without config.json" in err and len(err.strip().splitlines()) == 1
+    assert main(["layers", "eval", missing]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    pack_dir = tmp_path / "pack"
+    assert main(["skillpack", "extract", "--base", str(models["base"]), "--tuned", str(models["tuned"]),
+                 "--out", str(pack_dir), "--ratio", "3", "--calibration", "none"]) == 0
+    capsys.readouterr()
+    assert main(["skillpack", "push", str(pack_dir), "someone/pack"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hf-graft: error: the Hub at http://127.0.0.1:9 cannot be reached") and "\n" not in err
+
+
+def test_apply_to_another_base_names_the_cli_flag(models, embedding_pack, tmp_path, capsys):
+    other = AutoModelForCausalLM.from_pretrained(models["base"])
+    with torch.no_grad():
+        for param in other.parameters():
+            param.add_(0.01 * torch.randn_like(param))
+    other.save_pretrained(tmp_path / "other")
+    argv = ["skillpack", "apply", str(embedding_pack), "--base", str(tmp_path / "other"), "--out", str(tmp_path / "m")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "another base model" in err and "--no-check-base" in err and "check_base_fingerprint" not in err
+    assert main(argv + ["--no-check-base"]) == 0

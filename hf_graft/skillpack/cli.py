@@ -17,9 +17,11 @@ import os
 import shutil
 import tempfile
 
-from ..errors import HfGraftError
+from ..errors import BaseModelMismatchError, HfGraftError
 
 DTYPES = ("float32", "bfloat16", "float16")
+#: Relative error above which an exported LoRA module counts as lossy.
+LOSSY_ERROR = 0.1
 
 
 def add_parser(sub) -> None:
@@ -48,27 +50,30 @@ def add_parser(sub) -> None:
     extract.add_argument("--push-to-hub", metavar="REPO_ID", help="push the pack when done")
 
     inspect = commands.add_parser("inspect", help="per module: kind, rank, bits, bytes, reconstruction error")
-    inspect.add_argument("pack")
+    inspect.add_argument("pack", help="SkillPack folder or Hub id")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     apply = commands.add_parser("apply", help="merge a SkillPack into its base and save the merged model")
-    apply.add_argument("pack")
+    apply.add_argument("pack", help="SkillPack folder or Hub id")
     apply.add_argument("--base", help="base model (default: the one the pack names)")
-    apply.add_argument("--out", required=True)
-    apply.add_argument("--dtype", choices=DTYPES, default="float32")
+    apply.add_argument("--out", required=True, help="folder for the merged model (and the base's tokenizer)")
+    apply.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype the base is loaded and saved in")
     apply.add_argument("--no-check-base", action="store_true", help="apply even if the base's fingerprint differs")
 
     export = commands.add_parser("export-lora", help="write the pack as a standard PEFT LoRA adapter")
-    export.add_argument("pack")
-    export.add_argument("--out", required=True)
+    export.add_argument("pack", help="SkillPack folder or Hub id")
+    export.add_argument("--out", required=True, help="folder for the LoRA adapter")
     export.add_argument("--base", help="base model whose architecture to read (default: the one the pack names)")
-    export.add_argument("--sparse-rank", type=int, default=64, help="SVD rank for sparse (embedding) deltas")
+    export.add_argument("--sparse-rank", type=int, default=64,
+                        help="largest rank for deltas that are not low rank (exact at their smaller side; default 64)")
+    export.add_argument("--allow-lossy", action="store_true",
+                        help="exit 0 even when a module is approximated with relative error above 0.1")
     export.add_argument("--dtype", choices=DTYPES, default="float16", help="dtype of the LoRA factors")
 
     push = commands.add_parser("push", help="push a SkillPack folder to the Hub with its model card")
-    push.add_argument("pack")
-    push.add_argument("repo_id")
-    push.add_argument("--private", action="store_true")
+    push.add_argument("pack", help="SkillPack folder")
+    push.add_argument("repo_id", help="Hub repo to create or update, e.g. org/skillpack-math")
+    push.add_argument("--private", action="store_true", help="create the repo private")
 
 
 def run(args) -> None:
@@ -86,13 +91,18 @@ def _load_model(reference: str, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(reference, dtype=getattr(torch, dtype)).eval()
+    from ..references import checked_reference
+
+    return AutoModelForCausalLM.from_pretrained(checked_reference(reference), dtype=getattr(torch, dtype)).eval()
 
 
 def _is_lora(reference: str) -> bool:
     path = os.path.join(reference, "adapter_config.json")
     if os.path.isdir(reference):
         return os.path.isfile(path)
+    from ..references import checked_reference
+
+    checked_reference(reference, "tuned model or LoRA adapter")
     from huggingface_hub import file_exists
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
@@ -163,7 +173,10 @@ def _apply(args) -> None:
     pack = read_skillpack(args.pack)
     pack.config.check_base_fingerprint = not args.no_check_base
     base = _base_of(args, pack)
-    merged = attach(_load_model(base, args.dtype), pack).merge_and_unload()
+    try:
+        merged = attach(_load_model(base, args.dtype), pack).merge_and_unload()
+    except BaseModelMismatchError as error:
+        raise HfGraftError(str(error).replace("pass check_base_fingerprint=False", "pass --no-check-base")) from None
     merged.save_pretrained(args.out)
     from transformers import AutoTokenizer
 
@@ -188,11 +201,17 @@ def _export_lora(args) -> None:
     report = export_lora(pack, skeleton, args.out, sparse_rank=args.sparse_rank, dtype=args.dtype)
     print(f"LoRA adapter written to {args.out}: {report.nbytes:,} bytes, {len(report.exact)} modules exact")
     for name, error in sorted(report.approximated.items()):
-        print(f"  approximated at rank <= {args.sparse_rank}: {name} (relative error {error:.4f})")
+        print(f"  approximated at rank {report.ranks[name]}: {name} (relative error {error:.4f})")
     for name in report.left_out:
         print(f"  left out (LoRA cannot express it): {name}")
     for head, source in sorted(report.tied.items()):
         print(f"  tied: {head} shares {source}'s factors; untie {head} before merge_and_unload() (peft adds it twice)")
+    lossy = report.lossy(LOSSY_ERROR)
+    if lossy and not args.allow_lossy:
+        raise HfGraftError(
+            f"{len(lossy)} module(s) lost more than {LOSSY_ERROR:.0%} of their delta in the LoRA ({', '.join(sorted(lossy))}). "
+            f"Raise --sparse-rank (a delta is exact at its smaller side) or pass --allow-lossy to accept it."
+        )
 
 
 def _push(args) -> None:

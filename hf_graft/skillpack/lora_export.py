@@ -1,10 +1,11 @@
 """A SkillPack as a standard PEFT LoRA adapter, for serving engines that load LoRA and nothing else.
 
 Low-rank deltas become LoRA factors exactly (``lora_B @ lora_A = B @ A``, each module at its own
-rank through ``rank_pattern``, with ``alpha_pattern`` equal to it so the scaling is 1). Sparse
-deltas (embeddings, output heads) have no LoRA form: they are factored by a truncated SVD at
-``sparse_rank``, with the error reported. Norm and bias deltas cannot be expressed by LoRA at all
-and are left out, also reported. The exported file holds only the LoRA factors.
+rank through ``rank_pattern``, with ``alpha_pattern`` equal to it so the scaling is 1). Other
+matrices (quantized, sparse, fp16) are exact at rank ``min(rows, cols)``, which ``sparse_rank``
+allows or caps; a capped one is its best approximation (truncated SVD), error reported. Norm and
+bias deltas cannot be expressed by LoRA at all and are left out, also reported. The exported file
+holds only the LoRA factors.
 
 An output head tied to a packed embedding gets the embedding's factors through peft's
 ``ensure_weight_tying`` (stored once), so the unmerged LoRA equals the pack. peft merges a LoRA on
@@ -55,18 +56,34 @@ class LoraExport:
     approximated: dict = field(default_factory=dict)
     left_out: list = field(default_factory=list)
     tied: dict = field(default_factory=dict)
+    ranks: dict = field(default_factory=dict)
     nbytes: int = 0
 
+    def lossy(self, threshold: float = 0.1) -> dict:
+        """``{module: relative error}`` of the approximations worse than ``threshold``."""
+        return {name: error for name, error in self.approximated.items() if error > threshold}
 
-def _lowrank(delta: CompressedDelta, sparse_rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``(A [r, cols], B [rows, r], relative error)`` with ``B @ A`` approximating the stored delta."""
+
+def _lowrank(delta: CompressedDelta, max_rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(A [r, cols], B [rows, r], relative error)`` with ``B @ A`` the stored delta, exactly where it can be.
+
+    Low-rank deltas are their own factors. Any other matrix is exact at rank ``min(rows, cols)``
+    (one factor is the delta, the other the identity); below that it is the best rank-``max_rank``
+    approximation (truncated SVD) and its error is measured.
+    """
     if delta.kind == "lowrank":
         a, b = delta.lowrank()
         return a, b, 0.0
-    dense = delta.delta()
-    factors = lowrank_factors(dense, energy=1.0, max_rank=min(sparse_rank, *dense.shape), min_rank=1)
-    error = float(torch.linalg.vector_norm(dense - factors.b @ factors.a) / torch.linalg.vector_norm(dense).clamp_min(1e-30))
-    return factors.a, factors.b, error
+    dense = delta.delta().float()
+    rows, cols = dense.shape
+    if max_rank >= min(rows, cols):
+        if rows >= cols:
+            return torch.eye(cols), dense, 0.0
+        return dense, torch.eye(rows), 0.0
+    u, singular, vh = torch.linalg.svd(dense, full_matrices=False)
+    b, a = u[:, :max_rank] * singular[:max_rank], vh[:max_rank]
+    error = float(torch.linalg.vector_norm(dense - b @ a) / torch.linalg.vector_norm(dense).clamp_min(1e-30))
+    return a, b, error
 
 
 def export_lora(
@@ -76,6 +93,7 @@ def export_lora(
     *,
     sparse_rank: int = 64,
     dtype: str = "float16",
+    warn_error: float = 0.1,
 ) -> LoraExport:
     """Write ``pack`` as a PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
 
@@ -84,6 +102,11 @@ def export_lora(
     ``PeftModel``); only its module types are read, so a model built on the meta device
     (``with torch.device("meta"): AutoModelForCausalLM.from_config(...)``) will do. ``dtype`` is that
     of the written factors.
+
+    A delta that is not low rank is written exactly when ``sparse_rank`` reaches its smaller
+    side, and as its best rank-``sparse_rank`` approximation otherwise; ``report.ranks`` holds the
+    rank each module got, ``report.approximated`` the relative error of each approximation, and a
+    warning is logged when one is above ``warn_error``.
     """
     if isinstance(pack, PeftModel):
         model = model if model is not None else pack.get_base_model()
@@ -107,7 +130,7 @@ def export_lora(
         module = modules[name]
         report.left_out += [f"{name}.{part}" for part in parts if part != "weight"]
         weight = parts.get("weight")
-        if weight is None or weight.kind == "dense_fp16" or not isinstance(module, (nn.Linear, Conv1D, nn.Embedding)):
+        if weight is None or len(weight.shape) != 2 or not isinstance(module, (nn.Linear, Conv1D, nn.Embedding)):
             report.left_out += [f"{name}.weight"] if weight is not None else []
             continue
         a, b, error = _lowrank(weight, sparse_rank)
@@ -125,6 +148,12 @@ def export_lora(
         else:
             report.exact.append(name)
         factors[name] = (a, b)
+    report.ranks = dict(ranks)
+    if report.lossy(warn_error):
+        logger.warning(
+            "The LoRA approximates %s with relative error above %s; raise sparse_rank (up to the smaller side "
+            "of each matrix) to export them exactly.", ", ".join(sorted(report.lossy(warn_error))), warn_error,
+        )
     report.tied = {head: source for head, source in pack.config.tied_modules.items() if source in factors}
     tied = set(report.tied)
     if tied:

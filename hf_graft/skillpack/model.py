@@ -9,7 +9,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..errors import HfGraftError
+from ..errors import BaseModelMismatchError, HfGraftError
 from .compress import check_meta
 from .config import SkillPackConfig
 from .layer import Embedding, Linear, Norm, SkillPackLayer, TiedLinear
@@ -137,7 +137,7 @@ class SkillPackModel(BaseTuner):
         if config.check_base_fingerprint and config.base_fingerprint:
             found = base_fingerprint(model, config.module_specs)
             if found != config.base_fingerprint:
-                raise HfGraftError(
+                raise BaseModelMismatchError(
                     f"SkillPack {adapter_name!r} was extracted from another base model (weights fingerprint "
                     f"{config.base_fingerprint[:12]}..., this model {found[:12]}...). Load the base it was made "
                     "for, or pass check_base_fingerprint=False to apply it anyway."
