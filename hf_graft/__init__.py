@@ -3,12 +3,15 @@
 Importing the package registers the graft models with transformers' Auto classes, so
 ``AutoModel.from_pretrained("org/grafted-...")`` works without ``trust_remote_code``, and the
 SkillPack adapter type with peft, so ``PeftModel.from_pretrained(base, "org/skillpack-...")`` works.
+Everything else (``hf_graft.vision``, ``hf_graft.layers``, ``hf_graft.metrics``, ...) is imported
+on first use.
 """
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoModelForImageClassification
 
-from . import data, hub, layers, skillpack, vision
+from . import skillpack
 from .errors import HfGraftError
+from .lazy import lazy_exports
 from .models.configuration_grafted import GraftedConfig
 from .models.configuration_grafted_causal_lm import GraftedCausalLMConfig
 from .models.configuration_grafted_vision import GraftedVisionConfig
@@ -16,11 +19,18 @@ from .models.image_processing_grafted import GraftedImageProcessor
 from .models.modeling_grafted import GraftedModel
 from .models.modeling_grafted_causal_lm import GraftedModelForCausalLM
 from .models.modeling_grafted_vision import GraftedModelForImageClassification
-from .skillpack import SkillPackConfig, extract_skillpack, fuse
+from .skillpack import SkillPackConfig
 
 __version__ = "0.1.0"
 
-GraftedModel.model_card_writer = staticmethod(hub.write_model_card)
+
+def _write_model_card(model, save_directory, **kwargs):
+    from .hub import write_model_card
+
+    return write_model_card(model, save_directory, **kwargs)
+
+
+GraftedModel.model_card_writer = staticmethod(_write_model_card)
 
 AutoConfig.register(GraftedVisionConfig.model_type, GraftedVisionConfig, exist_ok=True)
 AutoModel.register(GraftedVisionConfig, GraftedModelForImageClassification, exist_ok=True)
@@ -30,12 +40,19 @@ AutoConfig.register(GraftedCausalLMConfig.model_type, GraftedCausalLMConfig, exi
 AutoModel.register(GraftedCausalLMConfig, GraftedModelForCausalLM, exist_ok=True)
 AutoModelForCausalLM.register(GraftedCausalLMConfig, GraftedModelForCausalLM, exist_ok=True)
 
+_LAZY = {
+    **{name: name for name in ("data", "demo", "hub", "layers", "metrics", "recipes", "reporting", "vision")},
+    "extract_skillpack": "skillpack.extract",
+    "fuse": "skillpack.fusion",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
+
 __all__ = [
     "GraftedCausalLMConfig",
     "GraftedConfig",
+    "GraftedImageProcessor",
     "GraftedModel",
     "GraftedModelForCausalLM",
-    "GraftedImageProcessor",
     "GraftedModelForImageClassification",
     "GraftedVisionConfig",
     "HfGraftError",

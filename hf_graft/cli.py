@@ -1,4 +1,4 @@
-"""``hf-graft``: the command line, one subcommand per Python entry point.
+"""What the ``hf-graft`` subcommands do, once ``hf_graft_cli`` has parsed their arguments.
 
     hf-graft demo [vision]                  the whole vision graft on embedded data, offline
     hf-graft vision train  --out DIR ...    donor -> graft with distillation -> report
@@ -9,72 +9,11 @@
     hf-graft run RECIPE.yaml [--out DIR]    distil teacher -> target, extract the SkillPack (hf_graft.recipes)
 """
 
-import argparse
 import json
 import os
 import sys
 
 from .errors import is_network_error
-from .layers import cli as layers_cli
-from .skillpack import cli as skillpack_cli
-
-
-def _add_training_flags(parser, prefix: str, epochs: int, lr: float):
-    parser.add_argument(f"--{prefix}-epochs", type=int, default=epochs, help=f"{prefix} training epochs")
-    parser.add_argument(f"--{prefix}-lr", type=float, default=lr, help=f"{prefix} learning rate (AdamW, cosine)")
-
-
-def _vision_parser(sub):
-    vision = sub.add_parser("vision", help="feature-scion grafting for image classification")
-    commands = vision.add_subparsers(dest="vision_command", required=True)
-
-    train = commands.add_parser("train", help="train the donor, graft its scion, train the graft with distillation")
-    train.add_argument("--out", required=True, help="output directory (donor/, grafted/, report.md)")
-    train.add_argument("--preset", default="paper", help="architecture preset (paper, paper-mobilenetv2, rootstock-only)")
-    train.add_argument("--dataset", default="digits", help="'digits' (embedded), an image folder, or a Hub dataset id")
-    train.add_argument("--image-column", help="image column of a Hub dataset (default: found by type)")
-    train.add_argument("--label-column", help="label column of a Hub dataset (default: found by type)")
-    train.add_argument("--image-size", type=int, help="override the preset's input size")
-    train.add_argument("--donor-name", help="timm name of the donor CNN")
-    train.add_argument("--scion-cut", help="donor layer after which the scion is cut (e.g. features.13)")
-    train.add_argument("--freeze-scion", action="store_true", help="keep the scion's donor weights fixed")
-    train.add_argument("--rootstock", help="timm name of a rootstock backbone concatenated with the scion")
-    train.add_argument("--donor", help="a donor checkpoint directory to graft from instead of training one")
-    train.add_argument("--donor-pretrained", action="store_true", help="start the donor from timm's pretrained weights")
-    _add_training_flags(train, "donor", 3, 1e-4)
-    _add_training_flags(train, "graft", 3, 1e-3)
-    train.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
-    train.add_argument("--distill-weight", type=float, default=0.5, help="weight of the donor's soft targets (default 0.5)")
-    train.add_argument("--distill-temperature", type=float, default=4.0, help="distillation temperature (default 4)")
-    train.add_argument("--seed", type=int, default=0, help="seed of the splits and training (default 0)")
-    train.add_argument("--push-to-hub", metavar="REPO_ID", help="push the graft to this Hub repo when done")
-
-    evaluate = commands.add_parser("eval", help="evaluate a saved graft (directory or Hub repo)")
-    evaluate.add_argument("model", help="a saved graft (folder or Hub id)")
-    evaluate.add_argument("--dataset", default="digits", help="'digits' (embedded), an image folder, or a Hub dataset id")
-    evaluate.add_argument("--split", choices=["train", "val", "test"], default="test", help="split to score (default test)")
-
-    export = commands.add_parser("export", help="export to ONNX with Optimum and quantise to static int8")
-    export.add_argument("model", help="a saved graft (folder or Hub id)")
-    export.add_argument("--out", required=True, help="folder for model.onnx and model_int8.onnx")
-    export.add_argument("--dataset", default="digits", help="calibration and agreement images")
-    export.add_argument("--calibration-samples", type=int, default=256, help="images to calibrate int8 on (default 256)")
-    export.add_argument("--opset", type=int, help="ONNX opset (default: Optimum's)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-graft", description="Knowledge grafting on the Hugging Face Hub.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run a whole graft offline on embedded data")
-    demo.add_argument("kind", nargs="?", default="vision", choices=["vision"])
-    demo.add_argument("--out", default="hf-graft-demo", help="output directory")
-    _vision_parser(sub)
-    skillpack_cli.add_parser(sub)
-    layers_cli.add_parser(sub)
-    run = sub.add_parser("run", help="run a recipe (YAML): distillation to a SkillPack, or a layer graft; evaluation, push")
-    run.add_argument("recipe", help="a recipe file (YAML), e.g. hub_templates/recipes/addition-skill.yaml")
-    run.add_argument("--out", help="output directory (overrides the recipe's output_dir)")
-    return parser
 
 
 def _vision_train(args):
@@ -155,17 +94,21 @@ def _vision_export(args):
     print(json.dumps(report, indent=2, default=str))
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args) -> int:
+    """Run the subcommand ``hf_graft_cli`` parsed; the exit status (2: a user error, said in one line)."""
     try:
         if args.command == "demo":
             from .demo import run_vision_demo
 
             run_vision_demo(args.out)
         elif args.command == "skillpack":
-            skillpack_cli.run(args)
+            from .skillpack.cli import run as run_skillpack
+
+            run_skillpack(args)
         elif args.command == "layers":
-            layers_cli.run(args)
+            from .layers.cli import run as run_layers
+
+            run_layers(args)
         elif args.command == "run":
             from .recipes import run_recipe
 
@@ -192,5 +135,7 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m hf_graft.cli ..., e.g. under accelerate launch
+    from hf_graft_cli import main
+
     sys.exit(main())

@@ -183,7 +183,7 @@ def test_specialise_block_changes_that_block_only(tokenizer):
 
 
 def test_cli_specialise_graft_eval(tmp_path, tokenizer, capsys):
-    from hf_graft.cli import main
+    from hf_graft_cli import main
 
     for name, seed in (("vanilla", 1), ("host", 0)):
         model = make("gpt_neox", seed)

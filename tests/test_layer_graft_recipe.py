@@ -7,7 +7,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from hf_graft.cli import main as cli_main
+from hf_graft_cli import main as cli_main
 from hf_graft.errors import HfGraftError
 from hf_graft.recipes import load_recipe, run_recipe
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hf_graft.cli import main as cli_main
+from hf_graft_cli import main as cli_main
 from hf_graft.distill.__main__ import main as distill_main
 from hf_graft.errors import HfGraftError
 from hf_graft.recipes import load_recipe, run_recipe

@@ -9,7 +9,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import hf_graft.skillpack as sp
-from hf_graft.cli import main
+from hf_graft_cli import main
 from hf_graft.data import train_tokenizer
 
 IDS = torch.randint(0, 300, (1, 8), generator=torch.Generator().manual_seed(0))

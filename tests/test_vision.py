@@ -276,7 +276,7 @@ def test_truncated_or_corrupt_weights_give_one_clear_error(tmp_path):
 
 
 def test_cli_bad_input_exits_with_one_message_and_writes_nothing(tmp_path, capsys):
-    from hf_graft.cli import main
+    from hf_graft_cli import main
 
     out = tmp_path / "out"
     code = main(["vision", "train", "--out", str(out), "--scion-cut", "features.99", "--image-size", "32"])
@@ -288,7 +288,7 @@ def test_cli_bad_input_exits_with_one_message_and_writes_nothing(tmp_path, capsy
 
 
 def test_cli_eval_prints_accuracy_and_size_of_a_saved_graft(tmp_path, capsys):
-    from hf_graft.cli import main
+    from hf_graft_cli import main
 
     hf_graft.GraftedModelForImageClassification(small_config()).save_pretrained(tmp_path / "graft")
     assert main(["vision", "eval", str(tmp_path / "graft"), "--dataset", "digits", "--split", "val"]) == 0

@@ -15,47 +15,6 @@ import json
 from ..errors import HfGraftError
 
 
-def add_parser(sub) -> None:
-    """Add ``layers`` and its subcommands to the top-level subparsers ``sub``."""
-    group = sub.add_parser("layers", help="layer grafting: specialise a block, graft it between translators")
-    commands = group.add_subparsers(dest="layers_command", required=True)
-
-    specialise = commands.add_parser("specialise", help="LoRA on one block only, trained on modular addition, merged")
-    specialise.add_argument("--model", required=True, help="causal LM folder or Hub id, with its tokenizer")
-    specialise.add_argument("--layer", type=int, required=True, help="index of the block to specialise")
-    specialise.add_argument("--out", required=True)
-    specialise.add_argument("--modulus", type=int, default=4, help="n of 'a + b mod n' (default 4)")
-    specialise.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
-    specialise.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
-    specialise.add_argument("--lr", type=float, default=2e-3, help="learning rate (default 2e-3)")
-
-    graft = commands.add_parser("graft", help="insert a donor block into a host and train its translators")
-    graft.add_argument("--host", required=True, help="host causal LM folder or Hub id, with its tokenizer")
-    graft.add_argument("--donor", required=True, help="the vanilla donor the block comes from")
-    graft.add_argument("--donor-layer", type=int, required=True, help="index of the donor block to graft")
-    graft.add_argument("--position", type=int, required=True, help="host block before which the graft goes")
-    graft.add_argument("--tuned", help="the specialised donor (from 'layers specialise') whose block is swapped in")
-    graft.add_argument("--strategy", choices=["original", "direct"], default="original",
-                       help="original: translators around the vanilla block, then swap; direct: the tuned block throughout")
-    graft.add_argument("--loss", choices=["residual", "residual_kl", "logits"], default="residual",
-                       help="translator loss (default residual: MSE between the streams)")
-    graft.add_argument("--data", choices=["task", "corpus", "mixed"], default="mixed", help="translator training text")
-    graft.add_argument("--translator-init", choices=["identity", "least_squares"], default="identity",
-                       help="identity, or least squares on paired activations (donors of another width)")
-    graft.add_argument("--modulus", type=int, default=4, help="n of 'a + b mod n' (default 4)")
-    graft.add_argument("--steps", type=int, default=300, help="translator training steps (default 300)")
-    graft.add_argument("--out", required=True, help="folder for the graft and its tokenizer")
-    graft.add_argument("--push-to-hub", metavar="REPO_ID", help="push the graft (with its tokenizer) when done")
-
-    evaluate = commands.add_parser("eval", help="format-hard, format-soft, factual, lexical perplexity, MLM predictability")
-    evaluate.add_argument("model", help="a saved model or graft (folder or Hub id)")
-    evaluate.add_argument("--tokenizer", help="where to read the tokenizer from (default: the model's folder)")
-    evaluate.add_argument("--modulus", type=int, default=4, help="n of 'a + b mod n' (default 4)")
-    evaluate.add_argument("--samples", type=int, default=200, help="task test prompts and text prompts (default 200)")
-    evaluate.add_argument("--mlm", help="a masked LM for MLM predictability (e.g. bert-base-uncased)")
-    evaluate.add_argument("--top-k", type=int, help="count only words the masked LM retrieves in its top k")
-
-
 def run(args) -> None:
     """Run the parsed ``layers`` subcommand."""
     {"specialise": _specialise, "graft": _graft, "eval": _evaluate}[args.layers_command](args)

@@ -9,8 +9,6 @@ features are concatenated; a dense head classifies the result. Knowledge Graftin
 import copy
 import difflib
 
-import timm
-
 from .configuration_grafted import GraftedConfig
 
 #: Named architectures. ``paper`` reproduces the paper's model exactly: 1,934,665 parameters
@@ -51,6 +49,8 @@ def _positive_ints(name, values):
 
 
 def _check_timm_name(field, name):
+    import timm  # imported when a vision config is made, not when hf_graft is
+
     if not timm.is_model(name):
         close = difflib.get_close_matches(str(name), timm.list_models(), n=6, cutoff=0.6)
         hint = f" Close names: {', '.join(close)}." if close else ""

@@ -8,7 +8,6 @@ import copy
 from collections import OrderedDict
 from typing import Optional
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,6 +34,8 @@ def create_timm(name: str, **kwargs) -> nn.Module:
     ``meta`` skips it (VGG16 alone spends seconds initialising its 119M-parameter classifier).
     Models with module types that initialisation does not know are built normally.
     """
+    import timm  # imported when a vision graft is built, not when hf_graft is
+
     with torch.device("meta"):
         model = timm.create_model(name, pretrained=False, **kwargs)
     if any(_owns_tensors(m) and not isinstance(m, _INITIALISED_TYPES) for m in model.modules()):

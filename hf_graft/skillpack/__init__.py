@@ -6,16 +6,31 @@ Importing this package registers the ``SKILLPACK`` method with peft, so ``get_pe
 
 from peft.utils import register_peft_method
 
+from ..lazy import lazy_exports
 from .config import SkillPackConfig
-from .extract import delta_spectrum, extract_skillpack, lora_deltas, weight_deltas
-from .fusion import FusedSkillPacks, fuse
-from .merging import MERGE_METHODS, merge_skillpacks
-from .files import SkillPackFile, load_skillpack, pack_of, read_skillpack, record_evaluation
-from .lora_export import LoraExport, export_lora
 from .model import SkillPackModel, base_fingerprint
 from .peft_type import SKILLPACK
 
 register_peft_method(name="skillpack", config_cls=SkillPackConfig, model_cls=SkillPackModel)
+
+_LAZY = {
+    "FusedSkillPacks": "fusion",
+    "LoraExport": "lora_export",
+    "MERGE_METHODS": "merging",
+    "SkillPackFile": "files",
+    "delta_spectrum": "extract",
+    "export_lora": "lora_export",
+    "extract_skillpack": "extract",
+    "fuse": "fusion",
+    "load_skillpack": "files",
+    "lora_deltas": "extract",
+    "merge_skillpacks": "merging",
+    "pack_of": "files",
+    "read_skillpack": "files",
+    "record_evaluation": "files",
+    "weight_deltas": "extract",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 __all__ = [
     "SKILLPACK",

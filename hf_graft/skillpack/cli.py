@@ -19,61 +19,8 @@ import tempfile
 
 from ..errors import BaseModelMismatchError, HfGraftError
 
-DTYPES = ("float32", "bfloat16", "float16")
 #: Relative error above which an exported LoRA module counts as lossy.
 LOSSY_ERROR = 0.1
-
-
-def add_parser(sub) -> None:
-    """Add ``skillpack`` and its subcommands to the top-level subparsers ``sub``."""
-    skillpack = sub.add_parser("skillpack", help="SkillPacks: skills as compressed, bit-packed PEFT adapters")
-    commands = skillpack.add_subparsers(dest="skillpack_command", required=True)
-
-    extract = commands.add_parser("extract", help="compress tuned - base into a SkillPack")
-    extract.add_argument("--base", required=True, help="base model folder or Hub id")
-    extract.add_argument("--tuned", required=True, help="tuned model, or a LoRA adapter on the base (folder or Hub id)")
-    extract.add_argument("--out", required=True, help="SkillPack folder to write")
-    budget = extract.add_mutually_exclusive_group()
-    budget.add_argument("--ratio", type=float, default=16.0, help="bf16 delta bytes / stored bytes (default 16)")
-    budget.add_argument("--bytes", type=int, help="an absolute byte budget instead of --ratio")
-    extract.add_argument(
-        "--calibration",
-        default="pydoc",
-        help="texts the pack is measured and distilled on: 'pydoc' (embedded, the default), a .txt file "
-        "(paragraphs), a Hub dataset id, or 'none' for a data-free pack",
-    )
-    extract.add_argument("--calibration-samples", type=int, default=128, help="sequences used (default 128)")
-    extract.add_argument("--distill-steps", type=int, default=200, help="scale distillation steps (default 200, 0: none)")
-    extract.add_argument("--calibration-length", type=int, default=256, help="tokens per sequence (default 256)")
-    extract.add_argument("--calibration-column", default="text", help="text column of a Hub dataset")
-    extract.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype the models are loaded in")
-    extract.add_argument("--push-to-hub", metavar="REPO_ID", help="push the pack when done")
-
-    inspect = commands.add_parser("inspect", help="per module: kind, rank, bits, bytes, reconstruction error")
-    inspect.add_argument("pack", help="SkillPack folder or Hub id")
-    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-    apply = commands.add_parser("apply", help="merge a SkillPack into its base and save the merged model")
-    apply.add_argument("pack", help="SkillPack folder or Hub id")
-    apply.add_argument("--base", help="base model (default: the one the pack names)")
-    apply.add_argument("--out", required=True, help="folder for the merged model (and the base's tokenizer)")
-    apply.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype the base is loaded and saved in")
-    apply.add_argument("--no-check-base", action="store_true", help="apply even if the base's fingerprint differs")
-
-    export = commands.add_parser("export-lora", help="write the pack as a standard PEFT LoRA adapter")
-    export.add_argument("pack", help="SkillPack folder or Hub id")
-    export.add_argument("--out", required=True, help="folder for the LoRA adapter")
-    export.add_argument("--base", help="base model whose architecture to read (default: the one the pack names)")
-    export.add_argument("--sparse-rank", type=int, default=64,
-                        help="largest rank for deltas that are not low rank (exact at their smaller side; default 64)")
-    export.add_argument("--allow-lossy", action="store_true",
-                        help="exit 0 even when a module is approximated with relative error above 0.1")
-    export.add_argument("--dtype", choices=DTYPES, default="float16", help="dtype of the LoRA factors")
-
-    push = commands.add_parser("push", help="push a SkillPack folder to the Hub with its model card")
-    push.add_argument("pack", help="SkillPack folder")
-    push.add_argument("repo_id", help="Hub repo to create or update, e.g. org/skillpack-math")
-    push.add_argument("--private", action="store_true", help="create the repo private")
 
 
 def run(args) -> None:
