@@ -33,8 +33,11 @@ def write_results(directory: str, name: str, data: dict, markdown: str) -> dict:
     return paths
 
 
-def scatter_plot(points: list, path: str, *, x: str, y: str, title: str, log_x: bool = False) -> str:
-    """A labelled scatter plot of ``points`` (dicts with ``label``, ``x`` and ``y`` keys) as PNG."""
+def scatter_plot(points: list, path: str, *, x: str, y: str, title: str, log_x: bool = False, y_range=None) -> str:
+    """A labelled scatter plot of ``points`` (dicts with ``label``, ``x`` and ``y`` keys) as PNG.
+
+    ``y_range`` fixes the y axis (e.g. ``(0, 1)`` for an accuracy), so close values look close.
+    """
     import matplotlib
     import matplotlib.ticker
 
@@ -51,6 +54,8 @@ def scatter_plot(points: list, path: str, *, x: str, y: str, title: str, log_x: 
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.margins(x=0.15, y=0.15)  # room for the labels of the outermost points
+    if y_range is not None:
+        ax.set_ylim(*y_range)
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     ax.set_title(title)

@@ -98,6 +98,7 @@ def test_model_card_names_donor_sizes_and_metrics(tmp_path):
     assert card.startswith("---\n")
     assert "library_name: transformers" in card and "- hf-graft" in card
     assert "`resnet10t`" in card and "test_accuracy" in card and "0.9612" in card
+    assert "rootstock" not in card  # this graft has none
 
 
 def test_push_to_hub_and_load_by_repo_id(hub, repo_id):
