@@ -249,6 +249,15 @@ class _CalibrationBatches:
         return {self.input_name: batch}
 
 
+def _unfused_batch_norms(path: Path) -> list:
+    """Names of the BatchNormalization nodes pre-processing left (the head's parameter-free batch norm,
+    which follows a pooling, not a convolution). They stay in fp32: quantizing their 1-D scale per
+    channel is not defined, and they cost nothing."""
+    import onnx
+
+    return [node.name for node in onnx.load(str(path)).graph.node if node.op_type == "BatchNormalization"]
+
+
 def quantize_int8(
     onnx_path, calibration_images, output_path, *, per_channel: bool = True, batch_size: int = 16
 ) -> dict:
@@ -281,6 +290,7 @@ def quantize_int8(
             str(prepared),
             str(quantized),
             reader,
+            nodes_to_exclude=_unfused_batch_norms(prepared),
             quant_format=quantization.QuantFormat.QDQ,
             per_channel=per_channel,
             activation_type=quantization.QuantType.QInt8,
