@@ -492,6 +492,17 @@ def _stage_record(job: _Job, name: str, before: dict) -> dict:
     return {"stage": name, "settings": dataclasses.asdict(settings), "before": before}
 
 
+def _described(settings) -> str:
+    """A stage's settings as one short line: the fields that differ from their defaults, steps always."""
+    import dataclasses
+
+    defaults = type(settings)()
+    fields = [f.name for f in dataclasses.fields(settings)]
+    shown = [name for name in fields if name == "steps" or getattr(settings, name) != getattr(defaults, name)]
+    return ", ".join(f"{name.replace('_', ' ')} {getattr(settings, name):g}" if isinstance(getattr(settings, name), float)
+                     else f"{name.replace('_', ' ')} {getattr(settings, name)}" for name in shown)
+
+
 def _run_stage(job: _Job, name: str, student, tokenizer, teacher, answers, record: dict):
     """Train ``student`` with stage ``name`` unless a finished run of it is saved; return the model."""
     from .distill import distill_logits, dpo, preference_pairs, sft
@@ -501,7 +512,7 @@ def _run_stage(job: _Job, name: str, student, tokenizer, teacher, answers, recor
     if job.done(directory, record):
         job.say(name, f"done earlier, loading {directory / 'model'}")
         return _load(directory / "model")[0]
-    job.say(name, f"{settings}")
+    job.say(name, _described(settings))
     losses = []
     if name == "sft":
         result = sft(student, tokenizer, answers, settings, output_dir=str(directory / "trainer"), progress=job.progress)
@@ -609,7 +620,7 @@ def _skillpack(job: _Job, tuned, tokenizer, teacher, teacher_tokenizer, answers)
     calibration = _calibration(job, tokenizer, answers)
     if calibration is not None:
         settings.setdefault("calibration_samples", sum(len(batch["input_ids"]) for batch in calibration))
-    job.say("skillpack", f"tuned target - base target, {settings}")
+    job.say("skillpack", "tuned target - base target, " + ", ".join(f"{key} {value}" for key, value in settings.items()))
     torch.manual_seed(recipe.seed)
     pack = extract_skillpack(base, tuned, SkillPackConfig(**settings), calibration=calibration, progress=job.progress)
     measured = pack.peft_config["default"].measured

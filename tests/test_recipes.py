@@ -84,8 +84,11 @@ def test_tiny_recipe_end_to_end_then_resume(tmp_path, capsys):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(_recipe(tmp_path)))
     assert cli_main(["run", str(path)]) == 0
-    shown = capsys.readouterr().out
+    captured = capsys.readouterr()
+    shown = captured.out
     assert "[3/6] sft" in shown and "[6/6] skillpack" in shown
+    # one readable line per step: no settings reprs, no trainer log dicts, no dataset-map bars
+    assert "Settings(" not in shown and "{'loss'" not in shown + captured.err and "examples/s" not in captured.err
     out = tmp_path / "run"
     report = json.loads((out / "report.json").read_text())
     assert set(report["stages"]) == {"sft", "dpo", "logits"}

@@ -11,15 +11,18 @@ them across processes. Trainer checkpoints pickle their optimizer state, so thes
 intermediate checkpoint: a recipe reruns an unfinished SFT or DPO stage from its start.
 """
 
+import contextlib
 import copy
 import os
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from accelerate import PartialState
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.trainer_callback import ProgressCallback
 
 from ..data import Example
 from ..errors import HfGraftError
@@ -127,6 +130,36 @@ def _trainer_args(config_class, settings, output_dir: str, progress: bool, **ext
     )
 
 
+class _LossInTheBar(ProgressCallback):
+    """transformers' progress bar, with the logged loss in the bar instead of a printed dict per log."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+
+
+@contextlib.contextmanager
+def _quiet_trainer():
+    """No per-row progress bars from datasets' preprocessing, no deprecation notices of trl's own defaults."""
+    from datasets.utils import logging as datasets_logging
+
+    shown = datasets_logging.is_progress_bar_enabled()
+    datasets_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+            yield
+    finally:
+        if shown:
+            datasets_logging.enable_progress_bar()
+
+
+def _train(trainer) -> None:
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(_LossInTheBar())
+    trainer.train()
+
+
 def _losses(trainer) -> list[float]:
     return [row["loss"] for row in trainer.state.log_history if "loss" in row]
 
@@ -157,10 +190,10 @@ def sft(
         raise HfGraftError("SFT needs at least one (prompt, answer) example.")
     _check_tokenizer(tokenizer)
     dataset = Dataset.from_dict({"prompt": [p for p, _ in examples], "completion": [a for _, a in examples]})
-    with _work_dir(output_dir) as work:
+    with _work_dir(output_dir) as work, _quiet_trainer():
         args = _trainer_args(SFTConfig, settings, work, progress, completion_only_loss=True)
         trainer = SFTTrainer(model=student, args=args, train_dataset=dataset, processing_class=tokenizer)
-        trainer.train()
+        _train(trainer)
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
     return StageResult(model=model, losses=_losses(trainer))
 
@@ -190,12 +223,12 @@ def dpo(
     _check_tokenizer(tokenizer)
     dataset = Dataset.from_dict({key: [row[key] for row in pairs] for key in ("prompt", "chosen", "rejected")})
     reference = copy.deepcopy(student).eval()
-    with _work_dir(output_dir) as work:
+    with _work_dir(output_dir) as work, _quiet_trainer():
         args = _trainer_args(DPOConfig, settings, work, progress, beta=settings.beta, loss_type=settings.loss_type)
         trainer = DPOTrainer(
             model=student, ref_model=reference, args=args, train_dataset=dataset, processing_class=tokenizer
         )
-        trainer.train()
+        _train(trainer)
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
     return StageResult(model=model, losses=_losses(trainer))
 
