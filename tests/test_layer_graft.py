@@ -211,6 +211,12 @@ def test_cli_specialise_graft_eval(tmp_path, tokenizer, capsys):
                  "--donor-layer", "1", "--position", "9", "--out", str(tmp_path / "bad")]) == 2
     assert "position 9 is outside the host" in capsys.readouterr().err
 
+    bare = tmp_path / "bare"  # a graft saved without its tokenizer
+    AutoModelForCausalLM.from_pretrained(tmp_path / "grafted").save_pretrained(bare)
+    assert main(["layers", "eval", str(bare), "--samples", "8"]) == 2
+    assert "holds no tokenizer" in capsys.readouterr().err
+    assert main(["layers", "eval", str(bare), "--samples", "8", "--tokenizer", str(tmp_path / "host")]) == 0
+
 
 def test_text_generation_pipeline_from_the_saved_folder(tmp_path, tokenizer):
     from transformers import pipeline
