@@ -1,12 +1,7 @@
-"""What the ``hf-graft`` subcommands do, once ``hf_graft_cli`` has parsed their arguments.
+"""What the ``hf-graft`` subcommands do, once ``hf_graft_cli`` (which lists them) has parsed their arguments.
 
-    hf-graft demo [vision]                  the whole vision graft on embedded data, offline
-    hf-graft vision train  --out DIR ...    donor -> graft with distillation -> report
-    hf-graft vision eval   MODEL            accuracy and size of a saved graft
-    hf-graft vision export MODEL --out DIR  ONNX (Optimum) + static int8, checked against PyTorch
-    hf-graft skillpack extract|inspect|apply|export-lora|push   SkillPacks (see hf_graft.skillpack.cli)
-    hf-graft layers specialise|graft|eval                        layer grafting (see hf_graft.layers.cli)
-    hf-graft run RECIPE.yaml [--out DIR]    distil teacher -> target, extract the SkillPack (hf_graft.recipes)
+The vision commands live here; ``hf_graft.skillpack.cli`` and ``hf_graft.layers.cli`` hold theirs,
+``hf_graft.recipes`` runs ``hf-graft run`` and ``hf_graft.demo`` the demo.
 """
 
 import json
