@@ -127,10 +127,16 @@ def _apply(args) -> None:
     merged.save_pretrained(args.out)
     from transformers import AutoTokenizer
 
+    from ..references import TOKENIZER_FILES
+
+    no_tokenizer = f"merged model written to {args.out} ({base} has no tokenizer to copy)"
+    if os.path.isdir(base) and not any(os.path.isfile(os.path.join(base, name)) for name in TOKENIZER_FILES):
+        print(no_tokenizer)
+        return
     try:
         AutoTokenizer.from_pretrained(base).save_pretrained(args.out)
     except (OSError, ValueError):
-        print(f"merged model written to {args.out} ({base} has no tokenizer to copy)")
+        print(no_tokenizer)
         return
     print(f"merged model and tokenizer written to {args.out}")
 
