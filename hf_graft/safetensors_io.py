@@ -26,7 +26,11 @@ from safetensors.torch import save_file
 from .errors import HfGraftError
 
 __all__ = [
+    "DTYPE_NAMES",
+    "ITEMSIZES",
     "MAX_HEADER_BYTES",
+    "TORCH_DTYPES",
+    "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
     "fsync_directory",
@@ -40,7 +44,7 @@ MAX_HEADER_BYTES = 100_000_000
 
 # safetensors dtype name -> torch dtype name, for every byte-aligned dtype safetensors defines.
 # Dtypes the installed torch lacks are left out, so a file using them fails with a clear message.
-_DTYPE_NAMES = {
+_TORCH_ATTRS = {
     "BOOL": "bool",
     "U8": "uint8",
     "I8": "int8",
@@ -61,11 +65,11 @@ _DTYPE_NAMES = {
     "F64": "float64",
     "C64": "complex64",
 }
-_TORCH_DTYPES: dict[str, torch.dtype] = {
-    name: getattr(torch, attr) for name, attr in _DTYPE_NAMES.items() if hasattr(torch, attr)
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, attr) for name, attr in _TORCH_ATTRS.items() if hasattr(torch, attr)
 }
-_DTYPE_TO_NAME = {dtype: name for name, dtype in _TORCH_DTYPES.items()}
-_ITEMSIZE = {name: dtype.itemsize for name, dtype in _TORCH_DTYPES.items()}
+DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+ITEMSIZES = {name: dtype.itemsize for name, dtype in TORCH_DTYPES.items()}
 
 _FIX = "Re-download or re-save it."
 
@@ -151,15 +155,15 @@ def _check_entries(path: str, header: dict[str, Any], buffer_size: int) -> None:
         if not isinstance(info, dict):
             raise _corrupt(path, f"corrupt header: the entry of {tensor} is not an object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if not (isinstance(dtype, str) and dtype in _ITEMSIZE):
+        if not (isinstance(dtype, str) and dtype in ITEMSIZES):
             raise _corrupt(
-                path, f"{tensor} has dtype {_short(dtype)} where one of {', '.join(_ITEMSIZE)} expected"
+                path, f"{tensor} has dtype {_short(dtype)} where one of {', '.join(ITEMSIZES)} expected"
             )
         if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
             raise _corrupt(
                 path, f"{tensor} has shape {_short(shape)} where a list of non-negative ints expected"
             )
-        if math.prod(max(d, 1) for d in shape) * _ITEMSIZE[dtype] >= 2**63:
+        if math.prod(max(d, 1) for d in shape) * ITEMSIZES[dtype] >= 2**63:
             raise _corrupt(path, f"{tensor} has shape {_short(shape)} too large for any tensor")
         if not (
             isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
@@ -170,7 +174,7 @@ def _check_entries(path: str, header: dict[str, Any], buffer_size: int) -> None:
                 f"{tensor} has data_offsets {_short(offsets)} where [begin, end] with begin <= end expected",
             )
         begin, end = offsets
-        needed = math.prod(shape) * _ITEMSIZE[dtype]
+        needed = math.prod(shape) * ITEMSIZES[dtype]
         if end - begin != needed:
             raise _corrupt(
                 path,
@@ -224,7 +228,7 @@ def _check_expected(
                 f"{path}: tensor {name!r} has shape {stored_shape} where {wanted_shape} expected. It was "
                 "saved from a model with a different configuration; build the model from the same config."
             )
-        stored_dtype, wanted_dtype = present[name]["dtype"], _DTYPE_TO_NAME.get(dtype, str(dtype))
+        stored_dtype, wanted_dtype = present[name]["dtype"], DTYPE_NAMES.get(dtype, str(dtype))
         if stored_dtype != wanted_dtype:
             raise HfGraftError(
                 f"{path}: tensor {name!r} has dtype {stored_dtype} where {wanted_dtype} expected. Build the "
@@ -292,6 +296,12 @@ def save_tensors(
         prepared[name] = tensor
     with _atomic_path(path) as tmp:
         save_file(prepared, tmp, metadata=dict(metadata) if metadata is not None else None)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    with _atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

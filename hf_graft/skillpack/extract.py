@@ -1,7 +1,6 @@
 """``extract_skillpack``: (tuned model or LoRA adapter) - base model -> a compressed SkillPack on the base."""
 
 import copy
-import json
 import logging
 import os
 import re
@@ -18,19 +17,15 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import HfGraftError
-from .allocation import OMIT, CandidateLadder, measure_candidates, select
-from .calibrate import compress_with_statistics
 from .calibration_data import default_calibration
-from .compress import compress_delta
 from .config import SkillPackConfig
 from .distillation import distill_scales
-from .files import SkillPackFile, attach, tensor_key
+from .files import attach
 from .model import base_fingerprint, layer_class, tied_partners
 from .objective import ModuleStatistics, collect_statistics
+from .packing import BF16_BYTES, assemble, choose, compress, measure
 
 logger = logging.getLogger(__name__)
-
-BF16_BYTES = 2
 
 Tuned = Union[nn.Module, PeftModel, str, os.PathLike]
 
@@ -220,6 +215,8 @@ def extract_skillpack(
     adapter_name: str = "default",
     copy_base: bool = True,
     progress: bool = True,
+    output_dir: Union[str, os.PathLike, None] = None,
+    device: str = "auto",
 ):
     """Compress ``tuned - base_model`` into a SkillPack on (a copy of) ``base_model``.
 
@@ -245,7 +242,18 @@ def extract_skillpack(
     skill's own prompts for the best pack), or ``None`` for data-free extraction (Frobenius error,
     no distillation). At most ``config.calibration_samples`` sequences are used. Returns a
     ``PeftModel`` whose ``save_pretrained`` / ``push_to_hub`` write the pack.
+
+    ``base_model`` and ``tuned`` may instead be checkpoint folders or Hub ids: the checkpoints are
+    then read tensor by tensor and neither model is loaded (see
+    :func:`~hf_graft.skillpack.streaming.extract_from_checkpoints`, which takes ``output_dir`` and
+    ``device``); a :class:`~hf_graft.skillpack.files.SkillPackFile` is returned.
     """
+    if isinstance(base_model, (str, os.PathLike)):
+        from .streaming import extract_from_checkpoints
+
+        return extract_from_checkpoints(base_model, tuned, config, calibration=calibration, output_dir=output_dir, device=device, progress=progress)
+    if output_dir is not None:
+        raise HfGraftError("output_dir is for extraction from checkpoint folders; call save_pretrained on the returned model.")
     config = copy.deepcopy(config) if config is not None else SkillPackConfig()
     deltas, calibration_model, clean_base = _delta_source(base_model, tuned)
     if not deltas:
@@ -262,10 +270,9 @@ def extract_skillpack(
     inner = calibration_model.base_model.model if isinstance(calibration_model, PeftModel) else calibration_model
     inner_modules = dict(inner.named_modules())
     modules = dict(clean_base.named_modules())
+    conv1d = {name for name, module in modules.items() if isinstance(module, Conv1D)}
     flat = {f"{name}.{part}": delta for name, parts in deltas.items() for part, delta in parts.items()}
     bf16_bytes = sum(delta.numel() * BF16_BYTES for delta in flat.values())
-    budget = config.byte_budget or int(bf16_bytes / config.target_ratio)
-    sparse = {key for key in flat if any(key.rsplit(".", 1)[0].endswith(s) for s in config.sparse_modules)}
     tied = tied_partners(clean_base, deltas)
     matrices = [name for name in deltas if "weight" in deltas[name] and deltas[name]["weight"].dim() == 2]
 
@@ -277,24 +284,13 @@ def extract_skillpack(
         return _tie_statistics(found, tied)
 
     statistics = statistics_of(inner_modules, calibration_model, matrices)
-    ladder = CandidateLadder() if config.formats == "all" else CandidateLadder(quant_bits=(), allow_omit=False)
-    measured = {}
-    for key in tqdm(flat, desc="Measuring SkillPack candidates", disable=not progress):
-        name = key.rsplit(".", 1)[0]
-        stats = statistics.get(name) if key.endswith(".weight") else None
-        if stats is None and key.endswith(".weight") and flat[key].dim() == 2:
-            stats = ModuleStatistics.identity(flat[key].shape, isinstance(modules[name], Conv1D))
-        measured[key] = measure_candidates(key, flat[key], stats, sparse=key in sparse, ladder=ladder)
-    fixed = _fixed_overhead(config, bf16_bytes, clean_base)
-    if budget <= fixed:
-        raise HfGraftError(f"A budget of {budget} bytes does not even hold the pack's config ({fixed} bytes); allow more bytes.")
-    chosen = {key: candidate.spec for key, candidate in select(measured, budget - fixed).items()}
-    kept = {key: spec for key, spec in chosen.items() if spec != OMIT}
-    if not kept:
-        raise HfGraftError("At this budget every module's delta would be left out; allow more bytes.")
-
+    measured = {
+        key: measure(key, flat[key], statistics.get(key.rsplit(".", 1)[0]), config, conv1d=key.rsplit(".", 1)[0] in conv1d)
+        for key in tqdm(flat, desc="Measuring SkillPack candidates", disable=not progress)
+    }
+    kept = choose(measured, config, bf16_bytes, type(clean_base))
     compressed = _compress_in_order(
-        flat, kept, modules, inner_modules, calibration_model, statistics, statistics_of,
+        flat, kept, modules, inner_modules, calibration_model, statistics, statistics_of, conv1d,
         compensate=config.compensation and batches is not None,
     )
     distill_losses = []
@@ -302,44 +298,18 @@ def extract_skillpack(
         compressed, distill_losses = distill_scales(
             clean_base, calibration_model, compressed, batches, steps=config.distill_steps, learning_rate=config.distill_learning_rate, progress=progress,
         )
-
-    by_module, module_errors, error_sq, total_sq = {}, {}, 0.0, 0.0
-    for key, delta in flat.items():
-        norm = float(torch.sum(delta.double() ** 2))
-        total_sq += norm
-        if key not in compressed:
-            error_sq += norm
-            continue
-        name, part = key.rsplit(".", 1)
-        packed = compressed[key]
-        by_module.setdefault(name, {})[part] = packed
-        error = float(torch.sum((delta - packed.delta()).double() ** 2))
-        module_errors[key] = round((error / norm) ** 0.5, 4) if norm else 0.0
-        error_sq += error
-    config.module_specs = {name: {part: c.meta for part, c in parts.items()} for name, parts in by_module.items()}
+    errors_sq = {key: float(torch.sum((flat[key] - packed.delta()).double() ** 2)) for key, packed in compressed.items()}
     config.base_model_name_or_path = config.base_model_name_or_path or getattr(clean_base, "name_or_path", None) or None
-    config.tied_modules = tied_partners(clean_base, config.module_specs)
-    config.base_fingerprint = base_fingerprint(clean_base, config.module_specs)
-    config.measured = {
-        "delta_bf16_bytes": bf16_bytes,
-        "stored_bytes": 0,
-        "compression_ratio": 0.0,
-        "relative_error": round((error_sq / total_sq) ** 0.5, 4) if total_sq else 0.0,
-        "omitted": sorted(set(flat) - set(compressed)),
-        "distill_loss": [round(max(0.0, distill_losses[0]), 5), round(max(0.0, distill_losses[-1]), 5)] if distill_losses else None,
-        "module_errors": module_errors,
-    }
-    pack = SkillPackFile(config, by_module)
-    _record_file_bytes(pack, bf16_bytes, clean_base)
-    if config.measured["stored_bytes"] > budget:
-        raise HfGraftError(
-            f"Internal sizing error: the pack takes {config.measured['stored_bytes']} bytes for a budget of {budget}."
-        )
+    kept_modules = {key.rsplit(".", 1)[0] for key in compressed}
+    pack = assemble(
+        config, compressed, measured, errors_sq, bf16_bytes=bf16_bytes, model_class=type(clean_base), tied_modules=tied,
+        fingerprint=base_fingerprint(clean_base, kept_modules), distill_losses=distill_losses,
+    )
     host = copy.deepcopy(clean_base) if copy_base and clean_base is base_model else clean_base
     return attach(host, pack, adapter_name)
 
 
-def _compress_in_order(flat, specs, modules, inner_modules, calibration_model, statistics, statistics_of, *, compensate):
+def _compress_in_order(flat, specs, modules, inner_modules, calibration_model, statistics, statistics_of, conv1d, *, compensate):
     """Compress every chosen delta, decoder block by decoder block in forward order.
 
     With ``compensate``, each block's statistics are measured again on the tuned model in which
@@ -358,16 +328,10 @@ def _compress_in_order(flat, specs, modules, inner_modules, calibration_model, s
             for name in group:
                 for part in ("weight", "bias"):
                     key = f"{name}.{part}"
-                    if key not in specs:
-                        continue
-                    delta = flat[key]
-                    stats = current.get(name) if part == "weight" else None
-                    if delta.dim() == 2 and stats is None:
-                        stats = ModuleStatistics.identity(delta.shape, isinstance(modules[name], Conv1D))
-                    packed = compress_with_statistics(delta, specs[key], stats) if delta.dim() == 2 else compress_delta(delta, specs[key])
-                    compressed[key] = packed
-                    if compensate:
-                        changed.append(_apply_compressed(inner_modules[name], part, delta, packed))
+                    if key in specs:
+                        compressed[key] = packed = compress(key, flat[key], specs[key], current.get(name), conv1d=name in conv1d)
+                        if compensate:
+                            changed.append(_apply_compressed(inner_modules[name], part, flat[key], packed))
     finally:
         for restore in reversed(changed):
             restore()
@@ -387,44 +351,3 @@ def _apply_compressed(module: nn.Module, part: str, delta: torch.Tensor, packed)
             parameter.copy_(original)
 
     return restore
-
-
-def _saved_config(config: SkillPackConfig, model: nn.Module) -> str:
-    """``adapter_config.json`` exactly as ``PeftModel.save_pretrained`` will write it for ``model``."""
-    probe = copy.deepcopy(config)
-    probe.inference_mode = True
-    auto_mapping = None
-    if probe.task_type is None:  # peft records the base class of custom models
-        auto_mapping = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
-    return probe.to_json_text(auto_mapping)
-
-
-def _fixed_overhead(config: SkillPackConfig, bf16_bytes: int, model: nn.Module) -> int:
-    """Bytes of a pack's files that no module's choice changes: the config around the module entries,
-    the safetensors header's frame, and room for the figures recorded after extraction."""
-    probe = copy.deepcopy(config)
-    probe.module_specs, probe.tied_modules = {}, {}
-    probe.base_fingerprint = "0" * 64
-    probe.measured = {
-        "delta_bf16_bytes": bf16_bytes, "stored_bytes": bf16_bytes, "compression_ratio": 1e6 + 0.01,
-        "relative_error": 0.1234, "omitted": [], "distill_loss": [0.12345, 0.12345], "module_errors": {},
-    }
-    header_frame = 8 + len(json.dumps({"__metadata__": {"format": "pt"}})) + 8
-    return len(_saved_config(probe, model).encode()) + header_frame + 256
-
-
-def _record_file_bytes(pack: SkillPackFile, bf16_bytes: int, model: nn.Module) -> None:
-    """Set the pack's ``stored_bytes`` (its two files, exactly as saved) and ratio in its config."""
-    from safetensors.torch import save
-
-    tensors = {
-        tensor_key(module, name): tensor
-        for module, parts in pack.deltas.items()
-        for part, delta in parts.items()
-        for name, tensor in delta.to_tensors(part).items()
-    }
-    weights = len(save(tensors, metadata={"format": "pt"}))
-    measured = pack.config.measured
-    for _ in range(3):  # the figures are part of the config they measure: settle their digits
-        total = weights + len(_saved_config(pack.config, model).encode())
-        measured["stored_bytes"], measured["compression_ratio"] = total, round(bf16_bytes / total, 2)

@@ -11,6 +11,7 @@ this way to a base model (or adds it to a ``PeftModel`` that already holds other
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -41,6 +42,7 @@ __all__ = [
     "read_skillpack",
     "record_evaluation",
     "resolve_files",
+    "saved_config_text",
     "tensor_key",
 ]
 
@@ -76,6 +78,16 @@ def tensor_key(module: str, tensor_name: str) -> str:
     return f"base_model.model.{module}.skillpack_tensors.{tensor_name.replace('.', '_')}"
 
 
+def saved_config_text(config: SkillPackConfig, model_class: Optional[type] = None) -> str:
+    """``adapter_config.json`` exactly as ``PeftModel.save_pretrained`` writes it for a base of ``model_class``."""
+    probe = copy.deepcopy(config)
+    probe.inference_mode = True
+    auto_mapping = None
+    if probe.task_type is None and model_class is not None:  # peft records the base class of custom models
+        auto_mapping = {"base_model_class": model_class.__name__, "parent_library": model_class.__module__}
+    return probe.to_json_text(auto_mapping)
+
+
 @dataclass(frozen=True)
 class SkillPackFile:
     """A validated SkillPack: its config and, per module and part, the stored delta."""
@@ -87,6 +99,31 @@ class SkillPackFile:
     def nbytes(self) -> int:
         """Bytes of the stored tensors."""
         return sum(delta.nbytes for parts in self.deltas.values() for delta in parts.values())
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, model_class: Optional[type] = None) -> None:
+        """Write the pack's two files and its model card to ``save_directory``, each atomically.
+
+        The files are those ``PeftModel.save_pretrained`` writes for the pack on a base of
+        ``model_class`` (the loaded model's class), byte for byte, so ``PeftModel.from_pretrained``
+        reads them; no base model is needed.
+        """
+        from safetensors.torch import save
+
+        from ..safetensors_io import atomic_write_bytes, atomic_write_text
+
+        save_directory = os.fspath(save_directory)
+        if os.path.isfile(save_directory):
+            raise HfGraftError(f"{save_directory} is a file; give a folder to save the SkillPack in.")
+        os.makedirs(save_directory, exist_ok=True)
+        tensors = {
+            tensor_key(module, name): tensor
+            for module, parts in self.deltas.items()
+            for part, delta in parts.items()
+            for name, tensor in delta.to_tensors(part).items()
+        }
+        atomic_write_bytes(os.path.join(save_directory, WEIGHTS_NAME), save(tensors, metadata={"format": "pt"}))
+        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), saved_config_text(self.config, model_class))
+        write_skillpack_card(self, save_directory)
 
     def summary(self) -> list[dict[str, Any]]:
         """One row per stored delta: module, part, kind, shape, rank, bit scheme, kept entries, bytes, error."""

@@ -26,17 +26,24 @@ def base_fingerprint(model: nn.Module, module_names) -> str:
     and so changes it. Sampling keeps this fast on billions of parameters.
     """
     modules = dict(model.named_modules())
+    return fingerprint_of((name, _weight(modules[name]).detach()) for name in module_names)
+
+
+def fingerprint_sample(weight: torch.Tensor) -> bytes:
+    """The signs (0, 1, 2) of a fixed stride of ``weight``'s elements: what the fingerprint hashes of it."""
+    flat = weight.reshape(-1)
+    sample = flat[:: max(1, flat.numel() // FINGERPRINT_SAMPLES)]
+    return (torch.sign(sample).to(torch.int8) + 1).to(torch.uint8).cpu().contiguous().numpy().tobytes()
+
+
+def fingerprint_of(weights) -> str:
+    """:func:`base_fingerprint` of ``(module name, base weight)`` pairs (weights or their
+    :func:`fingerprint_sample` with the shape, as ``(bytes, shape)``), in any order."""
     digest = hashlib.sha256()
-    for name in sorted(module_names):
-        module = modules[name]
-        if isinstance(module, BaseTunerLayer):
-            module = module.get_base_layer()
-        weight = module.weight.detach()
-        flat = weight.reshape(-1)
-        sample = flat[:: max(1, flat.numel() // FINGERPRINT_SAMPLES)]
-        signs = (torch.sign(sample).to(torch.int8) + 1).to(torch.uint8).cpu().contiguous()  # 0, 1, 2
-        digest.update(f"{name}|{tuple(weight.shape)}|".encode())
-        digest.update(signs.numpy().tobytes())
+    for name, weight in sorted(weights, key=lambda item: item[0]):
+        sample, shape = weight if isinstance(weight, tuple) else (fingerprint_sample(weight), tuple(weight.shape))
+        digest.update(f"{name}|{tuple(shape)}|".encode())
+        digest.update(sample)
     return digest.hexdigest()
 
 

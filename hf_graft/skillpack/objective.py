@@ -72,10 +72,10 @@ class ModuleStatistics:
         return bool(torch.count_nonzero(self.hessian - torch.diag(torch.diagonal(self.hessian))) == 0)
 
     @classmethod
-    def identity(cls, shape: Sequence[int], transposed: bool = False) -> ModuleStatistics:
+    def identity(cls, shape: Sequence[int], transposed: bool = False, device=None) -> ModuleStatistics:
         """The data-free objective: the squared Frobenius error."""
         rows, cols = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
-        return cls(torch.eye(cols), torch.ones(rows), transposed)
+        return cls(torch.eye(cols, device=device), torch.ones(rows, device=device), transposed)
 
 
 def collect_statistics(

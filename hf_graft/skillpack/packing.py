@@ -1,0 +1,178 @@
+"""From weight deltas to a SkillPack file: measure, choose under the byte budget, compress, record.
+
+Extraction from loaded models (:mod:`.extract`) and from checkpoint files (:mod:`.streaming`)
+both go through these steps, one delta at a time, so a pack made either way is the same file:
+
+1. :func:`measure` compresses each delta in every candidate format and keeps only the sizes and
+   costs (:mod:`.allocation`), plus the delta's squared norm for the recorded error.
+2. :func:`choose` picks one format per delta so the saved files fit the budget.
+3. :func:`compress` stores each chosen delta; :func:`assemble` records the figures (bytes, ratio,
+   errors) in the config, counting the files' bytes exactly as they will be saved.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from ..errors import HfGraftError
+from .allocation import OMIT, Candidate, CandidateLadder, measure_candidates, select
+from .calibrate import compress_with_statistics
+from .compress import CompressedDelta, compress_delta
+from .config import SkillPackConfig
+from .files import SkillPackFile, saved_config_text, tensor_key
+from .objective import ModuleStatistics
+
+__all__ = ["BF16_BYTES", "Measurement", "assemble", "choose", "compress", "ladder_of", "measure", "to_cpu"]
+
+BF16_BYTES = 2
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What one delta's candidates cost, and its squared Frobenius norm (for the pack's relative error)."""
+
+    candidates: list[Candidate]
+    norm_sq: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"norm_sq": self.norm_sq, "candidates": [[c.nbytes, c.cost, c.spec] for c in self.candidates]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Measurement:
+        return cls([Candidate(int(n), float(c), dict(s)) for n, c, s in data["candidates"]], float(data["norm_sq"]))
+
+
+def ladder_of(config: SkillPackConfig) -> CandidateLadder:
+    """The candidate formats ``config.formats`` allows."""
+    return CandidateLadder() if config.formats == "all" else CandidateLadder(quant_bits=(), allow_omit=False)
+
+
+def is_sparse(key: str, config: SkillPackConfig) -> bool:
+    """Whether the delta ``key`` (``module.part``) also gets pruning candidates."""
+    return any(key.rsplit(".", 1)[0].endswith(suffix) for suffix in config.sparse_modules)
+
+
+def _statistics(key: str, delta: torch.Tensor, statistics: Optional[ModuleStatistics], conv1d: bool):
+    if statistics is None and key.endswith(".weight") and delta.dim() == 2:
+        return ModuleStatistics.identity(delta.shape, conv1d, device=delta.device)
+    return statistics if key.endswith(".weight") else None
+
+
+def measure(key: str, delta: torch.Tensor, statistics: Optional[ModuleStatistics], config: SkillPackConfig, *, conv1d: bool) -> Measurement:
+    """Every candidate of the delta ``key`` under ``statistics`` (``None``: the Frobenius error)."""
+    stats = _statistics(key, delta, statistics, conv1d)
+    candidates = measure_candidates(key, delta, stats, sparse=is_sparse(key, config), ladder=ladder_of(config))
+    return Measurement(candidates, float(torch.sum(delta.double() ** 2)))
+
+
+def compress(key: str, delta: torch.Tensor, spec: dict, statistics: Optional[ModuleStatistics], *, conv1d: bool) -> CompressedDelta:
+    """The delta ``key`` stored as ``spec`` (GPTQ under ``statistics`` for 2-D deltas), on the CPU."""
+    stats = _statistics(key, delta, statistics, conv1d)
+    packed = compress_with_statistics(delta, spec, stats) if delta.dim() == 2 else compress_delta(delta, spec)
+    return to_cpu(packed, key.rsplit(".", 1)[1])
+
+
+def to_cpu(packed: CompressedDelta, part: str) -> CompressedDelta:
+    """``packed`` with its stored tensors on the CPU (through its payload, so bit for bit)."""
+    tensors = packed.to_tensors(part)
+    if all(tensor.device.type == "cpu" for tensor in tensors.values()):
+        return packed
+    return CompressedDelta.from_tensors(part, {name: tensor.cpu() for name, tensor in tensors.items()}, packed.meta)
+
+
+def choose(measured: dict[str, Measurement], config: SkillPackConfig, bf16_bytes: int, model_class: Optional[type]) -> dict[str, dict]:
+    """The spec of every delta kept in the pack, chosen so the saved files fit the budget."""
+    budget = config.byte_budget or int(bf16_bytes / config.target_ratio)
+    fixed = _fixed_overhead(config, bf16_bytes, model_class)
+    if budget <= fixed:
+        raise HfGraftError(f"A budget of {budget} bytes does not even hold the pack's config ({fixed} bytes); allow more bytes.")
+    candidates = {key: measurement.candidates for key, measurement in measured.items()}
+    chosen = {key: candidate.spec for key, candidate in select(candidates, budget - fixed).items()}
+    kept = {key: spec for key, spec in chosen.items() if spec != OMIT}
+    if not kept:
+        raise HfGraftError("At this budget every module's delta would be left out; allow more bytes.")
+    return kept
+
+
+def assemble(
+    config: SkillPackConfig,
+    compressed: dict[str, CompressedDelta],
+    measured: dict[str, Measurement],
+    errors_sq: dict[str, float],
+    *,
+    bf16_bytes: int,
+    model_class: Optional[type],
+    tied_modules: dict,
+    fingerprint: str,
+    distill_losses: Optional[list] = None,
+) -> SkillPackFile:
+    """The pack of ``compressed`` deltas, its config completed with the measured figures.
+
+    ``errors_sq`` holds each kept delta's squared error; an omitted delta's error is its norm.
+    """
+    config = copy.deepcopy(config)
+    by_module, module_errors, error_sq, total_sq = {}, {}, 0.0, 0.0
+    for key, measurement in measured.items():
+        norm = measurement.norm_sq
+        total_sq += norm
+        if key not in compressed:
+            error_sq += norm
+            continue
+        name, part = key.rsplit(".", 1)
+        by_module.setdefault(name, {})[part] = compressed[key]
+        module_errors[key] = round((errors_sq[key] / norm) ** 0.5, 4) if norm else 0.0
+        error_sq += errors_sq[key]
+    config.module_specs = {name: {part: c.meta for part, c in parts.items()} for name, parts in by_module.items()}
+    config.tied_modules = {head: source for head, source in tied_modules.items() if source in config.module_specs}
+    config.base_fingerprint = fingerprint
+    config.measured = {
+        "delta_bf16_bytes": bf16_bytes,
+        "stored_bytes": 0,
+        "compression_ratio": 0.0,
+        "relative_error": round((error_sq / total_sq) ** 0.5, 4) if total_sq else 0.0,
+        "omitted": sorted(set(measured) - set(compressed)),
+        "distill_loss": [round(max(0.0, distill_losses[0]), 5), round(max(0.0, distill_losses[-1]), 5)] if distill_losses else None,
+        "module_errors": module_errors,
+    }
+    pack = SkillPackFile(config, by_module)
+    _record_file_bytes(pack, bf16_bytes, model_class)
+    budget = config.byte_budget or int(bf16_bytes / config.target_ratio)
+    if config.measured["stored_bytes"] > budget:
+        raise HfGraftError(f"Internal sizing error: the pack takes {config.measured['stored_bytes']} bytes for a budget of {budget}.")
+    return pack
+
+
+def _fixed_overhead(config: SkillPackConfig, bf16_bytes: int, model_class: Optional[type]) -> int:
+    """Bytes of a pack's files that no module's choice changes: the config around the module entries,
+    the safetensors header's frame, and room for the figures recorded after extraction."""
+    probe = copy.deepcopy(config)
+    probe.module_specs, probe.tied_modules = {}, {}
+    probe.base_fingerprint = "0" * 64
+    probe.measured = {
+        "delta_bf16_bytes": bf16_bytes, "stored_bytes": bf16_bytes, "compression_ratio": 1e6 + 0.01,
+        "relative_error": 0.1234, "omitted": [], "distill_loss": [0.12345, 0.12345], "module_errors": {},
+    }
+    header_frame = 8 + len(json.dumps({"__metadata__": {"format": "pt"}})) + 8
+    return len(saved_config_text(probe, model_class).encode()) + header_frame + 256
+
+
+def _record_file_bytes(pack: SkillPackFile, bf16_bytes: int, model_class: Optional[type]) -> None:
+    """Set the pack's ``stored_bytes`` (its two files, exactly as saved) and ratio in its config."""
+    from safetensors.torch import save
+
+    tensors = {
+        tensor_key(module, name): tensor
+        for module, parts in pack.deltas.items()
+        for part, delta in parts.items()
+        for name, tensor in delta.to_tensors(part).items()
+    }
+    weights = len(save(tensors, metadata={"format": "pt"}))
+    measured = pack.config.measured
+    for _ in range(3):  # the figures are part of the config they measure: settle their digits
+        total = weights + len(saved_config_text(pack.config, model_class).encode())
+        measured["stored_bytes"], measured["compression_ratio"] = total, round(bf16_bytes / total, 2)
