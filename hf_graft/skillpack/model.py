@@ -32,7 +32,16 @@ def base_fingerprint(model: nn.Module, module_names) -> str:
 def fingerprint_sample(weight: torch.Tensor) -> bytes:
     """The signs (0, 1, 2) of a fixed stride of ``weight``'s elements: what the fingerprint hashes of it."""
     flat = weight.reshape(-1)
-    sample = flat[:: max(1, flat.numel() // FINGERPRINT_SAMPLES)]
+    return sign_bytes(flat[:: fingerprint_stride(flat.numel())])
+
+
+def fingerprint_stride(numel: int) -> int:
+    """The stride of the fingerprint's sample over a weight of ``numel`` elements."""
+    return max(1, numel // FINGERPRINT_SAMPLES)
+
+
+def sign_bytes(sample: torch.Tensor) -> bytes:
+    """The signs of ``sample`` as bytes 0, 1, 2 (negative, zero, positive)."""
     return (torch.sign(sample).to(torch.int8) + 1).to(torch.uint8).cpu().contiguous().numpy().tobytes()
 
 

@@ -1,0 +1,331 @@
+"""SkillPacks made straight from checkpoint files: neither model is ever loaded.
+
+:func:`extract_from_checkpoints` reads the base and the tuned checkpoint (folders or Hub ids,
+single or sharded safetensors) one tensor at a time (:class:`~hf_graft.sharded.Checkpoint`),
+so its memory is a few of the largest deltas plus the pack, whatever the model's size. The
+model's structure comes from its config, built on the meta device. Each delta goes through the
+same steps as extraction from loaded models (:mod:`.packing`), so the pack is the same file.
+
+With ``output_dir`` the work is journalled in ``<output_dir>.partial``: every measured delta and
+every compressed decoder block is recorded as it finishes, a killed run started again with the
+same arguments resumes where it stopped and makes the same pack, and ``output_dir`` appears only
+when the pack is complete.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+from typing import Any, Optional, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import HfGraftError
+from ..safetensors_io import atomic_write_json, load_tensors, save_tensors
+from ..sharded import Checkpoint, iter_rows
+from .compress import CompressedDelta
+from .config import SkillPackConfig
+from .extract import block_groups
+from .files import SkillPackFile, tensor_key
+from .model import fingerprint_of, fingerprint_stride, layer_class, sign_bytes, tied_partners
+from .packing import BF16_BYTES, Measurement, assemble, choose, compress, measure
+
+__all__ = ["CheckpointDeltas", "extract_from_checkpoints", "resolve_device"]
+
+JOURNAL_NAME = "journal.json"
+JOURNAL_VERSION = 1
+#: Rows of a delta built at a time from the two checkpoints (bytes of one float32 chunk).
+CHUNK_BYTES = 64 << 20
+
+Reference = Union[str, os.PathLike]
+
+
+def resolve_device(device: Union[str, torch.device]) -> torch.device:
+    """``"auto"``: the GPU when there is one, else the CPU; ``"cuda"`` without one is an error."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HfGraftError("device='cuda' was asked for, but torch sees no GPU here; use device='cpu' or 'auto'.")
+    return device
+
+
+class CheckpointDeltas:
+    """The weight deltas between two checkpoints of one architecture, made one at a time.
+
+    ``keys`` lists every ``module.part`` SkillPacks support, in the model's forward order, a
+    weight shared by several modules (tied embeddings) once; ``delta(key)`` reads both tensors
+    row block by row block and returns ``tuned - base`` in float32.
+    """
+
+    def __init__(self, base: Reference, tuned: Reference, *, revision: Optional[str] = None, token=None):
+        self.base = Checkpoint(base, revision=revision, token=token)
+        if os.path.isdir(os.fspath(tuned)) and os.path.isfile(os.path.join(os.fspath(tuned), "adapter_config.json")):
+            raise HfGraftError(
+                f"{tuned} is an adapter, not a checkpoint: extract from a LoRA adapter with the models loaded "
+                "(extract_skillpack(base_model, 'adapter/path')), or merge it first."
+            )
+        self.tuned = Checkpoint(tuned, revision=revision, token=token)
+        self.skeleton = _skeleton(self.base.folder)
+        prefix = getattr(self.skeleton, "base_model_prefix", "")
+        modules = dict(self.skeleton.named_modules())
+        self.conv1d = {name for name, module in modules.items() if type(module).__name__ == "Conv1D"}
+        self.files: dict[str, str] = {}  # module.part -> tensor name in the checkpoints
+        seen = set()
+        for name, module in modules.items():
+            if layer_class(module) is None:
+                continue
+            for part in ("weight", "bias"):
+                parameter = getattr(module, part, None)
+                if not isinstance(parameter, torch.Tensor) or id(parameter) in seen:
+                    continue
+                seen.add(id(parameter))
+                key = f"{name}.{part}"
+                stored = _stored_name(key, self.base, prefix)
+                if stored is None:
+                    continue  # not saved (a buffer the model rebuilds)
+                for checkpoint in (self.base, self.tuned):
+                    if stored not in checkpoint:
+                        raise HfGraftError(f"{checkpoint.reference} holds no {stored}: the checkpoints are not of the same architecture.")
+                    if checkpoint.shape(stored) != tuple(parameter.shape) or not checkpoint.dtype(stored).is_floating_point:
+                        raise HfGraftError(
+                            f"{checkpoint.reference}: {stored} is {checkpoint.dtype(stored)} {checkpoint.shape(stored)}, "
+                            f"the model's config makes it {tuple(parameter.shape)}: not the same architecture."
+                        )
+                self.files[key] = stored
+        if not self.files:
+            raise HfGraftError(f"{self.base.reference} holds no weight SkillPacks support.")
+        self.keys = list(self.files)
+        self.tied = tied_partners(self.skeleton, {key.rsplit(".", 1)[0] for key in self.keys})
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.base.shape(self.files[key])
+
+    def delta(self, key: str) -> tuple[torch.Tensor, bytes]:
+        """``(tuned - base`` in float32, the fingerprint sample of the base weight``)``."""
+        stored, shape = self.files[key], self.shape(key)
+        delta = torch.empty(shape, dtype=torch.float32)
+        if len(shape) < 2:
+            base = self.base.read(stored)
+            delta.copy_(self.tuned.read(stored).float() - base.float())
+            return delta, sign_bytes(base[:: fingerprint_stride(base.numel())])
+        row = delta[0].numel()
+        stride = fingerprint_stride(delta.numel())
+        samples = []
+        for rows in iter_rows(shape[0], row * 4, CHUNK_BYTES):
+            base = self.base.read(stored, rows)
+            delta[rows] = self.tuned.read(stored, rows).float() - base.float()
+            samples.append(base.reshape(-1)[-(rows.start * row) % stride :: stride])
+        return delta, sign_bytes(torch.cat(samples))
+
+    def inputs_digest(self, config: SkillPackConfig, device: torch.device) -> str:
+        """What a journal must match to be resumed: both checkpoints' files and layout, the config, the device."""
+        files = {
+            side: [(shard, os.path.getsize(os.path.join(c.folder, shard)), os.stat(os.path.join(c.folder, shard)).st_mtime_ns) for shard in c.shards]
+            for side, c in (("base", self.base), ("tuned", self.tuned))
+        }
+        text = json.dumps({"files": files, "keys": self.files, "config": config.to_json_text(), "device": device.type}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _skeleton(folder: str):
+    """The model of ``folder``'s config on the meta device: its modules, no weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError) as error:
+        raise HfGraftError(f"Cannot build the model of {folder}'s config.json for its structure: {error}") from None
+
+
+def _stored_name(key: str, checkpoint: Checkpoint, prefix: str) -> Optional[str]:
+    """``key``'s tensor name in the checkpoint: as is, or with the base model prefix dropped or added."""
+    candidates = [key]
+    if prefix and key.startswith(f"{prefix}."):
+        candidates.append(key[len(prefix) + 1 :])
+    elif prefix:
+        candidates.append(f"{prefix}.{key}")
+    return next((name for name in candidates if name in checkpoint), None)
+
+
+def extract_from_checkpoints(
+    base: Reference,
+    tuned: Reference,
+    config: Optional[SkillPackConfig] = None,
+    *,
+    calibration: Any = None,
+    output_dir: Optional[Reference] = None,
+    device: Union[str, torch.device] = "auto",
+    progress: bool = True,
+    revision: Optional[str] = None,
+    token: Optional[str] = None,
+) -> SkillPackFile:
+    """Compress ``tuned - base`` into a SkillPack, reading both checkpoints one tensor at a time.
+
+    ``base`` and ``tuned`` are model folders or Hub ids of the same architecture (safetensors,
+    single file or sharded). The pack is data-free (each delta compressed for its Frobenius
+    error), so ``calibration`` must be ``None``. ``device`` runs the compression on ``"cuda"``,
+    ``"cpu"`` or, with ``"auto"``, the GPU when there is one. With ``output_dir`` the pack is
+    written there, resumably (see the module's docs); the pack is returned either way.
+    """
+    if calibration is not None:
+        raise HfGraftError(
+            "Extraction from checkpoint folders is data-free: pass calibration=None, "
+            "or load both models and pass them for a calibrated pack."
+        )
+    config = copy.deepcopy(config) if config is not None else SkillPackConfig()
+    config.calibration_samples = 0
+    device = resolve_device(device)
+    deltas = CheckpointDeltas(base, tuned, revision=revision, token=token)
+    config.base_model_name_or_path = config.base_model_name_or_path or deltas.base.reference
+    journal = Journal(output_dir, deltas.inputs_digest(config, device))
+    conv1d = lambda key: key.rsplit(".", 1)[0] in deltas.conv1d  # noqa: E731
+    for group in tqdm(block_groups(deltas.keys), desc="Measuring SkillPack candidates", unit="block", disable=not progress):
+        if all(key in journal.seen for key in group):
+            continue
+        for key in group:
+            delta, journal.samples[key] = deltas.delta(key)
+            if torch.count_nonzero(delta):
+                journal.measured[key] = measure(key, delta.to(device), None, config, conv1d=conv1d(key))
+            journal.seen.add(key)
+            del delta
+        journal.save()
+    measured = {key: journal.measured[key] for key in deltas.keys if key in journal.measured}
+    if not measured:
+        raise HfGraftError("The tuned checkpoint has the same weights as the base: there is no skill to extract.")
+    bf16_bytes = sum(math.prod(deltas.shape(key)) * BF16_BYTES for key in measured)
+    model_class = type(deltas.skeleton)
+    if journal.kept is None:
+        journal.kept = choose(measured, config, bf16_bytes, model_class)
+        journal.save()
+    kept = journal.kept
+    groups = block_groups([key for key in deltas.keys if key in kept])
+    for index, group in enumerate(tqdm(groups, desc="Compressing SkillPack deltas", unit="block", disable=not progress)):
+        if index in journal.blocks:
+            continue
+        block, errors = {}, {}
+        for key in group:
+            delta = deltas.delta(key)[0].to(device)
+            block[key] = packed = compress(key, delta, kept[key], None, conv1d=conv1d(key))
+            errors[key] = float(torch.sum((delta - packed.delta().to(device)).double() ** 2))
+            del delta
+        journal.save_block(index, block, errors)
+    compressed = {key: journal.compressed[key] for key in deltas.keys if key in journal.compressed}
+    modules = {key.rsplit(".", 1)[0] for key in compressed}
+    fingerprint = fingerprint_of((name, (journal.samples[f"{name}.weight"], deltas.shape(f"{name}.weight"))) for name in modules)
+    pack = assemble(
+        config, compressed, measured, journal.errors_sq, bf16_bytes=bf16_bytes, model_class=model_class,
+        tied_modules=deltas.tied, fingerprint=fingerprint,
+    )
+    journal.finish(pack, model_class)
+    return pack
+
+
+class Journal:
+    """The record of a partly made pack in ``<output_dir>.partial`` (with no ``output_dir``, in memory only).
+
+    ``seen`` deltas have been read (``measured`` holds the non-zero ones' candidates, ``samples``
+    every base weight's fingerprint sample); ``kept`` is the chosen spec per delta once chosen;
+    ``blocks`` are the indices of compressed decoder blocks, whose deltas are in ``compressed``.
+    """
+
+    def __init__(self, output_dir: Optional[Reference], digest: str):
+        self.digest = digest
+        self.seen: set[str] = set()
+        self.measured: dict[str, Measurement] = {}
+        self.samples: dict[str, bytes] = {}
+        self.kept: Optional[dict] = None
+        self.blocks: set[int] = set()
+        self.compressed: dict[str, CompressedDelta] = {}
+        self.errors_sq: dict[str, float] = {}
+        self._block_entries: dict[str, dict] = {}
+        self.output_dir = self.folder = None
+        if output_dir is None:
+            return
+        self.output_dir = os.path.abspath(os.fspath(output_dir))
+        if os.path.isfile(self.output_dir) or (os.path.isdir(self.output_dir) and os.listdir(self.output_dir)):
+            raise HfGraftError(f"{output_dir} already exists and is not empty; give a new folder for the SkillPack.")
+        self.folder = self.output_dir + ".partial"
+        path = os.path.join(self.folder, JOURNAL_NAME)
+        if os.path.isfile(path):
+            self._resume(path)
+        else:
+            os.makedirs(self.folder, exist_ok=True)
+
+    def _resume(self, path: str) -> None:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise HfGraftError(f"{path} is unreadable ({error}); delete {self.folder} to start again.") from None
+        if not isinstance(data, dict) or data.get("version") != JOURNAL_VERSION or data.get("inputs") != self.digest:
+            raise HfGraftError(
+                f"{self.folder} holds a partial SkillPack made from other checkpoints or settings; "
+                "delete it to start again, or rerun with the arguments it was started with."
+            )
+        self.seen = set(data["seen"])
+        self.measured = {key: Measurement.from_json(value) for key, value in data["measured"].items()}
+        self.samples = {key: bytes.fromhex(value) for key, value in data["samples"].items()}
+        self.kept = data["kept"]
+        for index, block in data["blocks"].items():
+            tensors, _ = load_tensors(os.path.join(self.folder, _block_name(int(index))))
+            for key, entry in block.items():
+                name, part = key.rsplit(".", 1)
+                self.compressed[key] = CompressedDelta.from_tensors(part, {part: tensors[tensor_key(name, part)]}, entry["meta"])
+                self.errors_sq[key] = float(entry["error_sq"])
+            self.blocks.add(int(index))
+        self._block_entries = data["blocks"]
+
+    def save(self) -> None:
+        """Record the state so far (atomically: a kill leaves the previous record or this one)."""
+        if self.folder is None:
+            return
+        atomic_write_json(
+            os.path.join(self.folder, JOURNAL_NAME),
+            {
+                "version": JOURNAL_VERSION,
+                "inputs": self.digest,
+                "seen": sorted(self.seen),
+                "measured": {key: value.to_json() for key, value in self.measured.items()},
+                "samples": {key: value.hex() for key, value in self.samples.items()},
+                "kept": self.kept,
+                "blocks": self._block_entries,
+            },
+        )
+
+    def save_block(self, index: int, block: dict[str, CompressedDelta], errors: dict[str, float]) -> None:
+        """Record one compressed block: its stored tensors in a file of its own, then the journal."""
+        self.compressed.update(block)
+        self.errors_sq.update(errors)
+        self.blocks.add(index)
+        if self.folder is None:
+            return
+        tensors = {}
+        for key, packed in block.items():
+            name, part = key.rsplit(".", 1)
+            tensors[tensor_key(name, part)] = packed.to_tensors(part)[part]
+        save_tensors(tensors, os.path.join(self.folder, _block_name(index)))
+        entries = {key: {"meta": packed.meta, "error_sq": errors[key]} for key, packed in block.items()}
+        self._block_entries = {**self._block_entries, str(index): entries}
+        self.save()
+
+    def finish(self, pack: SkillPackFile, model_class: type) -> None:
+        """Write the pack into the partial folder, drop the journal, and move the folder into place."""
+        if self.folder is None:
+            return
+        for name in os.listdir(self.folder):
+            os.unlink(os.path.join(self.folder, name))
+        pack.save_pretrained(self.folder, model_class=model_class)
+        if os.path.isdir(self.output_dir):
+            os.rmdir(self.output_dir)  # empty: checked when the journal was opened
+        os.replace(self.folder, self.output_dir)
+
+
+def _block_name(index: int) -> str:
+    return f"block-{index:05d}.safetensors"
