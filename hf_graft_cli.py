@@ -101,7 +101,8 @@ def _skillpack_parser(sub) -> None:
     extract.add_argument("--distill-steps", type=int, default=200, help="scale distillation steps (default 200, 0: none)")
     extract.add_argument("--calibration-length", type=int, default=256, help="tokens per sequence (default 256)")
     extract.add_argument("--calibration-column", default="text", help="text column of a Hub dataset")
-    extract.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype the models are loaded in")
+    extract.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype the models are loaded in (calibrated packs)")
+    extract.add_argument("--device", default="auto", help="where compression runs: auto (the GPU when there is one), cpu, cuda[:N]")
     extract.add_argument("--push-to-hub", metavar="REPO_ID", help="push the pack when done")
 
     inspect = commands.add_parser("inspect", help="per module: kind, rank, bits, bytes, reconstruction error")
@@ -112,7 +113,7 @@ def _skillpack_parser(sub) -> None:
     apply.add_argument("pack", help="SkillPack folder or Hub id")
     apply.add_argument("--base", help="base model (default: the one the pack names)")
     apply.add_argument("--out", required=True, help="folder for the merged model (and the base's tokenizer)")
-    apply.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype the base is loaded and saved in")
+    apply.add_argument("--dtype", choices=DTYPES, help="dtype of the merged weights (default: the base's own)")
     apply.add_argument("--no-check-base", action="store_true", help="apply even if the base's fingerprint differs")
 
     export = commands.add_parser("export-lora", help="write the pack as a standard PEFT LoRA adapter")

@@ -27,7 +27,7 @@ from .errors import HfGraftError
 from .references import checked_reference
 from .safetensors_io import DTYPE_NAMES, ITEMSIZES, TORCH_DTYPES, fsync_directory, read_header
 
-__all__ = ["INDEX_NAME", "SINGLE_NAME", "Checkpoint", "write_shard"]
+__all__ = ["INDEX_NAME", "SINGLE_NAME", "Checkpoint", "iter_rows", "meta_model", "stored_name", "write_shard"]
 
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -216,6 +216,28 @@ def write_shard(
             os.unlink(tmp)
         raise
     fsync_directory(os.path.dirname(path))
+
+
+def meta_model(folder: str):
+    """The model of ``folder``'s config on the meta device: its modules, no weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError) as error:
+        raise HfGraftError(f"Cannot build the model of {folder}'s config.json for its structure: {error}") from None
+
+
+def stored_name(key: str, checkpoint: Checkpoint, prefix: str) -> Optional[str]:
+    """``key``'s tensor name in the checkpoint: as is, or with the base model prefix dropped or added."""
+    candidates = [key]
+    if prefix and key.startswith(f"{prefix}."):
+        candidates.append(key[len(prefix) + 1 :])
+    elif prefix:
+        candidates.append(f"{prefix}.{key}")
+    return next((name for name in candidates if name in checkpoint), None)
 
 
 def iter_rows(total: int, row_bytes: int, max_bytes: int) -> Iterator[slice]:

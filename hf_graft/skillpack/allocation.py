@@ -229,7 +229,7 @@ def _lowrank_candidates(name: str, matrix: torch.Tensor, statistics: ModuleStati
 
 def _root(hessian: torch.Tensor) -> torch.Tensor:
     """A square root of the (damped) Hessian, for the activation-weighted spectrum."""
-    damped = hessian.double() + 0.01 * float(torch.diagonal(hessian).double().mean().clamp_min(1e-30)) * torch.eye(len(hessian), dtype=torch.float64)
+    damped = hessian.double() + 0.01 * float(torch.diagonal(hessian).double().mean().clamp_min(1e-30)) * torch.eye(len(hessian), dtype=torch.float64, device=hessian.device)
     return torch.linalg.cholesky(damped).float()
 
 

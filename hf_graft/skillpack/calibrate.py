@@ -157,7 +157,7 @@ def _damped_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor:
     diagonal[diagonal <= 0] = 1.0
     mean = float(diagonal.mean())
     for attempt in range(6):
-        damped = hessian + damping * (10**attempt) * mean * torch.eye(len(hessian), dtype=hessian.dtype)
+        damped = hessian + damping * (10**attempt) * mean * torch.eye(len(hessian), dtype=hessian.dtype, device=hessian.device)
         factor, info = torch.linalg.cholesky_ex(damped)
         if not info:
             return factor
@@ -170,9 +170,9 @@ class _RowGroupQuantizer:
     def __init__(self, bits: torch.Tensor, group_size: int, cols: int):
         self.bits, self.group_size = bits, group_size
         groups = -(-cols // group_size)
-        self.codes = torch.zeros(len(bits), cols, dtype=torch.uint8)
-        self.scales = torch.zeros(len(bits), groups, dtype=torch.float16)
-        self.zeros = torch.zeros(len(bits), groups, dtype=torch.float16)
+        self.codes = torch.zeros(len(bits), cols, dtype=torch.uint8, device=bits.device)
+        self.scales = torch.zeros(len(bits), groups, dtype=torch.float16, device=bits.device)
+        self.zeros = torch.zeros(len(bits), groups, dtype=torch.float16, device=bits.device)
 
     def __call__(self, index: int, upcoming: torch.Tensor) -> torch.Tensor:
         group = index // self.group_size
@@ -197,9 +197,9 @@ class _ColumnQuantizer:
     def __init__(self, bits: torch.Tensor, group_size: int, rows: int):
         self.bits, self.group_size, self.rows = bits, group_size, rows
         groups = -(-rows // group_size)
-        self.codes = torch.zeros(rows, len(bits), dtype=torch.uint8)
-        self.scales = torch.zeros(groups, len(bits), dtype=torch.float16)
-        self.zeros = torch.zeros(groups, len(bits), dtype=torch.float16)
+        self.codes = torch.zeros(rows, len(bits), dtype=torch.uint8, device=bits.device)
+        self.scales = torch.zeros(groups, len(bits), dtype=torch.float16, device=bits.device)
+        self.zeros = torch.zeros(groups, len(bits), dtype=torch.float16, device=bits.device)
 
     def __call__(self, index: int, upcoming: torch.Tensor) -> torch.Tensor:
         column, width, groups = upcoming[:, 0], int(self.bits[index]), len(self.scales)
@@ -280,11 +280,11 @@ def quantize_calibrated(
     group_size = min(group_size, rows)
     weight = statistics.oriented(delta.detach().float())
     if statistics.transposed:
-        quantizer = _RowGroupQuantizer(torch.full((cols,), bits), group_size, rows)
+        quantizer = _RowGroupQuantizer(torch.full((cols,), bits, device=delta.device), group_size, rows)
         gptq(weight, statistics.hessian, quantizer, block_size=group_size, damping=damping)
         codes, scales, zeros = quantizer.codes.T, quantizer.scales.T, quantizer.zeros.T
     else:
-        quantizer = _ColumnQuantizer(torch.full((cols,), bits), group_size, rows)
+        quantizer = _ColumnQuantizer(torch.full((cols,), bits, device=delta.device), group_size, rows)
         gptq(weight, statistics.hessian, quantizer, damping=damping)
         codes, scales, zeros = quantizer.codes, quantizer.scales, quantizer.zeros
     return QuantizedMatrix(
@@ -323,17 +323,17 @@ def compress_delta_calibrated(
         )
     rank, group_size = spec["rank"], spec["group_size"]
     scheme = resolve_scheme(spec["scheme"], rank)
-    bits = torch.tensor([width for width, columns in scheme for _ in range(columns)])
+    bits = torch.tensor([width for width, columns in scheme for _ in range(columns)], device=delta.device)
     hessian = hessian.float()
     root = _damped_cholesky(hessian, damping)
-    weights = _output_weights(row_weights, out_features)
+    weights = _output_weights(row_weights, out_features, matrix.device)
     factors = lowrank_factors(weights[:, None] * matrix @ root, energy=1.0, min_rank=rank, max_rank=rank, method=method)
     a = torch.linalg.solve_triangular(root.T, factors.a.T, upper=True).T  # A L = a
 
     a_quantizer = _RowGroupQuantizer(bits, group_size, in_features)
     a_q = gptq(a, hessian, a_quantizer, block_size=group_size, damping=damping)
     projected = a_q @ hessian @ a_q.T
-    ridge = damping * float(torch.diagonal(projected).mean().clamp_min(1e-30)) * torch.eye(rank)
+    ridge = damping * float(torch.diagonal(projected).mean().clamp_min(1e-30)) * torch.eye(rank, device=hessian.device)
     b = torch.linalg.solve(projected + ridge, (matrix @ hessian @ a_q.T).T).T
     b_quantizer = _ColumnQuantizer(bits, group_size, out_features)
     gptq(b, projected, b_quantizer, block_size=group_size, damping=damping)
@@ -345,9 +345,9 @@ def compress_delta_calibrated(
     return CompressedDelta("lowrank", tuple(delta.shape), a=a, b=b)
 
 
-def _output_weights(row_weights: Optional[torch.Tensor], rows: int) -> torch.Tensor:
+def _output_weights(row_weights: Optional[torch.Tensor], rows: int, device=None) -> torch.Tensor:
     """``sqrt(f)`` of the output sensitivities, floored at 1% of their mean so no output is ignored outright."""
     if row_weights is None:
-        return torch.ones(rows)
+        return torch.ones(rows, device=device)
     weights = row_weights.float().clamp_min(0)
     return (weights + 0.01 * float(weights.mean().clamp_min(1e-30))).sqrt()

@@ -60,32 +60,44 @@ def _is_lora(reference: str) -> bool:
 
 
 def _extract(args) -> None:
-    from transformers import AutoTokenizer
-
     from . import SkillPackConfig, extract_skillpack
-    from .calibration_data import calibration_batches, calibration_texts
 
-    base = _load_model(args.base, args.dtype)
-    tuned = args.tuned if _is_lora(args.tuned) else _load_model(args.tuned, args.dtype)
     config = SkillPackConfig(
         target_ratio=None if args.bytes else args.ratio, byte_budget=args.bytes, distill_steps=args.distill_steps,
         calibration_samples=args.calibration_samples,
     )
-    batches = None
-    if args.calibration != "none":
-        tokenizer = AutoTokenizer.from_pretrained(args.tuned if not isinstance(tuned, str) else args.base)
-        texts = calibration_texts(args.calibration, args.calibration_column)
-        batches = calibration_batches(tokenizer, texts, args.calibration_samples, args.calibration_length)
-    pack = extract_skillpack(base, tuned, config, calibration=batches, copy_base=False)
-    pack.save_pretrained(args.out)
-    measured = pack.peft_config["default"].measured
+    if args.calibration == "none" and not _is_lora(args.tuned):  # data-free: read tensor by tensor, load nothing
+        pack = extract_skillpack(args.base, args.tuned, config, calibration=None, output_dir=args.out, device=args.device)
+        measured = pack.config.measured
+    else:
+        pack = _extract_loaded(args, config)
+        measured = pack.peft_config["default"].measured
     print(
         f"SkillPack written to {args.out}: {measured['stored_bytes']:,} bytes, "
         f"{measured['compression_ratio']:.1f}x smaller than the bf16 delta, "
         f"relative error {measured['relative_error']:.4f}"
     )
     if args.push_to_hub:
-        print(f"pushed: {pack.push_to_hub(args.push_to_hub)}")
+        print(f"pushed: {_push_folder(args.out, args.push_to_hub)}")
+
+
+def _extract_loaded(args, config):
+    """A calibrated pack (or one from a LoRA adapter), extracted on the loaded models and saved."""
+    from transformers import AutoTokenizer
+
+    from . import extract_skillpack
+    from .calibration_data import calibration_batches, calibration_texts
+
+    base = _load_model(args.base, args.dtype)
+    tuned = args.tuned if _is_lora(args.tuned) else _load_model(args.tuned, args.dtype)
+    batches = None
+    if args.calibration != "none":
+        tokenizer = AutoTokenizer.from_pretrained(args.tuned if not isinstance(tuned, str) else args.base)
+        texts = calibration_texts(args.calibration, args.calibration_column)
+        batches = calibration_batches(tokenizer, texts, args.calibration_samples, args.calibration_length)
+    pack = extract_skillpack(base, tuned, config, calibration=batches, copy_base=False, device=args.device)
+    pack.save_pretrained(args.out)
+    return pack
 
 
 def _inspect(args) -> None:
@@ -115,30 +127,22 @@ def _base_of(args, pack) -> str:
 
 
 def _apply(args) -> None:
-    from .files import attach, read_skillpack
+    import torch
+
+    from .checkpoint_merge import merge_into_checkpoint
+    from .files import read_skillpack
 
     pack = read_skillpack(args.pack)
-    pack.config.check_base_fingerprint = not args.no_check_base
     base = _base_of(args, pack)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
-        merged = attach(_load_model(base, args.dtype), pack).merge_and_unload()
+        merge_into_checkpoint(pack, base, args.out, dtype=dtype, check_base_fingerprint=not args.no_check_base)
     except BaseModelMismatchError as error:
         raise HfGraftError(str(error).replace("pass check_base_fingerprint=False", "pass --no-check-base")) from None
-    merged.save_pretrained(args.out)
-    from transformers import AutoTokenizer
-
     from ..references import TOKENIZER_FILES
 
-    no_tokenizer = f"merged model written to {args.out} ({base} has no tokenizer to copy)"
-    if os.path.isdir(base) and not any(os.path.isfile(os.path.join(base, name)) for name in TOKENIZER_FILES):
-        print(no_tokenizer)
-        return
-    try:
-        AutoTokenizer.from_pretrained(base).save_pretrained(args.out)
-    except (OSError, ValueError):
-        print(no_tokenizer)
-        return
-    print(f"merged model and tokenizer written to {args.out}")
+    copied = any(os.path.isfile(os.path.join(args.out, name)) for name in TOKENIZER_FILES)
+    print(f"merged model {'and tokenizer ' if copied else ''}written to {args.out}" + ("" if copied else f" ({base} has no tokenizer to copy)"))
 
 
 def _export_lora(args) -> None:
@@ -168,19 +172,23 @@ def _export_lora(args) -> None:
 
 
 def _push(args) -> None:
+    if not os.path.isdir(args.pack):
+        raise HfGraftError(f"{args.pack} is not a folder: push takes a SkillPack folder written by extract.")
+    print(f"pushed: {_push_folder(args.pack, args.repo_id, private=args.private or None)}")
+
+
+def _push_folder(pack_dir: str, repo_id: str, *, private=None):
+    """Upload a SkillPack folder's two files with a fresh model card, in one commit."""
     from huggingface_hub import HfApi
 
     from ..hub import write_skillpack_card
     from .files import CONFIG_NAME, WEIGHTS_NAME, read_skillpack
 
-    if not os.path.isdir(args.pack):
-        raise HfGraftError(f"{args.pack} is not a folder: push takes a SkillPack folder written by extract.")
-    pack = read_skillpack(args.pack)
+    pack = read_skillpack(pack_dir)
     api = HfApi()
-    repo_id = api.create_repo(args.repo_id, private=args.private or None, exist_ok=True).repo_id
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as folder:
         for name in (CONFIG_NAME, WEIGHTS_NAME):
-            shutil.copyfile(os.path.join(args.pack, name), os.path.join(folder, name))
+            shutil.copyfile(os.path.join(pack_dir, name), os.path.join(folder, name))
         write_skillpack_card(pack, folder, repo_id=repo_id)
-        info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload SkillPack")
-    print(f"pushed: {info}")
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload SkillPack")

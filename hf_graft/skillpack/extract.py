@@ -23,7 +23,7 @@ from .distillation import distill_scales
 from .files import attach
 from .model import base_fingerprint, layer_class, tied_partners
 from .objective import ModuleStatistics, collect_statistics
-from .packing import BF16_BYTES, assemble, choose, compress, measure
+from .packing import BF16_BYTES, assemble, choose, compress, measure, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -243,10 +243,12 @@ def extract_skillpack(
     no distillation). At most ``config.calibration_samples`` sequences are used. Returns a
     ``PeftModel`` whose ``save_pretrained`` / ``push_to_hub`` write the pack.
 
-    ``base_model`` and ``tuned`` may instead be checkpoint folders or Hub ids: the checkpoints are
-    then read tensor by tensor and neither model is loaded (see
-    :func:`~hf_graft.skillpack.streaming.extract_from_checkpoints`, which takes ``output_dir`` and
-    ``device``); a :class:`~hf_graft.skillpack.files.SkillPackFile` is returned.
+    ``device``: where the compression runs (``"auto"``: the GPU when there is one). ``base_model``
+    and ``tuned`` may instead be checkpoint folders or Hub ids: the checkpoints are then read
+    tensor by tensor and neither model is loaded, the pack is data-free (``calibration=None``)
+    and is written to ``output_dir`` resumably
+    (:func:`~hf_graft.skillpack.streaming.extract_from_checkpoints`); a
+    :class:`~hf_graft.skillpack.files.SkillPackFile` is returned.
     """
     if isinstance(base_model, (str, os.PathLike)):
         from .streaming import extract_from_checkpoints
@@ -267,6 +269,7 @@ def extract_skillpack(
         batches, config.calibration_samples = _calibration_batches(calibration, config.calibration_samples)
     else:
         config.calibration_samples = 0
+    config.base_model_name_or_path = config.base_model_name_or_path or getattr(clean_base, "name_or_path", None) or None
     inner = calibration_model.base_model.model if isinstance(calibration_model, PeftModel) else calibration_model
     inner_modules = dict(inner.named_modules())
     modules = dict(clean_base.named_modules())
@@ -284,14 +287,20 @@ def extract_skillpack(
         return _tie_statistics(found, tied)
 
     statistics = statistics_of(inner_modules, calibration_model, matrices)
+    device = resolve_device(device)
+
+    def on_device(key: str):
+        stats = statistics.get(key.rsplit(".", 1)[0])
+        return flat[key].to(device), (stats.to(device) if stats is not None else None)
+
     measured = {
-        key: measure(key, flat[key], statistics.get(key.rsplit(".", 1)[0]), config, conv1d=key.rsplit(".", 1)[0] in conv1d)
+        key: measure(key, *on_device(key), config, conv1d=key.rsplit(".", 1)[0] in conv1d)
         for key in tqdm(flat, desc="Measuring SkillPack candidates", disable=not progress)
     }
     kept = choose(measured, config, bf16_bytes, type(clean_base))
     compressed = _compress_in_order(
         flat, kept, modules, inner_modules, calibration_model, statistics, statistics_of, conv1d,
-        compensate=config.compensation and batches is not None,
+        compensate=config.compensation and batches is not None, device=device,
     )
     distill_losses = []
     if batches is not None and config.distill_steps:
@@ -299,7 +308,6 @@ def extract_skillpack(
             clean_base, calibration_model, compressed, batches, steps=config.distill_steps, learning_rate=config.distill_learning_rate, progress=progress,
         )
     errors_sq = {key: float(torch.sum((flat[key] - packed.delta()).double() ** 2)) for key, packed in compressed.items()}
-    config.base_model_name_or_path = config.base_model_name_or_path or getattr(clean_base, "name_or_path", None) or None
     kept_modules = {key.rsplit(".", 1)[0] for key in compressed}
     pack = assemble(
         config, compressed, measured, errors_sq, bf16_bytes=bf16_bytes, model_class=type(clean_base), tied_modules=tied,
@@ -309,7 +317,7 @@ def extract_skillpack(
     return attach(host, pack, adapter_name)
 
 
-def _compress_in_order(flat, specs, modules, inner_modules, calibration_model, statistics, statistics_of, conv1d, *, compensate):
+def _compress_in_order(flat, specs, modules, inner_modules, calibration_model, statistics, statistics_of, conv1d, *, compensate, device):
     """Compress every chosen delta, decoder block by decoder block in forward order.
 
     With ``compensate``, each block's statistics are measured again on the tuned model in which
@@ -329,7 +337,9 @@ def _compress_in_order(flat, specs, modules, inner_modules, calibration_model, s
                 for part in ("weight", "bias"):
                     key = f"{name}.{part}"
                     if key in specs:
-                        compressed[key] = packed = compress(key, flat[key], specs[key], current.get(name), conv1d=name in conv1d)
+                        stats = current.get(name)
+                        stats = stats.to(device) if stats is not None else None
+                        compressed[key] = packed = compress(key, flat[key].to(device), specs[key], stats, conv1d=name in conv1d)
                         if compensate:
                             changed.append(_apply_compressed(inner_modules[name], part, flat[key], packed))
     finally:

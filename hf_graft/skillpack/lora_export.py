@@ -28,7 +28,6 @@ from ..errors import HfGraftError
 from ..safetensors_io import atomic_write_json, save_tensors
 from .compress import CompressedDelta
 from .files import SkillPackFile, pack_of
-from .lowrank import lowrank_factors
 
 __all__ = ["LoraExport", "export_lora"]
 

@@ -56,6 +56,16 @@ def fingerprint_of(weights) -> str:
     return digest.hexdigest()
 
 
+def check_fingerprint(config: SkillPackConfig, found: str, adapter_name: str = "default") -> None:
+    """Raise :class:`BaseModelMismatchError` when the base's fingerprint ``found`` is not the pack's."""
+    if found != config.base_fingerprint:
+        raise BaseModelMismatchError(
+            f"SkillPack {adapter_name!r} was extracted from another base model (weights fingerprint "
+            f"{config.base_fingerprint[:12]}..., this model {found[:12]}...). Load the base it was made "
+            "for, or pass check_base_fingerprint=False to apply it anyway."
+        )
+
+
 def tied_partners(model: nn.Module, module_names) -> dict:
     """``{module: source}`` for modules outside ``module_names`` whose weight is a named module's weight.
 
@@ -151,13 +161,7 @@ class SkillPackModel(BaseTuner):
                     "(tie_word_embeddings=True)."
                 )
         if config.check_base_fingerprint and config.base_fingerprint:
-            found = base_fingerprint(model, config.module_specs)
-            if found != config.base_fingerprint:
-                raise BaseModelMismatchError(
-                    f"SkillPack {adapter_name!r} was extracted from another base model (weights fingerprint "
-                    f"{config.base_fingerprint[:12]}..., this model {found[:12]}...). Load the base it was made "
-                    "for, or pass check_base_fingerprint=False to apply it anyway."
-                )
+            check_fingerprint(config, base_fingerprint(model, config.module_specs), adapter_name)
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         if current_key in config.tied_modules:

@@ -66,6 +66,10 @@ class ModuleStatistics:
         """``delta`` as ``[out, in]`` (the layout ``hessian`` and ``row_weights`` index)."""
         return delta.T if self.transposed else delta
 
+    def to(self, device) -> ModuleStatistics:
+        """These statistics on ``device``."""
+        return ModuleStatistics(self.hessian.to(device), self.row_weights.to(device), self.transposed, tuple(o.to(device) for o in self.also))
+
     @property
     def is_diagonal(self) -> bool:
         """True for an embedding: inputs are one-hot, so no error can be compensated across columns."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
@@ -27,7 +27,7 @@ from .config import SkillPackConfig
 from .files import SkillPackFile, saved_config_text, tensor_key
 from .objective import ModuleStatistics
 
-__all__ = ["BF16_BYTES", "Measurement", "assemble", "choose", "compress", "ladder_of", "measure", "to_cpu"]
+__all__ = ["BF16_BYTES", "Measurement", "assemble", "choose", "compress", "ladder_of", "measure", "resolve_device", "to_cpu"]
 
 BF16_BYTES = 2
 
@@ -45,6 +45,16 @@ class Measurement:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Measurement:
         return cls([Candidate(int(n), float(c), dict(s)) for n, c, s in data["candidates"]], float(data["norm_sq"]))
+
+
+def resolve_device(device: Union[str, torch.device]) -> torch.device:
+    """``"auto"``: the GPU when there is one, else the CPU; ``"cuda"`` without one is an error."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HfGraftError("device='cuda' was asked for, but torch sees no GPU here; use device='cpu' or 'auto'.")
+    return device
 
 
 def ladder_of(config: SkillPackConfig) -> CandidateLadder:

@@ -26,15 +26,15 @@ from tqdm.auto import tqdm
 
 from ..errors import HfGraftError
 from ..safetensors_io import atomic_write_json, load_tensors, save_tensors
-from ..sharded import Checkpoint, iter_rows
+from ..sharded import Checkpoint, iter_rows, meta_model, stored_name
 from .compress import CompressedDelta
 from .config import SkillPackConfig
 from .extract import block_groups
 from .files import SkillPackFile, tensor_key
 from .model import fingerprint_of, fingerprint_stride, layer_class, sign_bytes, tied_partners
-from .packing import BF16_BYTES, Measurement, assemble, choose, compress, measure
+from .packing import BF16_BYTES, Measurement, assemble, choose, compress, measure, resolve_device
 
-__all__ = ["CheckpointDeltas", "extract_from_checkpoints", "resolve_device"]
+__all__ = ["CheckpointDeltas", "Journal", "extract_from_checkpoints"]
 
 JOURNAL_NAME = "journal.json"
 JOURNAL_VERSION = 1
@@ -42,16 +42,6 @@ JOURNAL_VERSION = 1
 CHUNK_BYTES = 64 << 20
 
 Reference = Union[str, os.PathLike]
-
-
-def resolve_device(device: Union[str, torch.device]) -> torch.device:
-    """``"auto"``: the GPU when there is one, else the CPU; ``"cuda"`` without one is an error."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise HfGraftError("device='cuda' was asked for, but torch sees no GPU here; use device='cpu' or 'auto'.")
-    return device
 
 
 class CheckpointDeltas:
@@ -70,7 +60,7 @@ class CheckpointDeltas:
                 "(extract_skillpack(base_model, 'adapter/path')), or merge it first."
             )
         self.tuned = Checkpoint(tuned, revision=revision, token=token)
-        self.skeleton = _skeleton(self.base.folder)
+        self.skeleton = meta_model(self.base.folder)
         prefix = getattr(self.skeleton, "base_model_prefix", "")
         modules = dict(self.skeleton.named_modules())
         self.conv1d = {name for name, module in modules.items() if type(module).__name__ == "Conv1D"}
@@ -85,7 +75,7 @@ class CheckpointDeltas:
                     continue
                 seen.add(id(parameter))
                 key = f"{name}.{part}"
-                stored = _stored_name(key, self.base, prefix)
+                stored = stored_name(key, self.base, prefix)
                 if stored is None:
                     continue  # not saved (a buffer the model rebuilds)
                 for checkpoint in (self.base, self.tuned):
@@ -130,28 +120,6 @@ class CheckpointDeltas:
         }
         text = json.dumps({"files": files, "keys": self.files, "config": config.to_json_text(), "device": device.type}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _skeleton(folder: str):
-    """The model of ``folder``'s config on the meta device: its modules, no weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(folder)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
-    except (OSError, ValueError, KeyError) as error:
-        raise HfGraftError(f"Cannot build the model of {folder}'s config.json for its structure: {error}") from None
-
-
-def _stored_name(key: str, checkpoint: Checkpoint, prefix: str) -> Optional[str]:
-    """``key``'s tensor name in the checkpoint: as is, or with the base model prefix dropped or added."""
-    candidates = [key]
-    if prefix and key.startswith(f"{prefix}."):
-        candidates.append(key[len(prefix) + 1 :])
-    elif prefix:
-        candidates.append(f"{prefix}.{key}")
-    return next((name for name in candidates if name in checkpoint), None)
 
 
 def extract_from_checkpoints(

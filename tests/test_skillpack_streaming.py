@@ -1,0 +1,217 @@
+"""SkillPacks made from and merged into checkpoint files tensor by tensor: same bytes as in memory, resumable, atomic."""
+
+import filecmp
+import json
+import os
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+import hf_graft.skillpack as sp
+import hf_graft.skillpack.streaming as streaming
+from hf_graft.errors import BaseModelMismatchError, HfGraftError
+from hf_graft.sharded import Checkpoint
+from hf_graft.skillpack.checkpoint_merge import merge_into_checkpoint
+from hf_graft_cli import main
+
+FILES = ("adapter_config.json", "adapter_model.safetensors")
+CONFIGS = {
+    "llama-tied": LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "gpt2": GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=32),
+}
+
+
+def _pair(root, kind, seed=0):
+    """Folders of a base and a tuned copy (low-rank deltas on most weights, changed biases), sharded bf16."""
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_config(CONFIGS[kind]).to(torch.bfloat16)
+    tuned = AutoModelForCausalLM.from_config(CONFIGS[kind]).to(torch.bfloat16)
+    tuned.load_state_dict(base.state_dict())
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in tuned.named_parameters():
+            if param.dim() == 2:
+                change = torch.randn(param.shape[0], 3, generator=generator) @ torch.randn(3, param.shape[1], generator=generator)
+            else:
+                change = torch.randn(param.shape, generator=generator)
+            if "layers.1.input_layernorm" not in name:  # one weight stays as it was
+                param.add_((0.02 * change).to(param.dtype))
+    paths = root / f"{kind}-base", root / f"{kind}-tuned"
+    for model, path in zip((base, tuned), paths):
+        model.save_pretrained(path, max_shard_size="40KB")
+    return paths
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def pair(request, tmp_path_factory):
+    return _pair(tmp_path_factory.mktemp(request.param), request.param)
+
+
+@pytest.fixture(scope="module")
+def llama_pair(tmp_path_factory):
+    return _pair(tmp_path_factory.mktemp("llama"), "llama-tied")
+
+
+CONFIG = sp.SkillPackConfig(target_ratio=6.0)  # as the CLI passes --ratio 6
+
+
+def _in_memory(base, tuned, out):
+    models = [AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32) for path in (base, tuned)]
+    sp.extract_skillpack(*models, CONFIG, calibration=None, progress=False).save_pretrained(out)
+
+
+def _same_files(a, b):
+    return all(filecmp.cmp(os.path.join(a, name), os.path.join(b, name), shallow=False) for name in FILES)
+
+
+def test_streaming_pack_is_the_in_memory_pack_byte_for_byte(pair, tmp_path):
+    base, tuned = pair
+    assert len(Checkpoint(base).shards) > 1
+    _in_memory(base, tuned, tmp_path / "memory")
+    pack = sp.extract_skillpack(str(base), str(tuned), CONFIG, calibration=None, output_dir=tmp_path / "stream", progress=False)
+    assert isinstance(pack, sp.SkillPackFile)
+    assert _same_files(tmp_path / "memory", tmp_path / "stream")
+    assert sorted(os.listdir(tmp_path / "stream")) == ["README.md", *FILES]
+    assert not (tmp_path / "stream.partial").exists()
+    assert pack.config.measured["compression_ratio"] >= 6
+
+
+def test_streamed_pack_loads_through_peft_on_a_bf16_base(llama_pair, tmp_path):
+    base, tuned = llama_pair
+    sp.extract_skillpack(str(base), str(tuned), CONFIG, calibration=None, output_dir=tmp_path / "pack", progress=False)
+    host = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    model = PeftModel.from_pretrained(host, tmp_path / "pack", low_cpu_mem_usage=True)
+    ids = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        packed = model(ids).logits.float()
+        exact = AutoModelForCausalLM.from_pretrained(tuned, dtype=torch.bfloat16)(ids).logits.float()
+        with model.disable_adapter():
+            plain = model(ids).logits.float()
+    assert (packed - exact).abs().mean() < 0.5 * (plain - exact).abs().mean()
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stage", ["measure", "compress"])
+def test_a_killed_extraction_resumes_to_the_same_pack(llama_pair, tmp_path, monkeypatch, stage):
+    base, tuned = llama_pair
+    sp.extract_skillpack(str(base), str(tuned), CONFIG, calibration=None, output_dir=tmp_path / "whole", progress=False)
+    original, calls = getattr(streaming, stage), []
+
+    def dies_on_the_fifth(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 5:
+            raise _Killed
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(streaming, stage, dies_on_the_fifth)
+    with pytest.raises(_Killed):
+        sp.extract_skillpack(str(base), str(tuned), CONFIG, calibration=None, output_dir=tmp_path / "resumed", progress=False)
+    assert not (tmp_path / "resumed").exists() and (tmp_path / "resumed.partial" / "journal.json").exists()
+    monkeypatch.setattr(streaming, stage, original)
+    redone = []
+    monkeypatch.setattr(streaming, stage, lambda *a, **k: redone.append(a[0]) or original(*a, **k))
+    sp.extract_skillpack(str(base), str(tuned), CONFIG, calibration=None, output_dir=tmp_path / "resumed", progress=False)
+    assert _same_files(tmp_path / "whole", tmp_path / "resumed")
+    assert not (tmp_path / "resumed.partial").exists()
+    assert calls[0] not in redone  # the first block's work was kept, not redone
+
+
+def test_a_journal_of_other_inputs_is_refused(llama_pair, tmp_path, monkeypatch):
+    base, tuned = llama_pair
+    monkeypatch.setattr(streaming, "compress", lambda *a, **k: (_ for _ in ()).throw(_Killed()))
+    with pytest.raises(_Killed):
+        sp.extract_skillpack(str(base), str(tuned), CONFIG, calibration=None, output_dir=tmp_path / "p", progress=False)
+    with pytest.raises(HfGraftError, match="other checkpoints or settings"):
+        sp.extract_skillpack(str(base), str(tuned), sp.SkillPackConfig(target_ratio=4), calibration=None, output_dir=tmp_path / "p")
+
+
+def test_streaming_refusals(llama_pair, tmp_path):
+    base, tuned = llama_pair
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(HfGraftError, match="not empty"):
+        sp.extract_skillpack(str(base), str(tuned), CONFIG, calibration=None, output_dir=tmp_path / "full")
+    with pytest.raises(HfGraftError, match="data-free"):
+        sp.extract_skillpack(str(base), str(tuned), CONFIG, output_dir=tmp_path / "o")
+    with pytest.raises(HfGraftError, match="same weights"):
+        sp.extract_skillpack(str(base), str(base), CONFIG, calibration=None)
+    if not torch.cuda.is_available():
+        with pytest.raises(HfGraftError, match="no GPU"):
+            sp.extract_skillpack(str(base), str(tuned), CONFIG, calibration=None, device="cuda")
+    other = tmp_path / "other"
+    AutoModelForCausalLM.from_config(CONFIGS["gpt2"]).save_pretrained(other)
+    with pytest.raises(HfGraftError, match="not the same architecture|holds no"):
+        sp.extract_skillpack(str(base), str(other), CONFIG, calibration=None)
+
+
+def test_checkpoint_reader_checks_the_index(llama_pair, tmp_path):
+    base, _ = llama_pair
+    checkpoint = Checkpoint(base)
+    key = "model.embed_tokens.weight"
+    assert torch.equal(checkpoint.read(key, slice(3, 9)), checkpoint.read(key)[3:9])
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    for name in os.listdir(base):
+        (folder / name).write_bytes((base / name).read_bytes())
+    index = json.loads((base / "model.safetensors.index.json").read_text())
+    index["weight_map"][key] = "../elsewhere.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(HfGraftError, match="beside the index"):
+        Checkpoint(folder)
+    right = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"][key]
+    index["weight_map"][key] = next(shard for shard in set(index["weight_map"].values()) if shard not in (right, "../elsewhere.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(HfGraftError, match="does not hold it"):
+        Checkpoint(folder)
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text("{}")
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(HfGraftError, match="never read"):
+        Checkpoint(pickled)
+
+
+def test_merge_into_checkpoint_equals_merge_and_unload(llama_pair, tmp_path):
+    base, tuned = llama_pair
+    pack = sp.extract_skillpack(str(base), str(tuned), CONFIG, calibration=None, output_dir=tmp_path / "pack", progress=False)
+    merge_into_checkpoint(tmp_path / "pack", base, tmp_path / "merged", progress=False)
+    assert sorted(os.listdir(tmp_path / "merged")) == sorted(os.listdir(base))
+    assert json.loads((tmp_path / "merged" / "model.safetensors.index.json").read_text()) == json.loads(
+        (base / "model.safetensors.index.json").read_text()
+    )
+    for dtype, folder in ((torch.bfloat16, tmp_path / "merged"), (torch.float32, tmp_path / "merged32")):
+        if dtype == torch.float32:
+            merge_into_checkpoint(pack, base, folder, dtype=torch.float32, progress=False)
+        merged = AutoModelForCausalLM.from_pretrained(folder)
+        expected = sp.load_skillpack(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), tmp_path / "pack").merge_and_unload()
+        assert merged.dtype == dtype
+        state, reference = merged.state_dict(), expected.state_dict()
+        assert all(torch.equal(state[name], reference[name]) for name in reference)
+
+
+def test_merge_into_another_base_leaves_nothing_behind(llama_pair, tmp_path):
+    base, tuned = llama_pair
+    sp.extract_skillpack(str(base), str(tuned), CONFIG, calibration=None, output_dir=tmp_path / "pack", progress=False)
+    with pytest.raises(BaseModelMismatchError, match="another base model"):
+        merge_into_checkpoint(tmp_path / "pack", tuned, tmp_path / "merged", progress=False)
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.partial").exists()
+    merge_into_checkpoint(tmp_path / "pack", tuned, tmp_path / "merged", check_base_fingerprint=False, progress=False)
+
+
+def test_cli_data_free_extract_streams_and_apply_keeps_the_base_dtype(llama_pair, tmp_path, capsys):
+    base, tuned = llama_pair
+    _in_memory(base, tuned, tmp_path / "memory")
+    argv = ["skillpack", "extract", "--base", str(base), "--tuned", str(tuned), "--out", str(tmp_path / "pack"),
+            "--ratio", "6", "--calibration", "none", "--device", "cpu"]
+    assert main(argv) == 0
+    assert "SkillPack written to" in capsys.readouterr().out
+    assert _same_files(tmp_path / "memory", tmp_path / "pack")
+    assert main(["skillpack", "apply", str(tmp_path / "pack"), "--base", str(base), "--out", str(tmp_path / "merged")]) == 0
+    assert "has no tokenizer to copy" in capsys.readouterr().out
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").dtype == torch.bfloat16
