@@ -36,7 +36,7 @@ from .compress import CompressedDelta, compress_delta, normalize_spec
 from .prune import prune
 from .lowrank import lowrank_factors
 from .objective import ModuleStatistics
-from .quantize import MixedPrecisionFactor, QuantizedMatrix, encode, fitted_grid, resolve_scheme
+from .quantize import MixedPrecisionFactor, QuantizedMatrix, encode, fitted_grid, quantize, resolve_scheme
 
 __all__ = ["compress_delta_calibrated", "compress_with_statistics", "gptq", "input_hessians", "quantize_calibrated"]
 
@@ -278,6 +278,8 @@ def quantize_calibrated(
     """
     rows, cols = delta.shape
     group_size = min(group_size, rows)
+    if statistics.is_diagonal:  # no error can be compensated across inputs: GPTQ is fitted rounding
+        return quantize(delta.detach().float(), bits, group_size, clip=True)
     weight = statistics.oriented(delta.detach().float())
     if statistics.transposed:
         quantizer = _RowGroupQuantizer(torch.full((cols,), bits, device=delta.device), group_size, rows)

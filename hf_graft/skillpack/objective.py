@@ -22,6 +22,7 @@ Frobenius error.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -59,7 +60,10 @@ class ModuleStatistics:
     def cost(self, error: torch.Tensor) -> float:
         """``sum_i f_i (E H E^T)_ii`` of an error ``E`` in the delta's layout (plus that of every ``also``)."""
         matrix = error.float().T if self.transposed else error.float()
-        own = float((((matrix @ self.hessian) * matrix).sum(dim=1) * self.row_weights).sum())
+        if self.is_diagonal:  # data-free and embeddings: no input correlations to weigh
+            own = float((matrix.square() @ torch.diagonal(self.hessian) * self.row_weights).sum())
+        else:
+            own = float((((matrix @ self.hessian) * matrix).sum(dim=1) * self.row_weights).sum())
         return own + sum(other.cost(error) for other in self.also)
 
     def oriented(self, delta: torch.Tensor) -> torch.Tensor:
@@ -70,7 +74,7 @@ class ModuleStatistics:
         """These statistics on ``device``."""
         return ModuleStatistics(self.hessian.to(device), self.row_weights.to(device), self.transposed, tuple(o.to(device) for o in self.also))
 
-    @property
+    @functools.cached_property
     def is_diagonal(self) -> bool:
         """True for an embedding: inputs are one-hot, so no error can be compensated across columns."""
         return bool(torch.count_nonzero(self.hessian - torch.diag(torch.diagonal(self.hessian))) == 0)
