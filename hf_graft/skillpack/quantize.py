@@ -194,6 +194,16 @@ def fitted_grid(grouped: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.T
     At low widths clipping a few outliers lowers the error of all the other entries. All
     candidates are tried at once, vectorized.
     """
+    groups, size, cols = grouped.shape
+    # The candidates are decoded all at once: a few columns at a time bounds that to ~64 MB.
+    step = max(1, (64 << 20) // (4 * (len(CLIP_RATIOS) + 1) * groups * size))
+    if cols > step:
+        parts = [_fitted_grid(grouped[:, :, start : start + step], bits) for start in range(0, cols, step)]
+        return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+    return _fitted_grid(grouped, bits)
+
+
+def _fitted_grid(grouped: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     values = grouped.float()
     low, high = values.amin(dim=1), values.amax(dim=1)
     ratios = torch.tensor(CLIP_RATIOS, dtype=torch.float32, device=values.device)[:, None, None]
