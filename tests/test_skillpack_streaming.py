@@ -3,6 +3,8 @@
 import filecmp
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -215,3 +217,24 @@ def test_cli_data_free_extract_streams_and_apply_keeps_the_base_dtype(llama_pair
     assert main(["skillpack", "apply", str(tmp_path / "pack"), "--base", str(base), "--out", str(tmp_path / "merged")]) == 0
     assert "has no tokenizer to copy" in capsys.readouterr().out
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").dtype == torch.bfloat16
+
+
+def _two_process_extraction(base, tuned, out):
+    """Body of each process of the 2-process run (forked by accelerate's debug_launcher)."""
+    torch.set_num_threads(1)
+    sp.extract_skillpack(base, tuned, CONFIG, calibration=None, output_dir=out, device="cpu", progress=False)
+
+
+def test_two_processes_make_the_same_pack_as_one(llama_pair, tmp_path):
+    """The blocks are split over 2 gloo processes; the main one writes the pack. Forked from a fresh
+    interpreter, as in test_distill: a process forked after its thread pools started can hang."""
+    base, tuned = llama_pair
+    sp.extract_skillpack(str(base), str(tuned), CONFIG, calibration=None, output_dir=tmp_path / "one", progress=False)
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import test_skillpack_streaming as t; from accelerate import debug_launcher; "
+        "debug_launcher(t._two_process_extraction, args=tuple(sys.argv[2:]), num_processes=2)"
+    )
+    subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__), str(base), str(tuned), str(tmp_path / "two")],
+                   check=True, timeout=600)
+    assert _same_files(tmp_path / "one", tmp_path / "two")
+    assert not (tmp_path / "two.partial").exists()

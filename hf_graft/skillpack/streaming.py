@@ -112,13 +112,14 @@ class CheckpointDeltas:
             samples.append(base.reshape(-1)[-(rows.start * row) % stride :: stride])
         return delta, sign_bytes(torch.cat(samples))
 
-    def inputs_digest(self, config: SkillPackConfig, device: torch.device) -> str:
-        """What a journal must match to be resumed: both checkpoints' files and layout, the config, the device."""
+    def inputs_digest(self, config: SkillPackConfig, device: torch.device, processes: int = 1) -> str:
+        """What a journal must match to be resumed: both checkpoints' files and layout, the config, the
+        device and the number of processes sharing the work."""
         files = {
             side: [(shard, os.path.getsize(os.path.join(c.folder, shard)), os.stat(os.path.join(c.folder, shard)).st_mtime_ns) for shard in c.shards]
             for side, c in (("base", self.base), ("tuned", self.tuned))
         }
-        text = json.dumps({"files": files, "keys": self.files, "config": config.to_json_text(), "device": device.type}, sort_keys=True)
+        text = json.dumps({"files": files, "keys": self.files, "config": config.to_json_text(), "device": device.type, "processes": processes}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -152,10 +153,16 @@ def extract_from_checkpoints(
     device = resolve_device(device)
     deltas = CheckpointDeltas(base, tuned, revision=revision, token=token)
     config.base_model_name_or_path = config.base_model_name_or_path or deltas.base.reference
-    journal = Journal(output_dir, deltas.inputs_digest(config, device))
+    rank, processes, wait = _processes()
+    if processes > 1 and output_dir is None:
+        raise HfGraftError("Extraction over several processes needs output_dir: the processes share their work through it.")
+    digest = deltas.inputs_digest(config, device, processes)
+    journal = Journal(output_dir, digest, rank=rank, processes=processes, wait=wait)
+    mine = lambda index: index % processes == rank  # noqa: E731
     conv1d = lambda key: key.rsplit(".", 1)[0] in deltas.conv1d  # noqa: E731
-    for group in tqdm(block_groups(deltas.keys), desc="Measuring SkillPack candidates", unit="block", disable=not progress):
-        if all(key in journal.seen for key in group):
+    groups = block_groups(deltas.keys)
+    for index, group in enumerate(tqdm(groups, desc="Measuring SkillPack candidates", unit="block", disable=not progress)):
+        if not mine(index) or all(key in journal.seen for key in group):
             continue
         for key in group:
             delta, journal.samples[key] = deltas.delta(key)
@@ -164,18 +171,19 @@ def extract_from_checkpoints(
             journal.seen.add(key)
             del delta
         journal.save()
+    journal.gather()
     measured = {key: journal.measured[key] for key in deltas.keys if key in journal.measured}
     if not measured:
         raise HfGraftError("The tuned checkpoint has the same weights as the base: there is no skill to extract.")
     bf16_bytes = sum(math.prod(deltas.shape(key)) * BF16_BYTES for key in measured)
     model_class = type(deltas.skeleton)
-    if journal.kept is None:
+    if journal.kept is None:  # every process chooses the same from the same measurements
         journal.kept = choose(measured, config, bf16_bytes, model_class)
         journal.save()
     kept = journal.kept
     groups = block_groups([key for key in deltas.keys if key in kept])
     for index, group in enumerate(tqdm(groups, desc="Compressing SkillPack deltas", unit="block", disable=not progress)):
-        if index in journal.blocks:
+        if not mine(index) or index in journal.blocks:
             continue
         block, errors = {}, {}
         for key in group:
@@ -184,6 +192,7 @@ def extract_from_checkpoints(
             errors[key] = float(torch.sum((delta - packed.delta().to(device)).double() ** 2))
             del delta
         journal.save_block(index, block, errors)
+    journal.gather()
     compressed = {key: journal.compressed[key] for key in deltas.keys if key in journal.compressed}
     modules = {key.rsplit(".", 1)[0] for key in compressed}
     fingerprint = fingerprint_of((name, (journal.samples[f"{name}.weight"], deltas.shape(f"{name}.weight"))) for name in modules)
@@ -195,16 +204,28 @@ def extract_from_checkpoints(
     return pack
 
 
+def _processes():
+    """``(index, count, barrier)`` of this process among those ``accelerate launch`` (or torchrun) started."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, lambda: None
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return state.process_index, state.num_processes, state.wait_for_everyone
+
+
 class Journal:
     """The record of a partly made pack in ``<output_dir>.partial`` (with no ``output_dir``, in memory only).
 
     ``seen`` deltas have been read (``measured`` holds the non-zero ones' candidates, ``samples``
     every base weight's fingerprint sample); ``kept`` is the chosen spec per delta once chosen;
     ``blocks`` are the indices of compressed decoder blocks, whose deltas are in ``compressed``.
+    Each of several processes keeps its own record (``journal-<rank>-of-<count>.json``) of the
+    blocks it does; :meth:`gather` reads the others' once they are done.
     """
 
-    def __init__(self, output_dir: Optional[Reference], digest: str):
-        self.digest = digest
+    def __init__(self, output_dir: Optional[Reference], digest: str, *, rank: int = 0, processes: int = 1, wait=lambda: None):
+        self.digest, self.rank, self.processes, self.wait = digest, rank, processes, wait
         self.seen: set[str] = set()
         self.measured: dict[str, Measurement] = {}
         self.samples: dict[str, bytes] = {}
@@ -220,13 +241,17 @@ class Journal:
         if os.path.isfile(self.output_dir) or (os.path.isdir(self.output_dir) and os.listdir(self.output_dir)):
             raise HfGraftError(f"{output_dir} already exists and is not empty; give a new folder for the SkillPack.")
         self.folder = self.output_dir + ".partial"
-        path = os.path.join(self.folder, JOURNAL_NAME)
-        if os.path.isfile(path):
-            self._resume(path)
-        else:
+        if rank == 0:
             os.makedirs(self.folder, exist_ok=True)
+        wait()
+        if os.path.isfile(self._path(rank)):
+            self._absorb(self._read(self._path(rank)), own=True)
 
-    def _resume(self, path: str) -> None:
+    def _path(self, rank: int) -> str:
+        name = JOURNAL_NAME if self.processes == 1 else f"journal-{rank}-of-{self.processes}.json"
+        return os.path.join(self.folder, name)
+
+    def _read(self, path: str) -> dict:
         try:
             with open(path, encoding="utf-8") as handle:
                 data = json.load(handle)
@@ -237,25 +262,41 @@ class Journal:
                 f"{self.folder} holds a partial SkillPack made from other checkpoints or settings; "
                 "delete it to start again, or rerun with the arguments it was started with."
             )
-        self.seen = set(data["seen"])
-        self.measured = {key: Measurement.from_json(value) for key, value in data["measured"].items()}
-        self.samples = {key: bytes.fromhex(value) for key, value in data["samples"].items()}
-        self.kept = data["kept"]
+        return data
+
+    def _absorb(self, data: dict, *, own: bool = False) -> None:
+        """Take in a record: this process's own (to resume) or another's (its finished work)."""
+        self.seen |= set(data["seen"])
+        self.measured.update((key, Measurement.from_json(value)) for key, value in data["measured"].items())
+        self.samples.update((key, bytes.fromhex(value)) for key, value in data["samples"].items())
+        if own:
+            self.kept = data["kept"]
+            self._block_entries = data["blocks"]
         for index, block in data["blocks"].items():
+            if int(index) in self.blocks:
+                continue
             tensors, _ = load_tensors(os.path.join(self.folder, _block_name(int(index))))
             for key, entry in block.items():
                 name, part = key.rsplit(".", 1)
                 self.compressed[key] = CompressedDelta.from_tensors(part, {part: tensors[tensor_key(name, part)]}, entry["meta"])
                 self.errors_sq[key] = float(entry["error_sq"])
             self.blocks.add(int(index))
-        self._block_entries = data["blocks"]
+
+    def gather(self) -> None:
+        """Wait for every process, then take in what the others recorded."""
+        if self.processes == 1:
+            return
+        self.wait()
+        for rank in range(self.processes):
+            if rank != self.rank:
+                self._absorb(self._read(self._path(rank)))
 
     def save(self) -> None:
         """Record the state so far (atomically: a kill leaves the previous record or this one)."""
         if self.folder is None:
             return
         atomic_write_json(
-            os.path.join(self.folder, JOURNAL_NAME),
+            self._path(self.rank),
             {
                 "version": JOURNAL_VERSION,
                 "inputs": self.digest,
@@ -284,15 +325,18 @@ class Journal:
         self.save()
 
     def finish(self, pack: SkillPackFile, model_class: type) -> None:
-        """Write the pack into the partial folder, drop the journal, and move the folder into place."""
+        """The main process writes the pack into the partial folder, drops the records and moves
+        the folder into place; the others wait for it."""
         if self.folder is None:
             return
-        for name in os.listdir(self.folder):
-            os.unlink(os.path.join(self.folder, name))
-        pack.save_pretrained(self.folder, model_class=model_class)
-        if os.path.isdir(self.output_dir):
-            os.rmdir(self.output_dir)  # empty: checked when the journal was opened
-        os.replace(self.folder, self.output_dir)
+        if self.rank == 0:
+            for name in os.listdir(self.folder):
+                os.unlink(os.path.join(self.folder, name))
+            pack.save_pretrained(self.folder, model_class=model_class)
+            if os.path.isdir(self.output_dir):
+                os.rmdir(self.output_dir)  # empty: checked when the journal was opened
+            os.replace(self.folder, self.output_dir)
+        self.wait()
 
 
 def _block_name(index: int) -> str:
