@@ -9,7 +9,8 @@ same steps as extraction from loaded models (:mod:`.packing`), so the pack is th
 With ``output_dir`` the work is journalled in ``<output_dir>.partial``: every measured delta and
 every compressed decoder block is recorded as it finishes, a killed run started again with the
 same arguments resumes where it stopped and makes the same pack, and ``output_dir`` appears only
-when the pack is complete.
+when the pack is complete. Under ``accelerate launch`` (or torchrun) the blocks are dealt out to
+the processes, each journalling its own; the main process gathers them and writes the pack.
 """
 
 from __future__ import annotations
