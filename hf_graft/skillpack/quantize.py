@@ -86,10 +86,14 @@ class QuantizedMatrix:
     def dequantize(self) -> torch.Tensor:
         """The float32 ``[rows, cols]`` matrix the codes stand for."""
         rows, cols = self.shape
-        codes = unpack_bits(self.packed, self.bits, rows * cols).reshape(rows, cols).float()
-        scales = self.scales.float().repeat_interleave(self.group_size, dim=0)[:rows]
-        zeros = self.zeros.float().repeat_interleave(self.group_size, dim=0)[:rows]
-        return codes * scales + zeros
+        codes = unpack_bits(self.packed, self.bits, rows * cols).reshape(rows, cols)
+        result = torch.empty(rows, cols, device=codes.device)
+        for start, stop in _row_spans(rows, cols, self.group_size):  # bounded temporaries on large matrices
+            group = slice(start // self.group_size, -(-stop // self.group_size))
+            scales = self.scales[group].float().repeat_interleave(self.group_size, dim=0)[: stop - start]
+            zeros = self.zeros[group].float().repeat_interleave(self.group_size, dim=0)[: stop - start]
+            result[start:stop] = codes[start:stop].float() * scales + zeros
+        return result
 
     @property
     def nbytes(self) -> int:
@@ -155,16 +159,26 @@ def quantize(
         scales, zeros = fitted_grid(grouped, bits)
     else:
         scales, zeros = group_grid(grouped.amin(dim=1), grouped.amax(dim=1), bits)
-    expanded_scales = scales.float().repeat_interleave(group_size, dim=0)[:rows]
-    expanded_zeros = zeros.float().repeat_interleave(group_size, dim=0)[:rows]
+    codes = torch.empty(rows, cols, dtype=torch.uint8, device=values.device)
+    for start, stop in _row_spans(rows, cols, group_size):
+        group = slice(start // group_size, -(-stop // group_size))
+        expanded_scales = scales[group].float().repeat_interleave(group_size, dim=0)[: stop - start]
+        expanded_zeros = zeros[group].float().repeat_interleave(group_size, dim=0)[: stop - start]
+        codes[start:stop] = encode(values[start:stop], expanded_scales, expanded_zeros, bits)
     return QuantizedMatrix(
-        packed=pack_bits(encode(values, expanded_scales, expanded_zeros, bits), bits),
+        packed=pack_bits(codes, bits),
         scales=scales,
         zeros=zeros,
         bits=bits,
         shape=(rows, cols),
         group_size=group_size,
     )
+
+
+def _row_spans(rows: int, cols: int, group_size: int, max_bytes: int = 32 << 20) -> list[tuple[int, int]]:
+    """``(start, stop)`` row spans, whole groups of ``group_size`` rows each, of about ``max_bytes`` of float32."""
+    step = max(1, max_bytes // (4 * cols * group_size)) * group_size
+    return [(start, min(rows, start + step)) for start in range(0, rows, step)]
 
 
 def group_grid(minimum: torch.Tensor, maximum: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
