@@ -69,6 +69,8 @@ def _extract(args) -> None:
     if args.calibration == "none" and not _is_lora(args.tuned):  # data-free: read tensor by tensor, load nothing
         pack = extract_skillpack(args.base, args.tuned, config, calibration=None, output_dir=args.out, device=args.device)
         measured = pack.config.measured
+        if os.environ.get("RANK", "0") != "0":  # under accelerate launch: the main process reports
+            return
     else:
         pack = _extract_loaded(args, config)
         measured = pack.peft_config["default"].measured
