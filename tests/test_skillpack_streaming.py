@@ -190,9 +190,9 @@ def test_merge_into_checkpoint_equals_merge_and_unload(llama_pair, tmp_path):
     for dtype, folder in ((torch.bfloat16, tmp_path / "merged"), (torch.float32, tmp_path / "merged32")):
         if dtype == torch.float32:
             merge_into_checkpoint(pack, base, folder, dtype=torch.float32, progress=False)
-        merged = AutoModelForCausalLM.from_pretrained(folder)
+        assert {Checkpoint(folder).dtype(key) for key in Checkpoint(folder).keys()} == {dtype}
+        merged = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         expected = sp.load_skillpack(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), tmp_path / "pack").merge_and_unload()
-        assert merged.dtype == dtype
         state, reference = merged.state_dict(), expected.state_dict()
         assert all(torch.equal(state[name], reference[name]) for name in reference)
 
@@ -216,7 +216,9 @@ def test_cli_data_free_extract_streams_and_apply_keeps_the_base_dtype(llama_pair
     assert _same_files(tmp_path / "memory", tmp_path / "pack")
     assert main(["skillpack", "apply", str(tmp_path / "pack"), "--base", str(base), "--out", str(tmp_path / "merged")]) == 0
     assert "has no tokenizer to copy" in capsys.readouterr().out
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").dtype == torch.bfloat16
+    merged = Checkpoint(tmp_path / "merged")
+    assert {merged.dtype(key) for key in merged.keys()} == {torch.bfloat16}
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype="auto").dtype == torch.bfloat16
 
 
 def _two_process_extraction(base, tuned, out):
