@@ -30,6 +30,7 @@ __all__ = [
     "ITEMSIZES",
     "MAX_HEADER_BYTES",
     "TORCH_DTYPES",
+    "atomic_path",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
@@ -294,19 +295,19 @@ def save_tensors(
             tensor = tensor.clone()
         storages.add(tensor.untyped_storage().data_ptr())
         prepared[name] = tensor
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         save_file(prepared, tmp, metadata=dict(metadata) if metadata is not None else None)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename."""
-    with _atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` as UTF-8 through a temporary file and a rename."""
-    with _atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
 
 
@@ -329,7 +330,7 @@ def fsync_directory(path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def _atomic_path(path: str | os.PathLike) -> Iterator[str]:
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``.
 
     On any error the temporary file is removed and ``path`` is left untouched.

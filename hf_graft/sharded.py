@@ -12,11 +12,9 @@ opened.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Optional
@@ -25,7 +23,7 @@ import torch
 
 from .errors import HfGraftError
 from .references import checked_reference
-from .safetensors_io import DTYPE_NAMES, ITEMSIZES, TORCH_DTYPES, fsync_directory, read_header
+from .safetensors_io import DTYPE_NAMES, ITEMSIZES, TORCH_DTYPES, atomic_path, read_header
 
 __all__ = ["INDEX_NAME", "SINGLE_NAME", "Checkpoint", "iter_rows", "meta_model", "stored_name", "write_shard"]
 
@@ -198,24 +196,13 @@ def write_shard(
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes with spaces
-    path = os.path.abspath(os.fspath(path))
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(len(raw).to_bytes(8, "little") + raw)
-            for name, dtype, shape in layout:
-                tensor = produce(name)
-                if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
-                    raise HfGraftError(f"write_shard: {name} came out {tensor.dtype} {tuple(tensor.shape)}, its header says {dtype} {tuple(shape)}.")
-                handle.write(memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_directory(os.path.dirname(path))
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(len(raw).to_bytes(8, "little") + raw)
+        for name, dtype, shape in layout:
+            tensor = produce(name)
+            if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+                raise HfGraftError(f"write_shard: {name} came out {tensor.dtype} {tuple(tensor.shape)}, its header says {dtype} {tuple(shape)}.")
+            handle.write(memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
 def meta_model(folder: str):
