@@ -209,8 +209,8 @@ def fitted_grid(grouped: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.T
     candidates are tried at once, vectorized.
     """
     groups, size, cols = grouped.shape
-    # The candidates are decoded all at once: a few columns at a time bounds that to ~64 MB.
-    step = max(1, (64 << 20) // (4 * (len(CLIP_RATIOS) + 1) * groups * size))
+    # A few columns at a time bound the temporaries (the values and one decoded candidate) to ~64 MB.
+    step = max(1, (64 << 20) // (4 * 2 * groups * size))
     if cols > step:
         parts = [_fitted_grid(grouped[:, :, start : start + step], bits) for start in range(0, cols, step)]
         return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
@@ -229,9 +229,16 @@ def _fitted_grid(grouped: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.
         high_mean = torch.where(above.any(1), (values * above).sum(1) / above.sum(1).clamp_min(1), low_mean)
         two_scales, two_zeros = _two_level_grid(low_mean, high_mean)
         scales, zeros = torch.cat([scales, two_scales[None]]), torch.cat([zeros, two_zeros[None]])
-    expanded_scales, expanded_zeros = scales.float()[:, :, None], zeros.float()[:, :, None]
-    decoded = encode(values[None], expanded_scales, expanded_zeros, bits).float() * expanded_scales + expanded_zeros
-    best = (decoded - values[None]).square().sum(dim=2).argmin(dim=0, keepdim=True)  # [1, groups, cols]
+    # Each candidate's squared error, decoded in place in one buffer: what encode() then decoding gives.
+    work = torch.empty_like(values)
+    errors = torch.empty(len(scales), *low.shape, device=values.device)
+    for index in range(len(scales)):
+        scale, zero = scales[index].float()[:, None, :], zeros[index].float()[:, None, :]
+        torch.sub(values, zero, out=work)
+        work.div_(torch.where(scale > 0, scale, torch.ones_like(scale))).round_().clamp_(0, (1 << bits) - 1)
+        work.mul_(scale).add_(zero).sub_(values).square_()
+        torch.sum(work, dim=1, out=errors[index])
+    best = errors.argmin(dim=0, keepdim=True)  # [1, groups, cols]
     return scales.gather(0, best)[0], zeros.gather(0, best)[0]
 
 
@@ -365,17 +372,17 @@ class MixedPrecisionFactor:
 
 
 def quantize_factor(
-    factor: torch.Tensor, scheme: Scheme = DEFAULT_SCHEME, group_size: int = DEFAULT_GROUP_SIZE
+    factor: torch.Tensor, scheme: Scheme = DEFAULT_SCHEME, group_size: int = DEFAULT_GROUP_SIZE, *, clip: bool = False
 ) -> MixedPrecisionFactor:
     """Quantize the columns of a ``[rows, rank]`` factor block by block as ``scheme`` says.
 
     Column order matters: pass columns by decreasing singular value so the widest codes go to the
-    directions that carry the most energy.
+    directions that carry the most energy. ``clip`` fits each group's grid (:func:`quantize`).
     """
     if not isinstance(factor, torch.Tensor) or factor.dim() != 2 or factor.shape[1] == 0:
         raise HfGraftError("quantize_factor needs a 2-D tensor with at least one column.")
     blocks, start = [], 0
     for bits, columns in resolve_scheme(scheme, factor.shape[1]):
-        blocks.append(quantize(factor[:, start : start + columns], bits, group_size))
+        blocks.append(quantize(factor[:, start : start + columns], bits, group_size, clip=clip))
         start += columns
     return MixedPrecisionFactor(tuple(blocks))
