@@ -189,15 +189,19 @@ def _lowrank_candidates(name: str, matrix: torch.Tensor, statistics: ModuleStati
     rows, cols = oriented.shape
     weights = statistics.row_weights.clamp_min(0)
     weights = (weights + 0.01 * float(weights.mean().clamp_min(1e-30))).sqrt()
-    root = _root(statistics.hessian)
-    spectrum = lowrank_factors(weights[:, None] * oriented @ root, energy=max(ladder.energies))
+    diagonal = statistics.is_diagonal
+    root = _root(statistics.compact_hessian)
+    scaled = weights[:, None] * oriented
+    spectrum = lowrank_factors(scaled * root[None, :] if diagonal else scaled @ root, energy=max(ladder.energies))
+    del scaled
     ranks = sorted({min(max(rank_for_energy(spectrum.singular_values, spectrum.total_energy, e), 1), spectrum.rank)
                     for e in ladder.energies})
     ranks = [rank for rank in ranks if rank * (rows + cols) < rows * cols]  # else the factors outweigh the matrix
     if not ranks:
         return []
     b = spectrum.b / weights[:, None]  # [out, r]
-    a = torch.linalg.solve_triangular(root.T, spectrum.a.T, upper=True)  # [in, r]: A^T with A L = a
+    # [in, r]: A^T with A L = a
+    a = spectrum.a.T / root[:, None] if diagonal else torch.linalg.solve_triangular(root.T, spectrum.a.T, upper=True)
     schemes = {tuple(map(tuple, resolve_scheme(s, spectrum.rank))) for s in ladder.schemes}
     widths = {bits for scheme in schemes for bits, _ in scheme}
     quantized = {}
@@ -228,7 +232,9 @@ def _lowrank_candidates(name: str, matrix: torch.Tensor, statistics: ModuleStati
 
 
 def _root(hessian: torch.Tensor) -> torch.Tensor:
-    """A square root of the (damped) Hessian, for the activation-weighted spectrum."""
+    """A square root of the (damped) Hessian, for the activation-weighted spectrum (of its diagonal for a 1-D one)."""
+    if hessian.dim() == 1:
+        return (hessian.double() + 0.01 * float(hessian.double().mean().clamp_min(1e-30))).sqrt().float()
     damped = hessian.double() + 0.01 * float(torch.diagonal(hessian).double().mean().clamp_min(1e-30)) * torch.eye(len(hessian), dtype=torch.float64, device=hessian.device)
     return torch.linalg.cholesky(damped).float()
 

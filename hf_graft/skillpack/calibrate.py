@@ -36,7 +36,7 @@ from .compress import CompressedDelta, compress_delta, normalize_spec
 from .prune import prune
 from .lowrank import lowrank_factors
 from .objective import ModuleStatistics
-from .quantize import MixedPrecisionFactor, QuantizedMatrix, encode, fitted_grid, quantize, resolve_scheme
+from .quantize import MixedPrecisionFactor, QuantizedMatrix, encode, fitted_grid, quantize, quantize_factor, resolve_scheme
 
 __all__ = ["compress_delta_calibrated", "compress_with_statistics", "gptq", "input_hessians", "quantize_calibrated"]
 
@@ -246,12 +246,12 @@ def compress_with_statistics(
     matrix = delta.detach().float()
     if spec["kind"] == "lowrank":
         return compress_delta_calibrated(
-            matrix, spec, statistics.hessian, fan_in_fan_out=statistics.transposed,
+            matrix, spec, statistics.compact_hessian, fan_in_fan_out=statistics.transposed,
             row_weights=statistics.row_weights, damping=damping,
         )
     if spec["kind"] == "sparse":
         oriented = statistics.oriented(matrix)
-        saliency = oriented.square() * statistics.row_weights[:, None] * torch.diagonal(statistics.hessian)[None, :]
+        saliency = oriented.square() * statistics.row_weights[:, None] * statistics.diagonal[None, :]
         saliency = statistics.oriented(saliency)
         return CompressedDelta("sparse", tuple(delta.shape), sparse=prune(matrix, spec["keep_fraction"], scores=saliency))
     if spec["kind"] != "quant":
@@ -261,7 +261,7 @@ def compress_with_statistics(
         return CompressedDelta("quant", tuple(delta.shape), quant=quant)
     residual_spec = {"kind": "lowrank", "rank": spec["rank"], "scheme": spec["scheme"], "group_size": spec["residual_group_size"]}
     residual = compress_delta_calibrated(
-        matrix - quant.dequantize(), residual_spec, statistics.hessian, fan_in_fan_out=statistics.transposed,
+        matrix - quant.dequantize(), residual_spec, statistics.compact_hessian, fan_in_fan_out=statistics.transposed,
         row_weights=statistics.row_weights, damping=damping,
     )
     return CompressedDelta("quant", tuple(delta.shape), quant=quant, a=residual.a, b=residual.b)
@@ -307,7 +307,9 @@ def compress_delta_calibrated(
 ) -> CompressedDelta:
     """Compress a ``lowrank`` spec's delta with quantization error compensated through ``hessian``.
 
-    ``hessian`` is ``E[x x^T]`` of the module's inputs (:func:`input_hessians`). ``delta`` is in the
+    ``hessian`` is ``E[x x^T]`` of the module's inputs (:func:`input_hessians`), ``[in, in]``, or its
+    diagonal ``[in]`` when the inputs are uncorrelated (data-free, embeddings: then GPTQ has
+    nothing to compensate on ``A`` and is fitted rounding). ``delta`` is in the
     weight's own layout: ``[out, in]``, or ``[in, out]`` with ``fan_in_fan_out`` (GPT-2's Conv1D).
     ``row_weights`` (``[out]``, the output sensitivities of :mod:`.objective`) make the truncated
     SVD keep the directions the loss reacts to. The result is stored exactly like
@@ -319,32 +321,44 @@ def compress_delta_calibrated(
     matrix = delta.detach().float()
     matrix = matrix.T if fan_in_fan_out else matrix
     out_features, in_features = matrix.shape
-    if hessian.shape != (in_features, in_features):
+    if hessian.shape not in ((in_features, in_features), (in_features,)):
         raise HfGraftError(
-            f"A delta with {in_features} inputs needs a [{in_features}, {in_features}] Hessian, got {tuple(hessian.shape)}."
+            f"A delta with {in_features} inputs needs a [{in_features}, {in_features}] Hessian (or its diagonal), got {tuple(hessian.shape)}."
         )
     rank, group_size = spec["rank"], spec["group_size"]
     scheme = resolve_scheme(spec["scheme"], rank)
     bits = torch.tensor([width for width, columns in scheme for _ in range(columns)], device=delta.device)
     hessian = hessian.float()
-    root = _damped_cholesky(hessian, damping)
     weights = _output_weights(row_weights, out_features, matrix.device)
-    factors = lowrank_factors(weights[:, None] * matrix @ root, energy=1.0, min_rank=rank, max_rank=rank, method=method)
-    a = torch.linalg.solve_triangular(root.T, factors.a.T, upper=True).T  # A L = a
-
-    a_quantizer = _RowGroupQuantizer(bits, group_size, in_features)
-    a_q = gptq(a, hessian, a_quantizer, block_size=group_size, damping=damping)
-    projected = a_q @ hessian @ a_q.T
+    if hessian.dim() == 1:
+        root = _damped_root(hessian, damping)
+        factors = lowrank_factors(weights[:, None] * matrix * root[None, :], energy=1.0, min_rank=rank, max_rank=rank, method=method)
+        a_factor = quantize_factor((factors.a / root[None, :]).T, scheme, group_size, clip=True)
+        a_q = a_factor.dequantize().T  # [rank, in]
+        projected, target = (a_q * hessian[None, :]) @ a_q.T, (matrix * hessian[None, :]) @ a_q.T
+    else:
+        root = _damped_cholesky(hessian, damping)
+        factors = lowrank_factors(weights[:, None] * matrix @ root, energy=1.0, min_rank=rank, max_rank=rank, method=method)
+        a = torch.linalg.solve_triangular(root.T, factors.a.T, upper=True).T  # A L = a
+        a_quantizer = _RowGroupQuantizer(bits, group_size, in_features)
+        a_q = gptq(a, hessian, a_quantizer, block_size=group_size, damping=damping)
+        a_factor = _factor(a_quantizer.codes.T, a_quantizer.scales.T, a_quantizer.zeros.T, scheme, group_size)
+        projected, target = a_q @ hessian @ a_q.T, matrix @ hessian @ a_q.T
     ridge = damping * float(torch.diagonal(projected).mean().clamp_min(1e-30)) * torch.eye(rank, device=hessian.device)
-    b = torch.linalg.solve(projected + ridge, (matrix @ hessian @ a_q.T).T).T
+    b = torch.linalg.solve(projected + ridge, target.T).T
     b_quantizer = _ColumnQuantizer(bits, group_size, out_features)
     gptq(b, projected, b_quantizer, block_size=group_size, damping=damping)
 
-    a = _factor(a_quantizer.codes.T, a_quantizer.scales.T, a_quantizer.zeros.T, scheme, group_size)
-    b = _factor(b_quantizer.codes, b_quantizer.scales, b_quantizer.zeros, scheme, group_size)
+    b_factor = _factor(b_quantizer.codes, b_quantizer.scales, b_quantizer.zeros, scheme, group_size)
     if fan_in_fan_out:  # delta = (B A)^T = A^T B^T: the factors swap roles
-        return CompressedDelta("lowrank", tuple(delta.shape), a=b, b=a)
-    return CompressedDelta("lowrank", tuple(delta.shape), a=a, b=b)
+        return CompressedDelta("lowrank", tuple(delta.shape), a=b_factor, b=a_factor)
+    return CompressedDelta("lowrank", tuple(delta.shape), a=a_factor, b=b_factor)
+
+
+def _damped_root(diagonal: torch.Tensor, damping: float) -> torch.Tensor:
+    """The square root of a diagonal Hessian damped as :func:`_damped_cholesky` damps a dense one."""
+    diagonal = torch.where(diagonal > 0, diagonal, torch.ones_like(diagonal))
+    return (diagonal + damping * float(diagonal.mean())).sqrt()
 
 
 def _output_weights(row_weights: Optional[torch.Tensor], rows: int, device=None) -> torch.Tensor:

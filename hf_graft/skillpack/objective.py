@@ -47,7 +47,8 @@ class ModuleStatistics:
     """Second moments of one module's inputs and output gradients, in the delta's own layout.
 
     ``hessian`` is ``[cols, cols]`` and ``row_weights`` ``[rows]`` for a delta of shape
-    ``[rows, cols]``; with ``transposed`` (GPT-2's ``Conv1D``, weight ``[in, out]``) the delta is
+    ``[rows, cols]``; a 1-D ``hessian`` ``[cols]`` is the diagonal of one whose inputs are
+    uncorrelated (data-free, embeddings), kept without its zeros. With ``transposed`` (GPT-2's ``Conv1D``, weight ``[in, out]``) the delta is
     transposed to ``[out, in]`` before they apply.
     """
 
@@ -61,7 +62,7 @@ class ModuleStatistics:
         """``sum_i f_i (E H E^T)_ii`` of an error ``E`` in the delta's layout (plus that of every ``also``)."""
         matrix = error.float().T if self.transposed else error.float()
         if self.is_diagonal:  # data-free and embeddings: no input correlations to weigh
-            own = float((matrix.square() @ torch.diagonal(self.hessian) * self.row_weights).sum())
+            own = float((matrix.square() @ self.diagonal * self.row_weights).sum())
         else:
             own = float((((matrix @ self.hessian) * matrix).sum(dim=1) * self.row_weights).sum())
         return own + sum(other.cost(error) for other in self.also)
@@ -76,14 +77,26 @@ class ModuleStatistics:
 
     @functools.cached_property
     def is_diagonal(self) -> bool:
-        """True for an embedding: inputs are one-hot, so no error can be compensated across columns."""
+        """True without input correlations (data-free, embeddings): no error can be compensated across columns."""
+        if self.hessian.dim() == 1:
+            return True
         return bool(torch.count_nonzero(self.hessian - torch.diag(torch.diagonal(self.hessian))) == 0)
+
+    @property
+    def diagonal(self) -> torch.Tensor:
+        """The Hessian's diagonal ``[cols]``: each input's second moment."""
+        return self.hessian if self.hessian.dim() == 1 else torch.diagonal(self.hessian)
+
+    @property
+    def compact_hessian(self) -> torch.Tensor:
+        """The Hessian, as its diagonal when it has nothing else (what the compressors take)."""
+        return self.diagonal if self.is_diagonal else self.hessian
 
     @classmethod
     def identity(cls, shape: Sequence[int], transposed: bool = False, device=None) -> ModuleStatistics:
-        """The data-free objective: the squared Frobenius error."""
+        """The data-free objective: the squared Frobenius error (a diagonal of ones, never a dense identity)."""
         rows, cols = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
-        return cls(torch.eye(cols, device=device), torch.ones(rows, device=device), transposed)
+        return cls(torch.ones(cols, device=device), torch.ones(rows, device=device), transposed)
 
 
 def collect_statistics(
@@ -158,7 +171,7 @@ def collect_statistics(
         if isinstance(module, nn.Embedding):
             frequency = (found["tokens"] / tokens).float()
             frequency = frequency + TOKEN_FLOOR * float(frequency.mean())
-            statistics[name] = ModuleStatistics(torch.diag(gradients), frequency)
+            statistics[name] = ModuleStatistics(gradients, frequency)
         else:
             statistics[name] = ModuleStatistics((found["inputs"] / tokens).float(), gradients, isinstance(module, Conv1D))
     return statistics
