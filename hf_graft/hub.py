@@ -87,6 +87,7 @@ def skillpack_figures(pack) -> dict:
         "compression_ratio": measured.get("compression_ratio") or bf16_bytes / max(1, stored),
         "relative_error": measured.get("relative_error"),
         "distill_loss": measured.get("distill_loss"),
+        "digest": pack.digest,
     }
 
 

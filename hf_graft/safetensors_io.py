@@ -36,6 +36,8 @@ __all__ = [
     "atomic_write_text",
     "fsync_directory",
     "load_tensors",
+    "read_json",
+    "read_checked_header",
     "read_header",
     "save_tensors",
 ]
@@ -237,6 +239,22 @@ def _check_expected(
             )
 
 
+def read_checked_header(
+    path: str | os.PathLike,
+    expected: Mapping[str, tuple[Sequence[int], torch.dtype]] | None = None,
+    *,
+    allow_extra: bool = False,
+) -> dict[str, Any]:
+    """:func:`read_header`, then (when ``expected`` is given) the tensors compared with ``expected``:
+    a missing tensor, an unexpected one (unless ``allow_extra``), a wrong shape or dtype raises
+    :class:`HfGraftError`. Nothing beyond the header is read."""
+    path = os.fspath(path)
+    header = read_header(path)
+    if expected is not None:
+        _check_expected(path, header, expected, allow_extra)
+    return header
+
+
 def load_tensors(
     path: str | os.PathLike,
     expected: Mapping[str, tuple[Sequence[int], torch.dtype]] | None = None,
@@ -251,9 +269,7 @@ def load_tensors(
     metadata being ``{}`` when the file has none.
     """
     path = os.fspath(path)
-    header = read_header(path)
-    if expected is not None:
-        _check_expected(path, header, expected, allow_extra)
+    header = read_checked_header(path, expected, allow_extra=allow_extra)
     names = [n for n in header if n != "__metadata__" and (expected is None or n in expected)]
     try:
         with safe_open(path, framework="pt") as f:
@@ -297,6 +313,28 @@ def save_tensors(
         prepared[name] = tensor
     with atomic_path(path) as tmp:
         save_file(prepared, tmp, metadata=dict(metadata) if metadata is not None else None)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"JSON constant {name} is not allowed")
+
+
+def read_json(path: str | os.PathLike, fix: str, max_bytes: int = 64 << 20) -> Any:
+    """The JSON value in the file at ``path``, parsed strictly (no NaN or Infinity, no duplicate keys).
+
+    A missing, oversized, non-UTF-8 or malformed file raises :class:`HfGraftError` naming the file,
+    followed by ``fix``.
+    """
+    path = os.fspath(path)
+    try:
+        if os.path.getsize(path) > max_bytes:
+            raise HfGraftError(f"{path} is larger than {max_bytes >> 20} MiB: not a file hf-graft wrote. {fix}")
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle, parse_constant=_reject_constant, object_pairs_hook=_reject_duplicate_keys)
+    except FileNotFoundError:
+        raise HfGraftError(f"{path} does not exist. {fix}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise HfGraftError(f"{path} is not valid JSON ({error}): the file is truncated or corrupt. {fix}") from None
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -132,7 +132,7 @@ def test_missing_tensor(damaged):
 def test_peft_loader_gets_the_same_checks(base, damaged):
     key = next(k for k in load_file(damaged / WEIGHTS) if k.endswith(".weight"))
     _rewrite(damaged / WEIGHTS, lambda t: t.__setitem__(key, torch.cat([t[key], t[key][:1]])))
-    with pytest.raises(HfGraftError, match=r"config needs torch.uint8"):
+    with pytest.raises(HfGraftError, match=r"adapter_model.safetensors: tensor .* has shape \(\d+,\) where"):
         PeftModel.from_pretrained(copy.deepcopy(base), damaged)
 
 
@@ -140,7 +140,7 @@ def test_config_of_another_adapter_type(damaged):
     config = json.loads((damaged / CONFIG).read_text())
     config["peft_type"] = "LORA"
     (damaged / CONFIG).write_text(json.dumps(config))
-    with pytest.raises(HfGraftError, match="'LORA' adapter, not a SkillPack"):
+    with pytest.raises(HfGraftError, match="'LORA' adapter, but its folder holds a SkillPack"):
         sp.read_skillpack(damaged)
 
 
@@ -180,13 +180,18 @@ _FUZZ = settings(max_examples=500, deadline=None, suppress_health_check=[HealthC
 @_FUZZ
 @given(data=st.data())
 def test_fuzzed_weights_bytes(pack_dir, damaged, data):
+    _damage_weights(pack_dir, damaged, data)
+    _read_or_clear_error(damaged)
+
+
+def _damage_weights(pack_dir, damaged, data) -> None:
+    """Write a copy of the pack's weights file with one to four byte edits (half aimed at its header)."""
     original = (pack_dir / WEIGHTS).read_bytes()
     header_end = 8 + struct.unpack("<Q", original[:8])[0]
     content = bytearray(original)
     for mutation in data.draw(st.lists(byte_mutations(header_end, len(original)), min_size=1, max_size=4)):
         content = mutate(content, mutation)
     (damaged / WEIGHTS).write_bytes(bytes(content))
-    _read_or_clear_error(damaged)
 
 
 _META_KEYS = ["kind", "shape", "rank", "scheme", "group_size", "count", "format", "new"]
@@ -198,20 +203,189 @@ _META_VALUES = st.one_of(
 )
 
 
-@_FUZZ
-@given(data=st.data())
-def test_fuzzed_config(pack_dir, damaged, data):
+_CONFIG_FIELDS = ["module_specs", "tied_modules", "sparse_modules", "target_ratio", "byte_budget", "measured",
+                  "peft_type", "calibration_samples", "distill_steps", "objective", "formats", "compensation",
+                  "base_fingerprint", "tensor_digest", "task_type", "inference_mode", "base_model_name_or_path",
+                  "revision", "auto_mapping", "peft_version", "target_modules"]
+
+
+def _damage_config(pack_dir, damaged, data) -> None:
+    """Write a copy of the pack's config with metadata entries and fields changed or removed, then
+    up to two byte edits of its text."""
     config = json.loads((pack_dir / CONFIG).read_text())
     modules = sorted(config["module_specs"])
     for _ in range(data.draw(st.integers(0, 3))):
         meta = config["module_specs"][data.draw(st.sampled_from(modules))]["weight"]
         meta[data.draw(st.sampled_from(_META_KEYS))] = data.draw(_META_VALUES)
     for _ in range(data.draw(st.integers(0, 2))):
-        field = data.draw(st.sampled_from(["module_specs", "tied_modules", "sparse_modules", "target_ratio",
-                                           "byte_budget", "measured", "peft_type", "calibration_samples"]))
-        config[field] = data.draw(json_values)
+        field = data.draw(st.sampled_from(_CONFIG_FIELDS))
+        if data.draw(st.booleans()):
+            config.pop(field, None)
+        else:
+            config[field] = data.draw(json_values)
     text = bytearray(json.dumps(config).encode())
     for mutation in data.draw(st.lists(byte_mutations(len(text), len(text)), max_size=2)):
         text = mutate(text, mutation)
     (damaged / CONFIG).write_bytes(bytes(text))
+
+
+@_FUZZ
+@given(data=st.data())
+def test_fuzzed_config(pack_dir, damaged, data):
+    _damage_config(pack_dir, damaged, data)
     _read_or_clear_error(damaged)
+
+
+
+# Integrity: the digest recorded at save time, verified on every load path users take.
+
+REFUSED = r"adapter_model.safetensors is not the file this SkillPack was saved with.*verify_integrity=False"
+
+
+def _flip_payload_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x10  # inside the last stored tensor's packed bytes
+    path.write_bytes(bytes(data))
+
+
+def test_digest_is_recorded_the_same_by_both_writers_and_shown_on_the_card(base, pack_dir, tmp_path):
+    recorded = json.loads((pack_dir / CONFIG).read_text())["tensor_digest"]
+    assert recorded.startswith("sha256:") and len(recorded) == 71
+    sp.load_skillpack(copy.deepcopy(base), pack_dir).save_pretrained(tmp_path / "resaved")  # peft's writer
+    assert json.loads((tmp_path / "resaved" / CONFIG).read_text())["tensor_digest"] == recorded
+    assert (tmp_path / "resaved" / WEIGHTS).read_bytes() == (pack_dir / WEIGHTS).read_bytes()
+    assert recorded in (tmp_path / "resaved" / "README.md").read_text()
+    assert recorded in (pack_dir / "README.md").read_text()
+    assert sp.read_skillpack(pack_dir).digest == recorded
+
+
+def test_flipped_payload_byte_is_refused_on_every_load_path(base, pack_dir, damaged):
+    _flip_payload_byte(damaged / WEIGHTS)
+    with pytest.raises(HfGraftError, match=REFUSED):
+        PeftModel.from_pretrained(copy.deepcopy(base), damaged)
+    with pytest.raises(HfGraftError, match=REFUSED):
+        sp.load_skillpack(copy.deepcopy(base), damaged)
+    with pytest.raises(HfGraftError, match=REFUSED):
+        sp.read_skillpack(damaged)
+    model = PeftModel.from_pretrained(copy.deepcopy(base), pack_dir)
+    with pytest.raises(HfGraftError, match=REFUSED):
+        model.load_adapter(damaged, adapter_name="second")
+
+
+def test_auto_peft_model_refuses_a_damaged_pack(base, damaged, tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    base.save_pretrained(tmp_path / "base")
+    config = json.loads((damaged / CONFIG).read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "base")
+    (damaged / CONFIG).write_text(json.dumps(config))
+    AutoPeftModelForCausalLM.from_pretrained(damaged, dtype=torch.float32)  # the base path is not in the digest
+    _flip_payload_byte(damaged / WEIGHTS)
+    with pytest.raises(HfGraftError, match=REFUSED):
+        AutoPeftModelForCausalLM.from_pretrained(damaged, dtype=torch.float32)
+    (damaged / CONFIG).write_text(json.dumps(config)[:-40])
+    with pytest.raises(HfGraftError, match=r"adapter_config.json is not valid JSON"):
+        AutoPeftModelForCausalLM.from_pretrained(damaged, dtype=torch.float32)
+
+
+def test_verify_integrity_false_loads_the_damaged_file(base, pack_dir, damaged):
+    _flip_payload_byte(damaged / WEIGHTS)
+    clean = PeftModel.from_pretrained(copy.deepcopy(base), pack_dir).eval()
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), damaged, verify_integrity=False).eval()
+    ours = sp.load_skillpack(copy.deepcopy(base), damaged, verify_integrity=False).eval()
+    with torch.no_grad():
+        assert not torch.equal(loaded(IDS).logits, clean(IDS).logits)  # the damage is real, and was let through
+        assert torch.equal(loaded(IDS).logits, ours(IDS).logits)
+
+
+def test_a_file_cannot_turn_the_checks_off(base, damaged):
+    config = json.loads((damaged / CONFIG).read_text())
+    config["verify_integrity"] = False
+    (damaged / CONFIG).write_text(json.dumps(config))
+    _flip_payload_byte(damaged / WEIGHTS)
+    with pytest.raises(HfGraftError, match=REFUSED):
+        PeftModel.from_pretrained(copy.deepcopy(base), damaged)
+
+
+def test_pickled_weights_are_refused_by_peft_loading_too(base, damaged):
+    (damaged / WEIGHTS).unlink()
+    (damaged / "adapter_model.bin").write_bytes(b"not opened")
+    with pytest.raises(HfGraftError, match="pickled adapter_model.bin, which is never read"):
+        PeftModel.from_pretrained(copy.deepcopy(base), damaged)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "wanted"),
+    [
+        ("target_ratio", "16", "a number greater than 1"),
+        ("target_ratio", 0.5, "a number greater than 1"),
+        ("byte_budget", 1.5, "a positive integer"),
+        ("module_specs", [], "an object of module names"),
+        ("tied_modules", {"lm_head": 3}, "an object of module names"),
+        ("measured", {"compression_ratio": "big"}, "a positive number"),
+        ("measured", {"module_errors": []}, "an object of module names to numbers"),
+        ("base_fingerprint", "abc", "64 hex digits"),
+        ("tensor_digest", "md5:00", "'sha256:' and 64 hex digits"),
+        ("task_type", 3, "one of SEQ_CLS"),
+        ("inference_mode", "yes", "true or false"),
+        ("sparse_modules", "embed_tokens", "a list of module name suffixes"),
+    ],
+)
+def test_config_fields_of_the_wrong_type_name_the_field_on_peft_loading(base, damaged, field, value, wanted):
+    config = json.loads((damaged / CONFIG).read_text())
+    config[field] = value
+    (damaged / CONFIG).write_text(json.dumps(config))
+    message = rf"adapter_config.json: field '{field}'.* must be {wanted}.*download the pack again"
+    with pytest.raises(HfGraftError, match=message):
+        PeftModel.from_pretrained(copy.deepcopy(base), damaged)
+    with pytest.raises(HfGraftError, match=message):
+        sp.read_skillpack(damaged)
+    with pytest.raises(HfGraftError, match=rf"SkillPackConfig: field '{field}'.* must be {wanted}"):
+        sp.SkillPackConfig(**{field: value})
+
+
+def test_a_damaged_config_is_still_recognised_by_its_weights(base, damaged):
+    text = (damaged / CONFIG).read_text()
+    (damaged / CONFIG).write_text(text.replace('"SKILLPACK"', '"SKILLPAXK"'))
+    with pytest.raises(HfGraftError, match="'SKILLPAXK' adapter, but its folder holds a SkillPack"):
+        PeftModel.from_pretrained(copy.deepcopy(base), damaged)
+    (damaged / CONFIG).write_text(text[: len(text) // 3])
+    with pytest.raises(HfGraftError, match="adapter_config.json is not valid JSON"):
+        PeftModel.from_pretrained(copy.deepcopy(base), damaged)
+
+
+# Fuzzing the users' path: PeftModel.from_pretrained and one forward either refuse a damaged pack
+# with hf-graft's error or give exactly the clean pack's outputs.
+
+
+@pytest.fixture(scope="module")
+def clean_logits(base, pack_dir):
+    with torch.no_grad():
+        return PeftModel.from_pretrained(copy.deepcopy(base), pack_dir).eval()(IDS).logits
+
+
+def _peft_load_refused_or_unchanged(base, path, clean_logits) -> None:
+    try:
+        model = PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
+        with torch.no_grad():
+            logits = model(IDS).logits
+    except HfGraftError:
+        return
+    assert torch.equal(logits, clean_logits), "a damaged pack loaded and changed the outputs"
+
+
+_PEFT_FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@_PEFT_FUZZ
+@given(data=st.data())
+def test_fuzzed_weights_through_peft(base, pack_dir, damaged, clean_logits, data):
+    _damage_weights(pack_dir, damaged, data)
+    _peft_load_refused_or_unchanged(base, damaged, clean_logits)
+
+
+@_PEFT_FUZZ
+@given(data=st.data())
+def test_fuzzed_config_through_peft(base, pack_dir, damaged, clean_logits, data):
+    _damage_config(pack_dir, damaged, data)
+    _peft_load_refused_or_unchanged(base, damaged, clean_logits)

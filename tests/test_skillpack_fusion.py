@@ -1,6 +1,7 @@
 """Several SkillPacks on one target with a router: routing, exactness, forget-free growth, saving, errors."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -126,6 +127,33 @@ def test_save_load_and_push_round_trip(base, packs, tokenizer, tmp_path, hub, re
     pulled = sp.FusedSkillPacks.from_pretrained(copy.deepcopy(base), repo_id)
     with torch.no_grad():
         assert torch.equal(pulled(ids, mask).logits, expected)
+
+
+def test_damaged_fused_folders_are_refused(base, packs, tokenizer, tmp_path):
+    fused = hf_graft.fuse(copy.deepcopy(base), packs, router="learned", prompts=PROMPTS, tokenizer=tokenizer)
+    folder = tmp_path / "fused"
+    fused.save_pretrained(folder)
+    config = json.loads((folder / "fusion_config.json").read_text())
+    assert config["router_digest"].startswith("sha256:")
+    router = bytearray((folder / "router.safetensors").read_bytes())
+    router[-2] ^= 0x01  # inside the router's stored tensors
+    (folder / "router.safetensors").write_bytes(bytes(router))
+    with pytest.raises(HfGraftError, match="router.safetensors is not the router these packs were saved with"):
+        sp.FusedSkillPacks.from_pretrained(copy.deepcopy(base), folder)
+    sp.FusedSkillPacks.from_pretrained(copy.deepcopy(base), folder, verify_integrity=False)
+    for bad, message in [
+        ({**config, "skills": ["../add"]}, "field 'skills' must list the packs' folder names"),
+        ({**config, "skills": ["add", "add"]}, "each once"),
+        ({**config, "router": 3}, "field 'router' must be one of learned, top1, uniform"),
+        ({**config, "router_digest": 7}, "field 'router_digest'"),
+        ([config], "must hold a JSON object"),
+    ]:
+        (folder / "fusion_config.json").write_text(json.dumps(bad))
+        with pytest.raises(HfGraftError, match=message):
+            sp.FusedSkillPacks.from_pretrained(copy.deepcopy(base), folder)
+    (folder / "fusion_config.json").write_text(json.dumps(config)[:-9])
+    with pytest.raises(HfGraftError, match="fusion_config.json is not valid JSON"):
+        sp.FusedSkillPacks.from_pretrained(copy.deepcopy(base), folder)
 
 
 def test_bad_fusions_fail_before_any_work(base, packs, tokenizer, tmp_path):

@@ -7,11 +7,13 @@ Importing this package registers the ``SKILLPACK`` method with peft, so ``get_pe
 from peft.utils import register_peft_method
 
 from ..lazy import lazy_exports
+from . import config_file
 from .config import SkillPackConfig
 from .model import SkillPackModel, base_fingerprint
 from .peft_type import SKILLPACK
 
 register_peft_method(name="skillpack", config_cls=SkillPackConfig, model_cls=SkillPackModel)
+config_file.install()
 
 _LAZY = {
     "FusedSkillPacks": "fusion",

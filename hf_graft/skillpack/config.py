@@ -1,14 +1,19 @@
 """``SkillPackConfig``: the PEFT config of a SkillPack (GraftLLM, arXiv 2505.18502)."""
 
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from peft.config import PeftConfig
+from peft.utils import TaskType
 
 from ..errors import HfGraftError
 from ..safetensors_io import atomic_write_text
+from .compress import check_meta
+from .integrity import CONFIG_NAME, DIGEST_PREFIX, WEIGHTS_NAME, check_weights_file, file_digest, locate
 from .peft_type import SKILLPACK
 
 #: Module names whose deltas are stored sparse (magnitude-pruned) rather than low rank: token
@@ -70,6 +75,13 @@ class SkillPackConfig(PeftConfig):
             Refuse to apply the pack to a base whose weights differ from the fingerprint. Set it to
             `False` (e.g. ``PeftModel.from_pretrained(base, repo, check_base_fingerprint=False)``)
             to apply it to another base on purpose.
+        tensor_digest (`str`, *optional*):
+            ``"sha256:..."`` over every stored tensor and the metadata that decodes it
+            (:mod:`hf_graft.skillpack.integrity`), recorded when the pack is saved.
+        verify_integrity (`bool`, defaults to `True`):
+            Recompute the digest from the weights file on every load and refuse a file that does not
+            match it (a damaged download or disk). A loading option like ``check_base_fingerprint``:
+            ``PeftModel.from_pretrained(base, repo, verify_integrity=False)`` skips the check.
         measured (`dict`):
             Figures measured at extraction (ratio, bytes, relative error, retention), for the card.
     """
@@ -91,14 +103,31 @@ class SkillPackConfig(PeftConfig):
     tied_modules: dict = field(default_factory=dict, metadata={"help": "heads tied to a packed embedding"})
     base_fingerprint: Optional[str] = field(default=None, metadata={"help": "sha256 of the base's changed weights"})
     check_base_fingerprint: bool = field(default=True, metadata={"help": "refuse another base"})
+    tensor_digest: Optional[str] = field(default=None, metadata={"help": "sha256 of the stored tensors, set on save"})
+    verify_integrity: bool = field(default=True, metadata={"help": "check the weights file against tensor_digest"})
     measured: dict = field(default_factory=dict, metadata={"help": "figures measured at extraction"})
 
     def to_dict(self) -> dict:
-        """The saved config. ``check_base_fingerprint`` is a loading option, not a property of the pack:
-        it is left out so ``PeftModel.from_pretrained(..., check_base_fingerprint=False)`` takes effect."""
+        """The saved config. ``check_base_fingerprint`` and ``verify_integrity`` are loading options, not
+        properties of the pack: they are left out so ``PeftModel.from_pretrained(..., verify_integrity=False)``
+        takes effect."""
         data = super().to_dict()
-        data.pop("check_base_fingerprint", None)
+        for option in LOADING_OPTIONS:
+            data.pop(option, None)
         return data
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """peft's config loading, then the weights file beside the config checked before peft opens it:
+        a truncated or damaged file, or one whose tensors do not match the recorded ``tensor_digest``
+        (unless ``verify_integrity=False``), raises :class:`~hf_graft.errors.HfGraftError` naming it."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        hub_kwargs, _, _ = cls._split_kwargs(kwargs)
+        weights = locate(pretrained_model_name_or_path, WEIGHTS_NAME, subfolder, **hub_kwargs)
+        check_weights_file(
+            weights, config.module_specs, config.tied_modules, config.tensor_digest, verify=config.verify_integrity
+        )
+        return config
 
     def to_json_text(self, auto_mapping: Optional[dict] = None) -> str:
         """``adapter_config.json`` as written: one top-level field per line, values in compact JSON.
@@ -119,27 +148,16 @@ class SkillPackConfig(PeftConfig):
             raise HfGraftError(f"{save_directory} is a file; give a folder to save the SkillPack config in.")
         os.makedirs(save_directory, exist_ok=True)
         _refuse_pickled_weights(save_directory)
+        weights = os.path.join(save_directory, WEIGHTS_NAME)
+        if os.path.isfile(weights):  # peft writes the weights first: record their digest
+            self.tensor_digest = file_digest(weights, self.module_specs, self.tied_modules)
         text = self.to_json_text(kwargs.get("auto_mapping_dict"))
-        atomic_write_text(os.path.join(save_directory, "adapter_config.json"), text)
+        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), text)
 
     def __post_init__(self):
-        super().__post_init__()
         self.peft_type = SKILLPACK
-        if self.target_ratio is not None and self.target_ratio <= 1:
-            raise ValueError(f"target_ratio must be greater than 1, got {self.target_ratio}.")
-        if self.objective not in ("output", "weight"):
-            raise ValueError(f"objective must be 'output' or 'weight', got {self.objective!r}.")
-        if self.formats not in ("all", "lowrank"):
-            raise ValueError(f"formats must be 'all' or 'lowrank', got {self.formats!r}.")
-        if isinstance(self.distill_steps, bool) or not isinstance(self.distill_steps, int) or self.distill_steps < 0:
-            raise ValueError(f"distill_steps must be an int >= 0, got {self.distill_steps!r}.")
-        rate = self.distill_learning_rate
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
-            raise ValueError(f"distill_learning_rate must be a positive number, got {rate!r}.")
-        if not isinstance(self.compensation, bool):
-            raise ValueError(f"compensation must be True or False, got {self.compensation!r}.")
-        if self.byte_budget is not None and self.byte_budget <= 0:
-            raise ValueError(f"byte_budget must be positive, got {self.byte_budget}.")
+        check_fields({name: getattr(self, name) for name in FIELD_RULES if hasattr(self, name)})
+        super().__post_init__()
 
 
 def _refuse_pickled_weights(folder: str) -> None:
@@ -156,3 +174,124 @@ def _refuse_pickled_weights(folder: str) -> None:
             "save_pretrained(safe_serialization=False) is refused and the adapter_model.bin it began was removed. "
             "Call save_pretrained without safe_serialization=False."
         )
+
+
+#: Fields that are options of one load, never saved with a pack.
+LOADING_OPTIONS = ("check_base_fingerprint", "verify_integrity")
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_TASK_TYPES = tuple(task.value for task in TaskType)
+_FILE_FIX = "The file is damaged or was edited by hand: download the pack again or re-save it from its source."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _optional(check):
+    return lambda value: value is None or check(value)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value)
+
+
+def _is_str_map(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+
+def _is_choice(*choices):
+    return lambda value: isinstance(value, str) and value in choices
+
+
+#: Figures of ``measured`` that the model card and the CLI read, with what each must be.
+_MEASURED_RULES = {
+    "delta_bf16_bytes": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "stored_bytes": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "compression_ratio": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "relative_error": (_optional(_is_number), "a number or null"),
+    "distill_loss": (_optional(lambda v: isinstance(v, list) and all(map(_is_number, v))), "a list of numbers or null"),
+    "omitted": (_is_str_list, "a list of module names"),
+    "module_errors": (
+        lambda v: isinstance(v, dict) and all(isinstance(k, str) and (x is None or _is_number(x)) for k, x in v.items()),
+        "an object of module names to numbers",
+    ),
+    "evaluation": (
+        lambda v: isinstance(v, dict) and isinstance(v.get("metric"), str)
+        and all(_is_number(v.get(key)) for key in ("base", "tuned", "pack", "retention"))
+        and (v.get("dataset") is None or isinstance(v.get("dataset"), str)),
+        "an object with a metric name and numbers base, tuned, pack and retention",
+    ),
+}
+
+
+#: Every field of a SkillPack config, with the check its value must pass and what it must be.
+FIELD_RULES = {
+    "peft_type": (lambda v: v == "SKILLPACK", "'SKILLPACK'"),
+    "target_ratio": (_optional(lambda v: _is_number(v) and v > 1), "a number greater than 1, or null"),
+    "byte_budget": (_optional(lambda v: _is_int(v) and v > 0), "a positive integer, or null"),
+    "calibration_samples": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "distill_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "distill_learning_rate": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "objective": (_is_choice("output", "weight"), "'output' or 'weight'"),
+    "formats": (_is_choice("all", "lowrank"), "'all' or 'lowrank'"),
+    "compensation": (lambda v: isinstance(v, bool), "true or false"),
+    "inference_mode": (lambda v: isinstance(v, bool), "true or false"),
+    "check_base_fingerprint": (lambda v: isinstance(v, bool), "true or false"),
+    "verify_integrity": (lambda v: isinstance(v, bool), "true or false"),
+    "sparse_modules": (_is_str_list, "a list of module name suffixes"),
+    "target_modules": (_optional(lambda v: isinstance(v, str) or _is_str_list(v)), "null (module_specs names the modules)"),
+    "base_fingerprint": (_optional(lambda v: isinstance(v, str) and _HEX64.fullmatch(v) is not None), "64 hex digits, or null"),
+    "tensor_digest": (
+        _optional(lambda v: isinstance(v, str) and v.startswith(DIGEST_PREFIX) and _HEX64.fullmatch(v[len(DIGEST_PREFIX):]) is not None),
+        f"'{DIGEST_PREFIX}' and 64 hex digits, or null",
+    ),
+    "base_model_name_or_path": (_optional(lambda v: isinstance(v, str)), "a string or null"),
+    "revision": (_optional(lambda v: isinstance(v, str)), "a string or null"),
+    "peft_version": (_optional(lambda v: isinstance(v, str)), "a string or null"),
+    "task_type": (_optional(_is_choice(*_TASK_TYPES)), f"one of {', '.join(_TASK_TYPES)}, or null"),
+    "auto_mapping": (_optional(_is_str_map), "an object of strings, or null"),
+    "measured": (lambda v: isinstance(v, dict), "an object of extraction figures"),
+    "module_specs": (lambda v: isinstance(v, dict), "an object of module names to stored-delta metadata"),
+    "tied_modules": (_is_str_map, "an object of module names to the packed modules they are tied to"),
+}
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_fields(data: dict, source: Optional[str] = None) -> None:
+    """Check every SkillPack config field in ``data`` (as read from ``source``, a file, when given).
+
+    The one place a SkillPack config's values are checked: types, ranges, choices, and the
+    ``module_specs`` / ``tied_modules`` structure. Raises :class:`~hf_graft.errors.HfGraftError`
+    naming the first bad field and what it must be.
+    """
+    where, fix = (f"{source}: ", " " + _FILE_FIX) if source else ("SkillPackConfig: ", "")
+    for name, (check, want) in FIELD_RULES.items():
+        if name in data and not check(data[name]):
+            raise HfGraftError(f"{where}field {name!r} must be {want}, got {_short(data[name])}.{fix}")
+    for key, (check, want) in _MEASURED_RULES.items():
+        value = data.get("measured", {}).get(key)
+        if key in data.get("measured", {}) and not check(value):
+            raise HfGraftError(f"{where}field 'measured', figure {key!r} must be {want}, got {_short(value)}.{fix}")
+    specs = data.get("module_specs", {})
+    for module, parts in specs.items():
+        if not (isinstance(parts, dict) and parts and set(parts) <= {"weight", "bias"}):
+            raise HfGraftError(f"{where}module_specs[{_short(module)}] must map 'weight' and/or 'bias' to metadata.{fix}")
+        for part, meta in parts.items():
+            try:
+                check_meta(meta, f"{module}.{part}")
+            except HfGraftError as error:
+                raise HfGraftError(f"{where}{error}{fix}") from None
+    for head, source_module in data.get("tied_modules", {}).items():
+        if source_module not in specs:
+            raise HfGraftError(
+                f"{where}tied_modules[{_short(head)}] names {_short(source_module)}, which module_specs does not hold.{fix}"
+            )

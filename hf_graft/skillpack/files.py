@@ -3,8 +3,9 @@
 A SkillPack folder is a PEFT adapter folder: ``adapter_config.json`` (a :class:`SkillPackConfig`)
 and ``adapter_model.safetensors`` (the packed tensors, one group per module and part).
 :func:`read_skillpack` validates both before anything is decoded: a truncated or corrupt file, a
-header with wrong dtypes or shapes, a missing or unexpected tensor, malformed metadata, each
-raises one :class:`~hf_graft.errors.HfGraftError`. Only JSON and safetensors are read; a
+header with wrong dtypes or shapes, a missing or unexpected tensor, malformed metadata, tensors
+whose bytes differ from the digest recorded when the pack was saved, each raises one
+:class:`~hf_graft.errors.HfGraftError`. Only JSON and safetensors are read; a
 pickled ``adapter_model.bin`` is refused, never opened. :func:`load_skillpack` applies a pack read
 this way to a base model (or adds it to a ``PeftModel`` that already holds other packs).
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import os
 import tempfile
 from dataclasses import dataclass, fields
@@ -28,7 +28,9 @@ from ..errors import HfGraftError
 from ..hub import SKILLPACK_TAGS, write_skillpack_card
 from ..safetensors_io import load_tensors
 from .compress import CompressedDelta, stored_layout
-from .config import SkillPackConfig
+from .config import LOADING_OPTIONS, SkillPackConfig
+from .config_file import read_config_data
+from .integrity import CONFIG_NAME, WEIGHTS_NAME, check_weights_file, expected_layout, locate, pack_digest, tensor_key
 from .peft_type import SKILLPACK
 
 __all__ = [
@@ -45,38 +47,6 @@ __all__ = [
     "saved_config_text",
     "tensor_key",
 ]
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-MAX_CONFIG_BYTES = 64 << 20
-PARTS = ("weight", "bias")
-
-# Config fields read from a file, with the JSON types each may hold (None: may be null).
-_FIELD_TYPES: dict[str, tuple] = {
-    "target_ratio": (int, float, type(None)),
-    "byte_budget": (int, type(None)),
-    "calibration_samples": (int,),
-    "distill_steps": (int,),
-    "distill_learning_rate": (int, float),
-    "objective": (str,),
-    "formats": (str,),
-    "compensation": (bool,),
-    "sparse_modules": (list,),
-    "module_specs": (dict,),
-    "tied_modules": (dict,),
-    "base_fingerprint": (str, type(None)),
-    "measured": (dict,),
-    "base_model_name_or_path": (str, type(None)),
-    "revision": (str, type(None)),
-    "task_type": (str, type(None)),
-    "inference_mode": (bool,),
-}
-
-
-def tensor_key(module: str, tensor_name: str) -> str:
-    """The key of one stored tensor in ``adapter_model.safetensors``, as peft saves it."""
-    return f"base_model.model.{module}.skillpack_tensors.{tensor_name.replace('.', '_')}"
-
 
 def saved_config_text(config: SkillPackConfig, model_class: Optional[type] = None) -> str:
     """``adapter_config.json`` exactly as ``PeftModel.save_pretrained`` writes it for a base of ``model_class``."""
@@ -100,6 +70,20 @@ class SkillPackFile:
         """Bytes of the stored tensors."""
         return sum(delta.nbytes for parts in self.deltas.values() for delta in parts.values())
 
+    def tensors(self) -> dict[str, Any]:
+        """The stored tensors under their keys in ``adapter_model.safetensors``."""
+        return {
+            tensor_key(module, name): tensor
+            for module, parts in self.deltas.items()
+            for part, delta in parts.items()
+            for name, tensor in delta.to_tensors(part).items()
+        }
+
+    @property
+    def digest(self) -> str:
+        """The pack's ``tensor_digest``: SHA-256 over its stored tensors and the metadata that decodes them."""
+        return pack_digest(self.config.module_specs, self.config.tied_modules, self.tensors())
+
     def save_pretrained(self, save_directory: str | os.PathLike, *, model_class: Optional[type] = None) -> None:
         """Write the pack's two files and its model card to ``save_directory``, each atomically.
 
@@ -115,12 +99,8 @@ class SkillPackFile:
         if os.path.isfile(save_directory):
             raise HfGraftError(f"{save_directory} is a file; give a folder to save the SkillPack in.")
         os.makedirs(save_directory, exist_ok=True)
-        tensors = {
-            tensor_key(module, name): tensor
-            for module, parts in self.deltas.items()
-            for part, delta in parts.items()
-            for name, tensor in delta.to_tensors(part).items()
-        }
+        tensors = self.tensors()
+        self.config.tensor_digest = pack_digest(self.config.module_specs, self.config.tied_modules, tensors)
         atomic_write_bytes(os.path.join(save_directory, WEIGHTS_NAME), save(tensors, metadata={"format": "pt"}))
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), saved_config_text(self.config, model_class))
         write_skillpack_card(self, save_directory)
@@ -159,97 +139,36 @@ def _bits(meta: dict) -> Optional[str]:
 
 def resolve_files(path_or_repo: str | os.PathLike, revision: Optional[str] = None, token=None) -> tuple[str, str]:
     """Local paths of the config and weights of a SkillPack folder or Hub repo (downloaded to the cache)."""
-    path = os.fspath(path_or_repo)
-    if os.path.isdir(path):
-        config_path, weights_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
-        if not os.path.isfile(config_path):
-            raise HfGraftError(f"{path} holds no {CONFIG_NAME}: it is not a SkillPack folder.")
-        if not os.path.isfile(weights_path):
-            found = " (it holds a pickled adapter_model.bin, which is never read)" if os.path.exists(
-                os.path.join(path, "adapter_model.bin")
-            ) else ""
-            raise HfGraftError(f"{path} holds no {WEIGHTS_NAME}{found}: SkillPacks are read from safetensors only.")
-        return config_path, weights_path
-    if os.path.exists(path):
-        raise HfGraftError(f"{path} is a file; give the SkillPack's folder or Hub repo id.")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
-
-    try:
-        return tuple(hf_hub_download(path, name, revision=revision, token=token) for name in (CONFIG_NAME, WEIGHTS_NAME))
-    except HFValidationError as error:
-        raise HfGraftError(f"{path!r} is neither a SkillPack folder nor a Hub repo id.") from error
-    except (HfHubHTTPError, OSError) as error:
-        raise HfGraftError(f"Could not download the SkillPack {path!r} from the Hub: {error}") from error
+    return tuple(locate(path_or_repo, name, revision=revision, token=token) for name in (CONFIG_NAME, WEIGHTS_NAME))
 
 
 def read_config(path: str | os.PathLike) -> SkillPackConfig:
-    """Parse and check ``adapter_config.json``: a SkillPack config whose fields have the right types."""
-    if os.path.getsize(path) > MAX_CONFIG_BYTES:
-        raise HfGraftError(f"{path} is larger than {MAX_CONFIG_BYTES >> 20} MiB: not a SkillPack config.")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle, parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-        raise HfGraftError(f"{path} is not valid JSON ({error}); the file is truncated or corrupt.") from None
-    if not isinstance(data, dict):
-        raise HfGraftError(f"{path} must hold a JSON object.")
-    if data.get("peft_type") != "SKILLPACK":
-        raise HfGraftError(f"{path} describes a {data.get('peft_type')!r} adapter, not a SkillPack.")
-    known = {field.name for field in fields(SkillPackConfig)}
-    values = {}
-    for name, types in _FIELD_TYPES.items():
-        if name in data:
-            value = data[name]
-            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-                raise HfGraftError(f"{path}: field {name!r} has the wrong type ({type(value).__name__}).")
-            values[name] = value
-    values = {name: value for name, value in values.items() if name in known}
-    if not all(isinstance(name, str) for name in values.get("sparse_modules", [])):
-        raise HfGraftError(f"{path}: 'sparse_modules' must list module name suffixes.")
-    specs = values.get("module_specs", {})
-    for module, parts in specs.items():
-        if not (isinstance(parts, dict) and parts and set(parts) <= set(PARTS)):
-            raise HfGraftError(f"{path}: module_specs[{module!r}] must map 'weight' and/or 'bias' to metadata.")
-        if not all(isinstance(meta, dict) for meta in parts.values()):
-            raise HfGraftError(f"{path}: module_specs[{module!r}] holds metadata that is not an object.")
-    tied = values.get("tied_modules", {})
-    if not all(isinstance(source, str) and source in specs for source in tied.values()):
-        raise HfGraftError(f"{path}: tied_modules must map module names to modules of module_specs.")
-    try:
-        return SkillPackConfig(**values)
-    except (TypeError, ValueError) as error:
-        raise HfGraftError(f"{path}: {error}") from None
-
-
-def _reject_constant(name: str):
-    raise HfGraftError(f"JSON constant {name} is not allowed in a SkillPack config.")
-
-
-def _expected_layout(config: SkillPackConfig) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """Key -> (shape, dtype) of every tensor the config's metadata says the weights file holds."""
-    expected = {}
-    for module, parts in config.module_specs.items():
-        for part, meta in parts.items():
-            layout = stored_layout(part, meta)
-            expected.update({tensor_key(module, name): value for name, value in layout.items()})
-    return expected
+    """Parse and check ``adapter_config.json``: a SkillPack config whose every field is valid."""
+    data = read_config_data(path)
+    known = {field.name for field in fields(SkillPackConfig)} - set(LOADING_OPTIONS)
+    return SkillPackConfig(**{name: value for name, value in data.items() if name in known})
 
 
 def read_skillpack(
-    path_or_repo: str | os.PathLike, *, revision: Optional[str] = None, token: Optional[str] = None
+    path_or_repo: str | os.PathLike,
+    *,
+    revision: Optional[str] = None,
+    token: Optional[str] = None,
+    verify_integrity: bool = True,
 ) -> SkillPackFile:
     """Read and validate a SkillPack from a folder or a Hub repo; nothing is applied to any model.
 
     Raises :class:`~hf_graft.errors.HfGraftError` for a missing or corrupt file, a config that is
-    not a SkillPack's or is malformed, and tensors that are missing, unexpected, or of the wrong
-    shape or dtype for the metadata.
+    not a SkillPack's or is malformed, tensors that are missing, unexpected, or of the wrong
+    shape or dtype for the metadata, and (unless ``verify_integrity=False``) tensors whose bytes
+    do not match the pack's recorded ``tensor_digest``.
     """
     config_path, weights_path = resolve_files(path_or_repo, revision, token)
     config = read_config(config_path)
     if not config.module_specs:
         raise HfGraftError(f"{config_path} describes no stored deltas (module_specs is empty).")
-    tensors, _ = load_tensors(weights_path, _expected_layout(config))
+    check_weights_file(weights_path, config.module_specs, config.tied_modules, config.tensor_digest, verify=verify_integrity)
+    tensors, _ = load_tensors(weights_path, expected_layout(config.module_specs))
     deltas: dict[str, dict[str, CompressedDelta]] = {}
     for module, parts in config.module_specs.items():
         for part, meta in parts.items():
@@ -346,6 +265,7 @@ def load_skillpack(
     *,
     adapter_name: str = "default",
     check_base_fingerprint: bool = True,
+    verify_integrity: bool = True,
     revision: Optional[str] = None,
     token: Optional[str] = None,
 ) -> PeftModel:
@@ -353,9 +273,10 @@ def load_skillpack(
 
     ``model`` is a base model (a ``PeftModel`` is returned) or a ``PeftModel`` already holding
     SkillPacks (the pack is added as ``adapter_name``). The pack's base fingerprint must match
-    unless ``check_base_fingerprint=False``.
+    unless ``check_base_fingerprint=False``; its weights must match its digest unless
+    ``verify_integrity=False``.
     """
-    pack = read_skillpack(path_or_repo, revision=revision, token=token)
+    pack = read_skillpack(path_or_repo, revision=revision, token=token, verify_integrity=verify_integrity)
     pack.config.check_base_fingerprint = check_base_fingerprint
     return attach(model, pack, adapter_name)
 

@@ -13,7 +13,6 @@ each pack's term by that pack's weight for each example.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -28,8 +27,9 @@ from peft import PeftModel
 from torch import nn
 
 from ..errors import HfGraftError
-from ..safetensors_io import atomic_write_json, load_tensors, save_tensors
+from ..safetensors_io import atomic_write_json, load_tensors, read_json, save_tensors
 from .files import CONFIG_NAME, WEIGHTS_NAME, load_skillpack, read_skillpack, resolve_files
+from .integrity import DIGEST_PREFIX, tensors_digest
 from .layer import SkillPackLayer
 from .model import base_fingerprint
 
@@ -189,12 +189,11 @@ class FusedSkillPacks(nn.Module):
             for source, name in zip(resolve_files(self.sources[skill]), (CONFIG_NAME, WEIGHTS_NAME)):
                 if os.path.abspath(source) != os.path.abspath(os.path.join(target, name)):
                     shutil.copyfile(source, os.path.join(target, name))
-        save_tensors(
-            {"weight": self.router.weight.detach().contiguous(), "bias": self.router.bias.detach().contiguous(),
-             "features": self.router_features.contiguous(), "labels": self.router_labels.contiguous()},
-            os.path.join(directory, ROUTER_WEIGHTS),
-        )
-        atomic_write_json(os.path.join(directory, FUSION_CONFIG), {"skills": self.skills, "router": self.mode})
+        router = {"weight": self.router.weight.detach().contiguous(), "bias": self.router.bias.detach().contiguous(),
+                  "features": self.router_features.contiguous(), "labels": self.router_labels.contiguous()}
+        save_tensors(router, os.path.join(directory, ROUTER_WEIGHTS))
+        config = {"skills": self.skills, "router": self.mode, "router_digest": tensors_digest(router)}
+        atomic_write_json(os.path.join(directory, FUSION_CONFIG), config)
         from ..hub import write_fusion_card
 
         write_fusion_card(self, directory)
@@ -205,13 +204,10 @@ class FusedSkillPacks(nn.Module):
         folder = os.fspath(path_or_repo)
         if not os.path.isdir(folder):
             folder = snapshot_download(folder)
-        with open(os.path.join(folder, FUSION_CONFIG), encoding="utf-8") as handle:
-            config = json.load(handle)
-        skills, mode = config.get("skills"), config.get("router")
-        if not (isinstance(skills, list) and skills and all(isinstance(s, str) for s in skills)) or mode not in ROUTER_MODES:
-            raise HfGraftError(f"{FUSION_CONFIG} in {folder} must list the skills and name a router mode.")
-        return fuse(base_model, {skill: os.path.join(folder, skill) for skill in skills}, router=mode,
-                    _router_file=os.path.join(folder, ROUTER_WEIGHTS), **load_kwargs)
+        config = read_fusion_config(os.path.join(folder, FUSION_CONFIG))
+        return fuse(base_model, {skill: os.path.join(folder, skill) for skill in config["skills"]},
+                    router=config["router"], _router_file=os.path.join(folder, ROUTER_WEIGHTS),
+                    _router_digest=config.get("router_digest"), **load_kwargs)
 
     def push_to_hub(self, repo_id: str, *, private: Optional[bool] = None, token: Optional[str] = None):
         """Push the packs, router and a card listing the packs to one Hub repo."""
@@ -223,6 +219,24 @@ class FusedSkillPacks(nn.Module):
             self.save_pretrained(folder)
             write_fusion_card(self, folder, repo_id=repo_id)
             return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload fused SkillPacks")
+
+
+def read_fusion_config(path: str) -> dict:
+    """``fusion_config.json`` at ``path``, checked: unique skill names that are plain folder names, a
+    router mode, and the router's digest. Raises :class:`~hf_graft.errors.HfGraftError` naming the file."""
+    fix = "Load a folder FusedSkillPacks.save_pretrained wrote; if it was, download it again or re-save it."
+    config = read_json(path, fix)
+    if not isinstance(config, dict):
+        raise HfGraftError(f"{path} must hold a JSON object. {fix}")
+    skills, mode, digest = config.get("skills"), config.get("router"), config.get("router_digest")
+    plain = lambda name: isinstance(name, str) and name not in ("", ".", "..") and not set(name) & set("/\\:")
+    if not (isinstance(skills, list) and skills and all(map(plain, skills)) and len(set(skills)) == len(skills)):
+        raise HfGraftError(f"{path}: field 'skills' must list the packs' folder names, each once, got {skills!r:.80}. {fix}")
+    if not (isinstance(mode, str) and mode in ROUTER_MODES):
+        raise HfGraftError(f"{path}: field 'router' must be one of {', '.join(ROUTER_MODES)}, got {mode!r:.60}. {fix}")
+    if digest is not None and not (isinstance(digest, str) and digest.startswith(DIGEST_PREFIX)):
+        raise HfGraftError(f"{path}: field 'router_digest' must be '{DIGEST_PREFIX}...', got {digest!r:.80}. {fix}")
+    return config
 
 
 def _skill_name(path_or_repo, taken: Sequence[str]) -> str:
@@ -239,6 +253,7 @@ def fuse(
     prompts: Optional[Mapping[str, Sequence[str]]] = None,
     tokenizer=None,
     _router_file: Optional[str] = None,
+    _router_digest: Optional[str] = None,
     **load_kwargs,
 ) -> FusedSkillPacks:
     """Load ``packs`` (folders or Hub ids; a mapping names them) onto ``base_model`` with a router.
@@ -255,7 +270,7 @@ def fuse(
     if load_kwargs.get("check_base_fingerprint", True):
         strangers = []
         for name, path in named.items():
-            config = read_skillpack(path).config
+            config = read_skillpack(path, verify_integrity=load_kwargs.get("verify_integrity", True)).config
             if config.base_fingerprint and base_fingerprint(base_model, config.module_specs) != config.base_fingerprint:
                 strangers.append(name)
         if strangers:
@@ -269,6 +284,11 @@ def fuse(
     fused = FusedSkillPacks(model, list(named), router, sources={k: os.fspath(v) for k, v in named.items()})
     if _router_file is not None:
         tensors, _ = load_tensors(_router_file)
+        if _router_digest is not None and load_kwargs.get("verify_integrity", True) and tensors_digest(tensors) != _router_digest:
+            raise HfGraftError(
+                f"{_router_file} is not the router these packs were saved with (its digest differs from "
+                f"{FUSION_CONFIG}'s): the file was damaged; download it again, or pass verify_integrity=False."
+            )
         hidden, count = fused.router.in_features, len(named)
         expected = {"weight": (count, hidden), "bias": (count,)}
         for key, shape in expected.items():

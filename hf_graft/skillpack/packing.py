@@ -24,7 +24,8 @@ from .allocation import OMIT, Candidate, CandidateLadder, measure_candidates, se
 from .calibrate import compress_with_statistics
 from .compress import CompressedDelta, compress_delta
 from .config import SkillPackConfig
-from .files import SkillPackFile, saved_config_text, tensor_key
+from .files import SkillPackFile, saved_config_text
+from .integrity import DIGEST_PREFIX, pack_digest
 from .objective import ModuleStatistics
 
 __all__ = ["BF16_BYTES", "Measurement", "assemble", "choose", "compress", "ladder_of", "measure", "resolve_device", "to_cpu"]
@@ -163,6 +164,7 @@ def _fixed_overhead(config: SkillPackConfig, bf16_bytes: int, model_class: Optio
     probe = copy.deepcopy(config)
     probe.module_specs, probe.tied_modules = {}, {}
     probe.base_fingerprint = "0" * 64
+    probe.tensor_digest = DIGEST_PREFIX + "0" * 64
     probe.measured = {
         "delta_bf16_bytes": bf16_bytes, "stored_bytes": bf16_bytes, "compression_ratio": 1e6 + 0.01,
         "relative_error": 0.1234, "omitted": [], "distill_loss": [0.12345, 0.12345], "module_errors": {},
@@ -175,13 +177,9 @@ def _record_file_bytes(pack: SkillPackFile, bf16_bytes: int, model_class: Option
     """Set the pack's ``stored_bytes`` (its two files, exactly as saved) and ratio in its config."""
     from safetensors.torch import save
 
-    tensors = {
-        tensor_key(module, name): tensor
-        for module, parts in pack.deltas.items()
-        for part, delta in parts.items()
-        for name, tensor in delta.to_tensors(part).items()
-    }
+    tensors = pack.tensors()
     weights = len(save(tensors, metadata={"format": "pt"}))
+    pack.config.tensor_digest = pack_digest(pack.config.module_specs, pack.config.tied_modules, tensors)
     measured = pack.config.measured
     for _ in range(3):  # the figures are part of the config they measure: settle their digits
         total = weights + len(saved_config_text(pack.config, model_class).encode())
