@@ -5,6 +5,7 @@ disable, mixed-adapter batches, dtypes, generate), here for the SkillPack method
 """
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -246,7 +247,7 @@ def test_exported_lora_on_tied_embeddings_equals_the_pack_unmerged_and_merged_un
     int(transformers.__version__.split(".")[0]) >= 5,
     reason="transformers 5's own adapter methods need peft >= 0.22; PeftModel's API works on both lines",
 )
-def test_transformers_native_adapter_methods(two_packs):
+def test_transformers_native_adapter_methods(two_packs, tmp_path):
     base, root = two_packs
     reference = loaded(base, root, "a", "b")
     model = copy.deepcopy(base)
@@ -258,3 +259,10 @@ def test_transformers_native_adapter_methods(two_packs):
         assert torch.equal(logits(model, IDS), logits(reference, IDS))
     model.disable_adapters()
     assert torch.allclose(logits(model, IDS), logits(base, IDS), atol=1e-6, rtol=0)
+    shutil.copytree(root / "a", tmp_path / "damaged")
+    weights = tmp_path / "damaged" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x10  # inside the packed bytes: the header stays valid
+    weights.write_bytes(bytes(data))
+    with pytest.raises(HfGraftError, match="do not match the digest"):
+        copy.deepcopy(base).load_adapter(str(tmp_path / "damaged"), adapter_name="a")

@@ -12,6 +12,7 @@ from transformers.pytorch_utils import Conv1D
 from ..errors import BaseModelMismatchError, HfGraftError
 from .compress import check_meta
 from .config import SkillPackConfig
+from .integrity import expected_layout, pack_digest
 from .layer import Embedding, Linear, Norm, SkillPackLayer, TiedLinear
 
 #: Elements of each weight that enter the fingerprint: a fixed stride over the flat tensor.
@@ -183,7 +184,25 @@ class SkillPackModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """peft's key remapping, then every SkillPack tensor checked: none missing, none extra, right shape and dtype."""
+        """The tensors checked against the pack's digest (unless ``verify_integrity=False``), then peft's
+        key remapping, then every SkillPack tensor checked: none missing, none extra, right shape and dtype.
+
+        The digest is checked here too, not only when the config is read beside its file, so loaders
+        that read the weights themselves (transformers' ``model.load_adapter``) verify it as well.
+        """
+        peft_prefix = "base_model.model."  # transformers' integration strips it before loading
+        stored = {
+            key if key.startswith(peft_prefix) else peft_prefix + key: value
+            for key, value in state_dict.items()
+            if ".skillpack_tensors." in key
+        }
+        if config.verify_integrity and config.tensor_digest and set(stored) == set(expected_layout(config.module_specs)):
+            if pack_digest(config.module_specs, config.tied_modules, stored) != config.tensor_digest:
+                raise HfGraftError(
+                    f"SkillPack {adapter_name!r}: the loaded weights do not match the digest recorded in its "
+                    "adapter_config.json: the weights file was damaged in download or on disk. Download the pack "
+                    "again, or pass verify_integrity=False to load it anyway."
+                )
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         marker = f".skillpack_tensors.{adapter_name}."
         expected = {key: value for key, value in model.state_dict().items() if marker in key}
