@@ -151,8 +151,9 @@ def measure_candidates(
 
 
 def _measured(name, matrix, packed: CompressedDelta, spec, statistics) -> Candidate:
-    error = matrix - packed.delta()
+    error = packed.delta().sub_(matrix)  # a fresh decode, negated error: the cost is the same
     cost = statistics.cost(error) if statistics is not None else float(error.double().square().sum())
+    del error
     nbytes = payload_size(segment_layout(packed.meta)) + entry_overhead(name, packed.meta)
     return Candidate(nbytes, cost, dict(spec))
 

@@ -251,7 +251,7 @@ def compress_with_statistics(
         )
     if spec["kind"] == "sparse":
         oriented = statistics.oriented(matrix)
-        saliency = oriented.square() * statistics.row_weights[:, None] * statistics.diagonal[None, :]
+        saliency = oriented.square().mul_(statistics.row_weights[:, None]).mul_(statistics.diagonal[None, :])
         saliency = statistics.oriented(saliency)
         return CompressedDelta("sparse", tuple(delta.shape), sparse=prune(matrix, spec["keep_fraction"], scores=saliency))
     if spec["kind"] != "quant":

@@ -42,6 +42,10 @@ __all__ = ["ModuleStatistics", "collect_statistics"]
 TOKEN_FLOOR = 0.01
 
 
+#: Bytes of float32 rows :meth:`ModuleStatistics.cost` works on at a time.
+COST_CHUNK_BYTES = 64 << 20
+
+
 @dataclass(frozen=True)
 class ModuleStatistics:
     """Second moments of one module's inputs and output gradients, in the delta's own layout.
@@ -60,11 +64,14 @@ class ModuleStatistics:
 
     def cost(self, error: torch.Tensor) -> float:
         """``sum_i f_i (E H E^T)_ii`` of an error ``E`` in the delta's layout (plus that of every ``also``)."""
-        matrix = error.float().T if self.transposed else error.float()
-        if self.is_diagonal:  # data-free and embeddings: no input correlations to weigh
-            own = float((matrix.square() @ self.diagonal * self.row_weights).sum())
-        else:
-            own = float((((matrix @ self.hessian) * matrix).sum(dim=1) * self.row_weights).sum())
+        matrix = error.T if self.transposed else error
+        own, step = 0.0, max(1, COST_CHUNK_BYTES // (4 * matrix.shape[1]))
+        for start in range(0, matrix.shape[0], step):  # in row blocks: no full-size temporaries
+            chunk, weights = matrix[start:start + step].float(), self.row_weights[start:start + step]
+            if self.is_diagonal:  # data-free and embeddings: no input correlations to weigh
+                own += float((chunk.square() @ self.diagonal * weights).sum())
+            else:
+                own += float((((chunk @ self.hessian) * chunk).sum(dim=1) * weights).sum())
         return own + sum(other.cost(error) for other in self.also)
 
     def oriented(self, delta: torch.Tensor) -> torch.Tensor:

@@ -88,10 +88,8 @@ class QuantizedMatrix:
         rows, cols = self.shape
         codes = unpack_bits(self.packed, self.bits, rows * cols).reshape(rows, cols)
         result = torch.empty(rows, cols, device=codes.device)
-        for start, stop in _row_spans(rows, cols, self.group_size):  # bounded temporaries on large matrices
-            group = slice(start // self.group_size, -(-stop // self.group_size))
-            scales = self.scales[group].float().repeat_interleave(self.group_size, dim=0)[: stop - start]
-            zeros = self.zeros[group].float().repeat_interleave(self.group_size, dim=0)[: stop - start]
+        for start, stop in _row_spans(rows, cols):  # bounded temporaries on large matrices
+            scales, zeros = (_rows_of(grid, start, stop, self.group_size) for grid in (self.scales, self.zeros))
             result[start:stop] = codes[start:stop].float() * scales + zeros
         return result
 
@@ -153,17 +151,16 @@ def quantize(
     rows, cols = values.shape
     groups = -(-rows // group_size)
     # Padding rows repeat the last row, which lies in the last group: no group's min or max moves.
-    padded = torch.cat([values, values[-1:].expand(groups * group_size - rows, cols)])
+    padding = groups * group_size - rows
+    padded = torch.cat([values, values[-1:].expand(padding, cols)]) if padding else values
     grouped = padded.reshape(groups, group_size, cols)
     if clip:
         scales, zeros = fitted_grid(grouped, bits)
     else:
         scales, zeros = group_grid(grouped.amin(dim=1), grouped.amax(dim=1), bits)
     codes = torch.empty(rows, cols, dtype=torch.uint8, device=values.device)
-    for start, stop in _row_spans(rows, cols, group_size):
-        group = slice(start // group_size, -(-stop // group_size))
-        expanded_scales = scales[group].float().repeat_interleave(group_size, dim=0)[: stop - start]
-        expanded_zeros = zeros[group].float().repeat_interleave(group_size, dim=0)[: stop - start]
+    for start, stop in _row_spans(rows, cols):
+        expanded_scales, expanded_zeros = (_rows_of(grid, start, stop, group_size) for grid in (scales, zeros))
         codes[start:stop] = encode(values[start:stop], expanded_scales, expanded_zeros, bits)
     return QuantizedMatrix(
         packed=pack_bits(codes, bits),
@@ -175,10 +172,16 @@ def quantize(
     )
 
 
-def _row_spans(rows: int, cols: int, group_size: int, max_bytes: int = 32 << 20) -> list[tuple[int, int]]:
-    """``(start, stop)`` row spans, whole groups of ``group_size`` rows each, of about ``max_bytes`` of float32."""
-    step = max(1, max_bytes // (4 * cols * group_size)) * group_size
+def _row_spans(rows: int, cols: int, max_bytes: int = 32 << 20) -> list[tuple[int, int]]:
+    """``(start, stop)`` row spans of about ``max_bytes`` of float32 each (a group may span several)."""
+    step = max(1, max_bytes // (4 * cols))
     return [(start, min(rows, start + step)) for start in range(0, rows, step)]
+
+
+def _rows_of(grid: torch.Tensor, start: int, stop: int, group_size: int) -> torch.Tensor:
+    """The float32 ``[stop - start, cols]`` values of a ``[groups, cols]`` grid for rows ``start:stop``."""
+    index = torch.arange(start, stop, device=grid.device) // group_size
+    return grid.float()[index] if grid.dtype != torch.float32 else grid[index]
 
 
 def group_grid(minimum: torch.Tensor, maximum: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
