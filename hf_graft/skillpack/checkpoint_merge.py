@@ -45,7 +45,7 @@ def merge_into_checkpoint(
     ``pack`` is a :class:`SkillPackFile`, a SkillPack folder or Hub id; ``base`` a model folder or
     Hub id. ``dtype`` casts every floating tensor (default: each keeps its stored dtype).
     """
-    pack = pack if isinstance(pack, SkillPackFile) else read_skillpack(pack)
+    pack = pack if isinstance(pack, SkillPackFile) else read_skillpack(pack, check_codes=False)  # decoded below
     checkpoint = Checkpoint(base)
     skeleton = meta_model(checkpoint.folder)
     prefix = getattr(skeleton, "base_model_prefix", "")

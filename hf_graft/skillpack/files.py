@@ -155,13 +155,16 @@ def read_skillpack(
     revision: Optional[str] = None,
     token: Optional[str] = None,
     verify_integrity: bool = True,
+    check_codes: bool = True,
 ) -> SkillPackFile:
     """Read and validate a SkillPack from a folder or a Hub repo; nothing is applied to any model.
 
     Raises :class:`~hf_graft.errors.HfGraftError` for a missing or corrupt file, a config that is
     not a SkillPack's or is malformed, tensors that are missing, unexpected, or of the wrong
     shape or dtype for the metadata, and (unless ``verify_integrity=False``) tensors whose bytes
-    do not match the pack's recorded ``tensor_digest``.
+    do not match the pack's recorded ``tensor_digest``. ``check_codes`` decodes every delta once,
+    so codes, indices or bitmaps that contradict the metadata are refused here rather than on
+    first use (a caller that decodes every delta next anyway may skip it).
     """
     config_path, weights_path = resolve_files(path_or_repo, revision, token)
     config = read_config(config_path)
@@ -174,7 +177,8 @@ def read_skillpack(
         for part, meta in parts.items():
             stored = {name: tensors[tensor_key(module, name)] for name in stored_layout(part, meta)}
             delta = CompressedDelta.from_tensors(part, stored, meta)
-            delta.delta()  # decode once: codes, indices and bitmaps are checked against the metadata
+            if check_codes:
+                delta.delta()  # decode once: codes, indices and bitmaps are checked against the metadata
             deltas.setdefault(module, {})[part] = delta
     return SkillPackFile(config, deltas)
 
