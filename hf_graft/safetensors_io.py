@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import HfGraftError
+from .errors import HfGraftError, short_repr
 
 __all__ = [
     "DTYPE_NAMES",
@@ -79,12 +79,6 @@ _FIX = "Re-download or re-save it."
 
 def _corrupt(path: str, problem: str) -> HfGraftError:
     return HfGraftError(f"{path} is not a valid safetensors file: {problem}. {_FIX}")
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    """``repr(value)``, cut short: values from a tampered header can be arbitrarily long."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_int(value: Any) -> bool:
@@ -154,34 +148,34 @@ def _check_entries(path: str, header: dict[str, Any], buffer_size: int) -> None:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        tensor = f"tensor {_short(name)}"
+        tensor = f"tensor {short_repr(name)}"
         if not isinstance(info, dict):
             raise _corrupt(path, f"corrupt header: the entry of {tensor} is not an object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not (isinstance(dtype, str) and dtype in ITEMSIZES):
             raise _corrupt(
-                path, f"{tensor} has dtype {_short(dtype)} where one of {', '.join(ITEMSIZES)} expected"
+                path, f"{tensor} has dtype {short_repr(dtype)} where one of {', '.join(ITEMSIZES)} expected"
             )
         if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
             raise _corrupt(
-                path, f"{tensor} has shape {_short(shape)} where a list of non-negative ints expected"
+                path, f"{tensor} has shape {short_repr(shape)} where a list of non-negative ints expected"
             )
         if math.prod(max(d, 1) for d in shape) * ITEMSIZES[dtype] >= 2**63:
-            raise _corrupt(path, f"{tensor} has shape {_short(shape)} too large for any tensor")
+            raise _corrupt(path, f"{tensor} has shape {short_repr(shape)} too large for any tensor")
         if not (
             isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
             and 0 <= offsets[0] <= offsets[1]
         ):
             raise _corrupt(
                 path,
-                f"{tensor} has data_offsets {_short(offsets)} where [begin, end] with begin <= end expected",
+                f"{tensor} has data_offsets {short_repr(offsets)} where [begin, end] with begin <= end expected",
             )
         begin, end = offsets
         needed = math.prod(shape) * ITEMSIZES[dtype]
         if end - begin != needed:
             raise _corrupt(
                 path,
-                f"{tensor} spans {end - begin} bytes where shape {_short(shape)} of {dtype} needs {needed}",
+                f"{tensor} spans {end - begin} bytes where shape {short_repr(shape)} of {dtype} needs {needed}",
             )
         if end > buffer_size:
             raise _corrupt(

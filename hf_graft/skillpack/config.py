@@ -10,7 +10,7 @@ from typing import Any, Optional
 from peft.config import PeftConfig
 from peft.utils import TaskType
 
-from ..errors import HfGraftError
+from ..errors import HfGraftError, short_repr
 from ..safetensors_io import atomic_write_text
 from .compress import check_meta
 from .integrity import CONFIG_NAME, DIGEST_PREFIX, WEIGHTS_NAME, check_weights_file, file_digest, locate
@@ -261,11 +261,6 @@ FIELD_RULES = {
 }
 
 
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def check_fields(data: dict, source: Optional[str] = None) -> None:
     """Check every SkillPack config field in ``data`` (as read from ``source``, a file, when given).
 
@@ -276,15 +271,15 @@ def check_fields(data: dict, source: Optional[str] = None) -> None:
     where, fix = (f"{source}: ", " " + _FILE_FIX) if source else ("SkillPackConfig: ", "")
     for name, (check, want) in FIELD_RULES.items():
         if name in data and not check(data[name]):
-            raise HfGraftError(f"{where}field {name!r} must be {want}, got {_short(data[name])}.{fix}")
+            raise HfGraftError(f"{where}field {name!r} must be {want}, got {short_repr(data[name])}.{fix}")
     for key, (check, want) in _MEASURED_RULES.items():
         value = data.get("measured", {}).get(key)
         if key in data.get("measured", {}) and not check(value):
-            raise HfGraftError(f"{where}field 'measured', figure {key!r} must be {want}, got {_short(value)}.{fix}")
+            raise HfGraftError(f"{where}field 'measured', figure {key!r} must be {want}, got {short_repr(value)}.{fix}")
     specs = data.get("module_specs", {})
     for module, parts in specs.items():
         if not (isinstance(parts, dict) and parts and set(parts) <= {"weight", "bias"}):
-            raise HfGraftError(f"{where}module_specs[{_short(module)}] must map 'weight' and/or 'bias' to metadata.{fix}")
+            raise HfGraftError(f"{where}module_specs[{short_repr(module)}] must map 'weight' and/or 'bias' to metadata.{fix}")
         for part, meta in parts.items():
             try:
                 check_meta(meta, f"{module}.{part}")
@@ -293,5 +288,5 @@ def check_fields(data: dict, source: Optional[str] = None) -> None:
     for head, source_module in data.get("tied_modules", {}).items():
         if source_module not in specs:
             raise HfGraftError(
-                f"{where}tied_modules[{_short(head)}] names {_short(source_module)}, which module_specs does not hold.{fix}"
+                f"{where}tied_modules[{short_repr(head)}] names {short_repr(source_module)}, which module_specs does not hold.{fix}"
             )
