@@ -284,13 +284,15 @@ class Journal:
             self.blocks.add(int(index))
 
     def gather(self) -> None:
-        """Wait for every process, then take in what the others recorded."""
+        """Wait for every process, then take in what the others recorded; return once every process
+        has (the main process removes the records when it writes the pack)."""
         if self.processes == 1:
             return
         self.wait()
         for rank in range(self.processes):
             if rank != self.rank:
                 self._absorb(self._read(self._path(rank)))
+        self.wait()
 
     def save(self) -> None:
         """Record the state so far (atomically: a kill leaves the previous record or this one)."""
