@@ -81,6 +81,21 @@ def test_streaming_pack_is_the_in_memory_pack_byte_for_byte(pair, tmp_path):
     assert pack.config.measured["compression_ratio"] >= 6
 
 
+def test_large_deltas_by_row_blocks_make_the_same_pack_both_ways(pair, tmp_path, monkeypatch):
+    import hf_graft.skillpack.rowwise as rowwise
+
+    monkeypatch.setattr(rowwise, "LARGE_DELTA_BYTES", 4 * 2500)  # the 96 x 32 embeddings, no other weight
+    monkeypatch.setattr(rowwise, "BLOCK_BYTES", 4 * 32 * 16)
+    reads = []
+    original = rowwise.DeltaRows.blocks
+    monkeypatch.setattr(rowwise.DeltaRows, "blocks", lambda self, *a: reads.append(self.shape) or original(self, *a))
+    base, tuned = pair
+    _in_memory(base, tuned, tmp_path / "memory")
+    sp.extract_skillpack(str(base), str(tuned), CONFIG, calibration=None, output_dir=tmp_path / "stream", progress=False)
+    assert reads and set(reads) == {(96, 32)}
+    assert _same_files(tmp_path / "memory", tmp_path / "stream")
+
+
 def test_streamed_pack_loads_through_peft_on_a_bf16_base(llama_pair, tmp_path):
     base, tuned = llama_pair
     sp.extract_skillpack(str(base), str(tuned), CONFIG, calibration=None, output_dir=tmp_path / "pack", progress=False)

@@ -76,9 +76,11 @@ def merge_into_checkpoint(
         tensor = tensor.to(target)
         if name in changes:
             module, part = changes[name]
-            delta = pack.deltas[module][part].delta()
-            for rows in iter_rows(len(tensor), delta[0].numel() * 4, 64 << 20) if tensor.dim() > 1 else [slice(None)]:
-                tensor[rows] += delta[rows].to(target)
+            packed = pack.deltas[module][part]
+            if tensor.dim() < 2:
+                tensor += packed.delta().to(target)
+            for rows in iter_rows(len(tensor), tensor[0].numel() * 4, 64 << 20) if tensor.dim() > 1 else []:
+                tensor[rows] += packed.delta_rows(rows.start, rows.stop).to(target)
         return tensor
 
     try:

@@ -136,6 +136,18 @@ class CompressedDelta:
             return self.sparse.to_dense()
         return self.dense.float()
 
+    def delta_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of :meth:`delta`, decoded without the rest (bounded memory on large deltas)."""
+        if self.kind == "sparse":
+            return self.sparse.dense_rows(start, stop)
+        if self.kind == "dense_fp16":
+            return self.dense[start:stop].float()
+        dense = self.quant.dequantize_rows(start, stop) if self.kind == "quant" else None
+        if self.a is None:
+            return dense
+        low_rank = self.b.dequantize_rows(start, stop) @ self.a.dequantize().T
+        return low_rank if dense is None else dense.add_(low_rank)
+
     def lowrank(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A [rank, in], B [out, rank])`` in float32, so a layer adds ``x @ A.T @ B.T`` without ``delta()``."""
         if self.kind != "lowrank":

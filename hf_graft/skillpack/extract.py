@@ -23,7 +23,7 @@ from .distillation import distill_scales
 from .files import attach
 from .model import base_fingerprint, layer_class, tied_partners
 from .objective import ModuleStatistics, collect_statistics
-from .packing import BF16_BYTES, assemble, choose, compress, measure, resolve_device
+from .packing import BF16_BYTES, assemble, choose, compress, delta_error_sq, measure, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -307,7 +307,7 @@ def extract_skillpack(
         compressed, distill_losses = distill_scales(
             clean_base, calibration_model, compressed, batches, steps=config.distill_steps, learning_rate=config.distill_learning_rate, progress=progress,
         )
-    errors_sq = {key: float(torch.sum((flat[key] - packed.delta()).double() ** 2)) for key, packed in compressed.items()}
+    errors_sq = {key: delta_error_sq(flat[key], packed, conv1d=key.rsplit(".", 1)[0] in conv1d) for key, packed in compressed.items()}
     kept_modules = {key.rsplit(".", 1)[0] for key in compressed}
     pack = assemble(
         config, compressed, measured, errors_sq, bf16_bytes=bf16_bytes, model_class=type(clean_base), tied_modules=tied,

@@ -78,6 +78,12 @@ class ModuleStatistics:
         """``delta`` as ``[out, in]`` (the layout ``hessian`` and ``row_weights`` index)."""
         return delta.T if self.transposed else delta
 
+    def rows(self, start: int, stop: int) -> ModuleStatistics:
+        """These statistics for rows ``start:stop`` of the delta alone (its cost is the sum over row blocks)."""
+        if self.transposed:
+            raise HfGraftError("ModuleStatistics.rows: a transposed (Conv1D) delta's rows are its inputs; its cost does not split by them.")
+        return ModuleStatistics(self.hessian, self.row_weights[start:stop], False, tuple(o.rows(start, stop) for o in self.also))
+
     def to(self, device) -> ModuleStatistics:
         """These statistics on ``device``."""
         return ModuleStatistics(self.hessian.to(device), self.row_weights.to(device), self.transposed, tuple(o.to(device) for o in self.also))

@@ -27,10 +27,14 @@ from .config import SkillPackConfig
 from .files import SkillPackFile, saved_config_text
 from .integrity import DIGEST_PREFIX, pack_digest
 from .objective import ModuleStatistics
+from .rowwise import DeltaRows, compress_rows, is_large, measure_rows, squared_error
 
-__all__ = ["BF16_BYTES", "Measurement", "assemble", "choose", "compress", "ladder_of", "measure", "resolve_device", "to_cpu"]
+__all__ = ["BF16_BYTES", "Measurement", "assemble", "choose", "compress", "delta_error_sq", "ladder_of", "measure", "resolve_device", "to_cpu"]
 
 BF16_BYTES = 2
+
+#: A delta in memory, or a large one given by its rows.
+Delta = Union[torch.Tensor, DeltaRows]
 
 
 @dataclass(frozen=True)
@@ -74,18 +78,35 @@ def _statistics(key: str, delta: torch.Tensor, statistics: Optional[ModuleStatis
     return statistics if key.endswith(".weight") else None
 
 
-def measure(key: str, delta: torch.Tensor, statistics: Optional[ModuleStatistics], config: SkillPackConfig, *, conv1d: bool) -> Measurement:
-    """Every candidate of the delta ``key`` under ``statistics`` (``None``: the Frobenius error)."""
+def measure(key: str, delta: Delta, statistics: Optional[ModuleStatistics], config: SkillPackConfig, *, conv1d: bool) -> Measurement:
+    """Every candidate of the delta ``key`` under ``statistics`` (``None``: the Frobenius error).
+
+    A large delta (:func:`~.rowwise.is_large`) is measured by row blocks, and may be given as
+    :class:`~.rowwise.DeltaRows`."""
     stats = _statistics(key, delta, statistics, conv1d)
+    if is_large(delta.shape, conv1d):
+        rows = DeltaRows.of(delta)
+        candidates = measure_rows(key, rows, stats, sparse=is_sparse(key, config), ladder=ladder_of(config))
+        return Measurement(candidates, rows.norm_sq())
     candidates = measure_candidates(key, delta, stats, sparse=is_sparse(key, config), ladder=ladder_of(config))
     return Measurement(candidates, float(torch.sum(delta.double() ** 2)))
 
 
-def compress(key: str, delta: torch.Tensor, spec: dict, statistics: Optional[ModuleStatistics], *, conv1d: bool) -> CompressedDelta:
+def compress(key: str, delta: Delta, spec: dict, statistics: Optional[ModuleStatistics], *, conv1d: bool) -> CompressedDelta:
     """The delta ``key`` stored as ``spec`` (GPTQ under ``statistics`` for 2-D deltas), on the CPU."""
     stats = _statistics(key, delta, statistics, conv1d)
-    packed = compress_with_statistics(delta, spec, stats) if delta.dim() == 2 else compress_delta(delta, spec)
+    if is_large(delta.shape, conv1d):
+        packed = compress_rows(DeltaRows.of(delta), spec, stats)
+    else:
+        packed = compress_with_statistics(delta, spec, stats) if delta.dim() == 2 else compress_delta(delta, spec)
     return to_cpu(packed, key.rsplit(".", 1)[1])
+
+
+def delta_error_sq(delta: Delta, packed: CompressedDelta, *, conv1d: bool = False) -> float:
+    """``||delta - packed.delta()||_F^2`` (by row blocks for a large delta)."""
+    if is_large(delta.shape, conv1d):
+        return squared_error(DeltaRows.of(delta), packed)
+    return float(torch.sum((delta - packed.delta().to(delta.device)).double() ** 2))
 
 
 def to_cpu(packed: CompressedDelta, part: str) -> CompressedDelta:

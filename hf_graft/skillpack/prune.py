@@ -84,6 +84,24 @@ class SparseDelta:
             dense[unpack_bits(self.bitmap, 1, self.numel).bool()] = self.values.float()
         return dense.reshape(self.shape)
 
+    def dense_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (of the first dimension) of :meth:`to_dense`, from the entries they hold only."""
+        rows = self.shape[0] if self.shape else 1
+        start, stop = max(0, start), max(start, min(rows, stop))
+        width = self.numel // rows if rows else 0
+        first, last = start * width, stop * width
+        dense = torch.zeros(last - first, dtype=torch.float32, device=self.values.device)
+        if self.indices is not None:
+            low, high = (int(i) for i in torch.searchsorted(self.indices, torch.tensor([first, last], dtype=torch.int32, device=self.indices.device)))
+            dense[self.indices[low:high].long() - first] = self.values[low:high].float()
+        else:
+            aligned = first - first % 8
+            marks = unpack_bits(self.bitmap[aligned // 8 :], 1, last - aligned)
+            low = _popcount(self.bitmap[: aligned // 8]) + int(marks[: first - aligned].sum())
+            marks = marks[first - aligned :].bool()
+            dense[marks] = self.values[low : low + int(marks.sum())].float()
+        return dense.reshape(stop - start, *self.shape[1:])
+
     @property
     def nbytes(self) -> int:
         """Bytes of the stored tensors."""
@@ -138,6 +156,14 @@ class SparseDelta:
                 )
             return cls(shape, values, bitmap=bitmap)
         raise HfGraftError(f"Metadata 'format' of {what} must be 'indices' or 'bitmap', got {meta['format']!r}.")
+
+
+_BITS_SET = torch.tensor([bin(byte).count("1") for byte in range(256)], dtype=torch.int64)
+
+
+def _popcount(data: torch.Tensor) -> int:
+    """Set bits in a uint8 tensor."""
+    return int(torch.bincount(data, minlength=256).cpu() @ _BITS_SET) if data.numel() else 0
 
 
 def prune(delta: torch.Tensor, keep_fraction: float, *, scores: torch.Tensor | None = None) -> SparseDelta:

@@ -86,12 +86,20 @@ class QuantizedMatrix:
     def dequantize(self) -> torch.Tensor:
         """The float32 ``[rows, cols]`` matrix the codes stand for."""
         rows, cols = self.shape
-        codes = unpack_bits(self.packed, self.bits, rows * cols).reshape(rows, cols)
-        result = torch.empty(rows, cols, device=codes.device)
+        result = torch.empty(rows, cols, device=self.packed.device)
         for start, stop in _row_spans(rows, cols):  # bounded temporaries on large matrices
-            scales, zeros = (_rows_of(grid, start, stop, self.group_size) for grid in (self.scales, self.zeros))
-            result[start:stop] = codes[start:stop].float() * scales + zeros
+            result[start:stop] = self.dequantize_rows(start, stop)
         return result
+
+    def dequantize_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of :meth:`dequantize`, decoded from their own codes only."""
+        rows, cols = self.shape
+        start, stop = max(0, start), min(rows, stop)
+        first, last = start * cols, max(start, stop) * cols
+        aligned = first - first % 8  # eight codes always end on a byte boundary
+        codes = unpack_bits(self.packed[aligned * self.bits // 8 :], self.bits, last - aligned)[first - aligned :]
+        scales, zeros = (_rows_of(grid, start, stop, self.group_size) for grid in (self.scales, self.zeros))
+        return codes.reshape(-1, cols).float() * scales + zeros
 
     @property
     def nbytes(self) -> int:
@@ -325,6 +333,10 @@ class MixedPrecisionFactor:
     def dequantize(self) -> torch.Tensor:
         """The float32 ``[rows, rank]`` factor."""
         return torch.cat([block.dequantize() for block in self.blocks], dim=1)
+
+    def dequantize_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of :meth:`dequantize`."""
+        return torch.cat([block.dequantize_rows(start, stop) for block in self.blocks], dim=1)
 
     @property
     def nbytes(self) -> int:

@@ -33,7 +33,8 @@ from .config import SkillPackConfig
 from .extract import block_groups
 from .files import SkillPackFile, tensor_key
 from .model import fingerprint_of, fingerprint_stride, layer_class, sign_bytes, tied_partners
-from .packing import BF16_BYTES, Measurement, assemble, choose, compress, measure, resolve_device
+from .packing import BF16_BYTES, Delta, Measurement, assemble, choose, compress, delta_error_sq, measure, resolve_device
+from .rowwise import DeltaRows, is_large
 
 __all__ = ["CheckpointDeltas", "Journal", "extract_from_checkpoints"]
 
@@ -50,7 +51,8 @@ class CheckpointDeltas:
 
     ``keys`` lists every ``module.part`` SkillPacks support, in the model's forward order, a
     weight shared by several modules (tied embeddings) once; ``delta(key)`` reads both tensors
-    row block by row block and returns ``tuned - base`` in float32.
+    row block by row block and returns ``tuned - base`` in float32 (a large one as its rows, read
+    when they are used), ``sample(key)`` the base weight's fingerprint sample.
     """
 
     def __init__(self, base: Reference, tuned: Reference, *, revision: Optional[str] = None, token=None):
@@ -96,22 +98,34 @@ class CheckpointDeltas:
     def shape(self, key: str) -> tuple[int, ...]:
         return self.base.shape(self.files[key])
 
-    def delta(self, key: str) -> tuple[torch.Tensor, bytes]:
-        """``(tuned - base`` in float32, the fingerprint sample of the base weight``)``."""
+    def delta(self, key: str, device: torch.device = torch.device("cpu")) -> Delta:
+        """``tuned - base`` in float32 on ``device``; for a large delta (:func:`~.rowwise.is_large`)
+        its :class:`~.rowwise.DeltaRows`, read from the checkpoints block by block when used."""
         stored, shape = self.files[key], self.shape(key)
+        if is_large(shape, key.rsplit(".", 1)[0] in self.conv1d):
+            def read(start: int, stop: int) -> torch.Tensor:
+                rows = slice(start, stop)
+                return (self.tuned.read(stored, rows).float() - self.base.read(stored, rows).float()).to(device)
+
+            return DeltaRows(shape, read, device)
         delta = torch.empty(shape, dtype=torch.float32)
         if len(shape) < 2:
+            delta.copy_(self.tuned.read(stored).float() - self.base.read(stored).float())
+            return delta.to(device)
+        for rows in iter_rows(shape[0], delta[0].numel() * 4, CHUNK_BYTES):
+            delta[rows] = self.tuned.read(stored, rows).float() - self.base.read(stored, rows).float()
+        return delta.to(device)
+
+    def sample(self, key: str) -> bytes:
+        """The fingerprint sample of the base weight ``key`` (:func:`~.model.fingerprint_of`)."""
+        stored, shape = self.files[key], self.shape(key)
+        if len(shape) < 2:
             base = self.base.read(stored)
-            delta.copy_(self.tuned.read(stored).float() - base.float())
-            return delta, sign_bytes(base[:: fingerprint_stride(base.numel())])
-        row = delta[0].numel()
-        stride = fingerprint_stride(delta.numel())
-        samples = []
-        for rows in iter_rows(shape[0], row * 4, CHUNK_BYTES):
-            base = self.base.read(stored, rows)
-            delta[rows] = self.tuned.read(stored, rows).float() - base.float()
-            samples.append(base.reshape(-1)[-(rows.start * row) % stride :: stride])
-        return delta, sign_bytes(torch.cat(samples))
+            return sign_bytes(base[:: fingerprint_stride(base.numel())])
+        row, stride = math.prod(shape[1:]), fingerprint_stride(math.prod(shape))
+        samples = [self.base.read(stored, rows).reshape(-1)[-(rows.start * row) % stride :: stride]
+                   for rows in iter_rows(shape[0], row * 4, CHUNK_BYTES)]
+        return sign_bytes(torch.cat(samples))
 
     def inputs_digest(self, config: SkillPackConfig, device: torch.device, processes: int = 1) -> str:
         """What a journal must match to be resumed: both checkpoints' files and layout, the config, the
@@ -166,9 +180,9 @@ def extract_from_checkpoints(
         if not mine(index) or all(key in journal.seen for key in group):
             continue
         for key in group:
-            delta, journal.samples[key] = deltas.delta(key)
-            if torch.count_nonzero(delta):
-                journal.measured[key] = measure(key, delta.to(device), None, config, conv1d=conv1d(key))
+            delta, journal.samples[key] = deltas.delta(key, device), deltas.sample(key)
+            if delta.any_nonzero() if isinstance(delta, DeltaRows) else torch.count_nonzero(delta):
+                journal.measured[key] = measure(key, delta, None, config, conv1d=conv1d(key))
             journal.seen.add(key)
             del delta
         journal.save()
@@ -188,9 +202,9 @@ def extract_from_checkpoints(
             continue
         block, errors = {}, {}
         for key in group:
-            delta = deltas.delta(key)[0].to(device)
+            delta = deltas.delta(key, device)
             block[key] = packed = compress(key, delta, kept[key], None, conv1d=conv1d(key))
-            errors[key] = float(torch.sum((delta - packed.delta().to(device)).double() ** 2))
+            errors[key] = delta_error_sq(delta, packed, conv1d=conv1d(key))
             del delta
         journal.save_block(index, block, errors)
     journal.gather()
