@@ -19,6 +19,7 @@ entry and its metadata in ``adapter_config.json`` (:func:`entry_overhead`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Collection, Mapping, Sequence
@@ -34,7 +35,7 @@ from .bitpack import check_fraction, check_int
 from .calibrate import compress_with_statistics
 from .compress import CompressedDelta, compress_delta, payload_size, segment_layout
 from .lowrank import lowrank_factors, rank_for_energy
-from .objective import ModuleStatistics
+from .objective import ModuleStatistics, squared_norm
 from .quantize import DEFAULT_GROUP_SIZE, Scheme, quantize, resolve_scheme
 
 __all__ = [
@@ -49,6 +50,9 @@ __all__ = [
 
 #: The spec of a module whose delta is left out of the pack.
 OMIT: dict[str, Any] = {"kind": "omit"}
+
+#: float32 bytes of the error rows a low-rank candidate's cost is made from at a time.
+FACTOR_CHUNK_BYTES = 16 << 20
 
 DELTA_COME_SCHEME: tuple = ((8, 2), (3, 32), (2, None))
 """Delta-CoMe's mix at 4096 wide (2 singular vectors at 8 bits, 32 at 3, the rest at 2)."""
@@ -152,7 +156,7 @@ def measure_candidates(
 
 def _measured(name, matrix, packed: CompressedDelta, spec, statistics) -> Candidate:
     error = packed.delta().sub_(matrix)  # a fresh decode, negated error: the cost is the same
-    cost = statistics.cost(error) if statistics is not None else float(error.double().square().sum())
+    cost = statistics.cost(error) if statistics is not None else squared_norm(error)
     del error
     nbytes = payload_size(segment_layout(packed.meta)) + entry_overhead(name, packed.meta)
     return Candidate(nbytes, cost, dict(spec))
@@ -192,44 +196,67 @@ def _lowrank_candidates(name: str, matrix: torch.Tensor, statistics: ModuleStati
     weights = (weights + 0.01 * float(weights.mean().clamp_min(1e-30))).sqrt()
     diagonal = statistics.is_diagonal
     root = _root(statistics.compact_hessian)
-    scaled = weights[:, None] * oriented
-    spectrum = lowrank_factors(scaled * root[None, :] if diagonal else scaled @ root, energy=max(ladder.energies))
+    scaled = oriented * weights[:, None]
+    scaled = scaled.mul_(root[None, :]) if diagonal else scaled @ root
+    spectrum = lowrank_factors(scaled, energy=max(ladder.energies))
     del scaled
     ranks = sorted({min(max(rank_for_energy(spectrum.singular_values, spectrum.total_energy, e), 1), spectrum.rank)
                     for e in ladder.energies})
     ranks = [rank for rank in ranks if rank * (rows + cols) < rows * cols]  # else the factors outweigh the matrix
     if not ranks:
         return []
-    b = spectrum.b / weights[:, None]  # [out, r]
+    b = spectrum.b[:, : max(ranks)] / weights[:, None]  # [out, r]
     # [in, r]: A^T with A L = a
-    a = spectrum.a.T / root[:, None] if diagonal else torch.linalg.solve_triangular(root.T, spectrum.a.T, upper=True)
-    schemes = {tuple(map(tuple, resolve_scheme(s, spectrum.rank))) for s in ladder.schemes}
+    a = spectrum.a[: max(ranks)].T
+    a = a / root[:, None] if diagonal else torch.linalg.solve_triangular(root.T, a, upper=True)
+    del spectrum
+    schemes = {tuple(map(tuple, resolve_scheme(s, max(ranks)))) for s in ladder.schemes}
     widths = {bits for scheme in schemes for bits, _ in scheme}
-    quantized = {}
+    quantized = {}  # codes and grids, decoded a few columns at a time for each candidate
     for bits in widths:
         try:
-            quantized[bits] = (quantize(b, bits, ladder.group_size, clip=True).dequantize(),
-                               quantize(a, bits, ladder.group_size, clip=True).dequantize())
+            quantized[bits] = (quantize(b, bits, ladder.group_size, clip=True), quantize(a, bits, ladder.group_size, clip=True))
         except HfGraftError:
             continue
+    del a, b
     results: dict[str, Candidate] = {}
     for scheme in schemes:
         if any(bits not in quantized for bits, _ in scheme):
             continue
-        column_bits = [bits for bits, columns in scheme for _ in range(columns)]
         for rank in ranks:
             spec = {"kind": "lowrank", "rank": rank, "group_size": ladder.group_size,
                     "scheme": [list(block) for block in resolve_scheme(scheme, rank)]}
             key = json.dumps(spec, sort_keys=True)
             if key in results:
                 continue
-            b_q = torch.stack([quantized[bits][0][:, j] for j, bits in enumerate(column_bits[:rank])], dim=1)
-            a_q = torch.stack([quantized[bits][1][:, j] for j, bits in enumerate(column_bits[:rank])], dim=1)
-            error = statistics.oriented(oriented - b_q @ a_q.T)
+            b_q, a_q = (_decoded_columns(quantized, spec["scheme"], side) for side in (0, 1))
             meta = {**spec, "shape": list(matrix.shape)}
             nbytes = payload_size(segment_layout(meta)) + entry_overhead(name, meta)
-            results[key] = Candidate(nbytes, statistics.cost(error), spec)
+            results[key] = Candidate(nbytes, _factored_cost(statistics, oriented, b_q, a_q), spec)
+            del b_q, a_q
     return list(results.values())
+
+
+def _decoded_columns(quantized: Mapping[int, tuple], scheme, side: int) -> torch.Tensor:
+    """Columns ``0:rank`` of a factor, each block of ``scheme`` decoded from its width's codes."""
+    parts, start = [], 0
+    for bits, columns in scheme:
+        parts.append(quantized[bits][side].dequantize_columns(start, start + columns))
+        start += columns
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def _factored_cost(statistics: ModuleStatistics, oriented: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> float:
+    """The cost of ``oriented - b @ a.T`` (``[out, in]``), made a block of rows at a time."""
+    if statistics.transposed and statistics.also:
+        return statistics.cost(statistics.oriented(oriented - b @ a.T))
+    flat = dataclasses.replace(statistics, transposed=False)
+    step = max(1, FACTOR_CHUNK_BYTES // (4 * oriented.shape[1]))
+    total = 0.0
+    for start in range(0, len(oriented), step):
+        stop = min(len(oriented), start + step)
+        total += flat.rows(start, stop).cost(torch.addmm(oriented[start:stop], b[start:stop], a.T, alpha=-1))
+    return total
 
 
 def _root(hessian: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..errors import HfGraftError
 
-__all__ = ["ModuleStatistics", "collect_statistics"]
+__all__ = ["ModuleStatistics", "collect_statistics", "squared_norm"]
 
 #: Tokens the calibration never shows still get this share of the mean token frequency, so an
 #: embedding row the calibration misses is cheap to lose but never free.
@@ -44,6 +44,14 @@ TOKEN_FLOOR = 0.01
 
 #: Bytes of float32 rows :meth:`ModuleStatistics.cost` works on at a time.
 COST_CHUNK_BYTES = 64 << 20
+
+
+def squared_norm(tensor: torch.Tensor) -> float:
+    """``||tensor||_F^2`` summed in float64, a block of rows at a time (no full-size float64 copy)."""
+    if tensor.dim() == 0:
+        return float(tensor.double() ** 2)
+    step = max(1, COST_CHUNK_BYTES // (8 * max(1, tensor[0].numel())))
+    return sum(float(tensor[start:start + step].double().square().sum()) for start in range(0, len(tensor), step))
 
 
 @dataclass(frozen=True)

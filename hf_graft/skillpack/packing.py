@@ -26,7 +26,7 @@ from .compress import CompressedDelta, compress_delta
 from .config import SkillPackConfig
 from .files import SkillPackFile, saved_config_text
 from .integrity import DIGEST_PREFIX, pack_digest
-from .objective import ModuleStatistics
+from .objective import ModuleStatistics, squared_norm
 from .rowwise import DeltaRows, compress_rows, is_large, measure_rows, squared_error
 
 __all__ = ["BF16_BYTES", "Measurement", "assemble", "choose", "compress", "delta_error_sq", "ladder_of", "measure", "resolve_device", "to_cpu"]
@@ -89,7 +89,7 @@ def measure(key: str, delta: Delta, statistics: Optional[ModuleStatistics], conf
         candidates = measure_rows(key, rows, stats, sparse=is_sparse(key, config), ladder=ladder_of(config))
         return Measurement(candidates, rows.norm_sq())
     candidates = measure_candidates(key, delta, stats, sparse=is_sparse(key, config), ladder=ladder_of(config))
-    return Measurement(candidates, float(torch.sum(delta.double() ** 2)))
+    return Measurement(candidates, squared_norm(delta))
 
 
 def compress(key: str, delta: Delta, spec: dict, statistics: Optional[ModuleStatistics], *, conv1d: bool) -> CompressedDelta:
@@ -106,7 +106,7 @@ def delta_error_sq(delta: Delta, packed: CompressedDelta, *, conv1d: bool = Fals
     """``||delta - packed.delta()||_F^2`` (by row blocks for a large delta)."""
     if is_large(delta.shape, conv1d):
         return squared_error(DeltaRows.of(delta), packed)
-    return float(torch.sum((delta - packed.delta().to(delta.device)).double() ** 2))
+    return squared_norm(packed.delta().to(delta.device).sub_(delta))
 
 
 def to_cpu(packed: CompressedDelta, part: str) -> CompressedDelta:

@@ -101,6 +101,17 @@ class QuantizedMatrix:
         scales, zeros = (_rows_of(grid, start, stop, self.group_size) for grid in (self.scales, self.zeros))
         return codes.reshape(-1, cols).float() * scales + zeros
 
+    def dequantize_columns(self, start: int, stop: int) -> torch.Tensor:
+        """Columns ``start:stop`` of :meth:`dequantize`."""
+        rows, cols = self.shape
+        codes = unpack_bits(self.packed, self.bits, rows * cols).reshape(rows, cols)[:, start:stop]
+        scales, zeros = self.scales[:, start:stop], self.zeros[:, start:stop]
+        result = torch.empty(rows, codes.shape[1], device=self.packed.device)
+        for first, last in _row_spans(rows, max(1, codes.shape[1])):
+            grid = (_rows_of(g, first, last, self.group_size) for g in (scales, zeros))
+            result[first:last] = codes[first:last].float() * next(grid) + next(grid)
+        return result
+
     @property
     def nbytes(self) -> int:
         """Bytes of the stored tensors (what :meth:`to_tensors` writes, without file headers)."""

@@ -34,7 +34,7 @@ from .allocation import OMIT, Candidate, CandidateLadder, entry_overhead
 from .bitpack import pack_bits
 from .calibrate import compress_with_statistics, quantize_calibrated
 from .compress import CompressedDelta, normalize_spec, payload_size, segment_layout
-from .objective import ModuleStatistics
+from .objective import ModuleStatistics, squared_norm
 from .prune import SparseDelta, kept_count, sparse_format
 from .quantize import QuantizedMatrix, quantize
 
@@ -43,7 +43,7 @@ __all__ = ["BLOCK_BYTES", "LARGE_DELTA_BYTES", "DeltaRows", "compress_rows", "is
 #: 2-D deltas with more float32 bytes than this are worked on by row blocks.
 LARGE_DELTA_BYTES = 256 << 20
 #: float32 bytes of one block of rows.
-BLOCK_BYTES = 32 << 20
+BLOCK_BYTES = 16 << 20
 
 _HIGH = 1 << 15  # non-negative float32 bit patterns have 15 high bits above the low 16
 _LOW = 1 << 16
@@ -85,7 +85,7 @@ class DeltaRows:
 
     def norm_sq(self) -> float:
         """The squared Frobenius norm."""
-        return sum(float(torch.sum(block.double() ** 2)) for _, block in self.blocks())
+        return sum(squared_norm(block) for _, block in self.blocks())
 
     def any_nonzero(self) -> bool:
         return any(bool(torch.count_nonzero(block)) for _, block in self.blocks())
@@ -160,7 +160,7 @@ def compress_rows(rows: DeltaRows, spec: Mapping[str, Any], statistics: Optional
 def squared_error(rows: DeltaRows, packed: CompressedDelta) -> float:
     """``||delta - packed.delta()||_F^2``, block by block."""
     return sum(
-        float(torch.sum((block - packed.delta_rows(start, start + len(block)).to(block.device)).double() ** 2))
+        squared_norm(packed.delta_rows(start, start + len(block)).to(block.device).sub_(block))
         for start, block in rows.blocks()
     )
 
