@@ -235,6 +235,15 @@ def test_randomized_svd_matches_full_error_and_is_faster():
     assert slow >= 3 * fast, f"randomized {fast:.3f}s vs full {slow:.3f}s"
 
 
+def test_randomized_svd_gives_way_to_the_exact_one_for_a_large_share_of_the_rank():
+    delta = spectrum_matrix(600, 400, 0.999 ** torch.arange(400, dtype=torch.float32))  # 95% needs most of the rank
+    randomized, full = (lowrank_factors(delta, energy=0.95, method=method) for method in ("randomized", "full"))
+    assert full.rank > 0.25 * 400
+    assert torch.equal(randomized.a, full.a) and torch.equal(randomized.b, full.b)
+    low = lowrank_factors(spectrum_matrix(600, 400, 0.5 ** torch.arange(400, dtype=torch.float32)), energy=0.9)
+    assert low.rank < 10
+
+
 def test_lowrank_factors_accepts_bf16_and_honours_rank_bounds():
     delta = spectrum_matrix(64, 96, DECAY[:64])
     factors = lowrank_factors(delta.bfloat16(), energy=0.9)
