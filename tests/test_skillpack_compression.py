@@ -63,6 +63,16 @@ def test_pack_bits_round_trip_and_layout(bits, count):
     assert torch.equal(unpack_bits(packed, bits, count), codes)
 
 
+@pytest.mark.parametrize("bits", [1, 3, 4, 8])
+def test_unpack_bits_reads_only_the_bytes_of_the_codes_asked_for(bits):
+    # A prefix of a 1 TiB stream (a zero-stride view, nothing allocated): decoding the first codes
+    # of a large delta's rows must not touch the rest of its packed codes.
+    stream = torch.full((1,), 0b10110101, dtype=torch.uint8).expand(1 << 40)
+    codes = unpack_bits(stream, bits, 24)
+    assert torch.equal(codes, unpack_bits(torch.full((packed_size(24, bits),), 0b10110101, dtype=torch.uint8), bits, 24))
+    assert codes.numel() == 24
+
+
 def test_two_bit_codes_take_a_quarter_byte():
     assert pack_bits(torch.zeros(1000, dtype=torch.uint8), 2).numel() == 250
     assert pack_bits(torch.full((1001,), 3, dtype=torch.uint8), 2).numel() == 251

@@ -79,8 +79,9 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
             f"unpack_bits: {count} codes of {bits} bits need {packed_size(count, bits)} bytes, "
             f"the packed data holds {packed.numel()}; the data is truncated or count is wrong."
         )
+    packed = packed[: packed_size(count, bits)]  # only the bytes that hold the codes asked for
     if bits == 8:
-        return packed[:count].clone()
+        return packed.clone()
     if 8 % bits == 0:
         return _unpack_aligned(packed, bits)[:count]
     return _unpack_words(packed, bits)[:count]
