@@ -16,7 +16,7 @@ import math
 import os
 import struct
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -37,8 +37,10 @@ __all__ = [
     "fsync_directory",
     "load_tensors",
     "read_json",
+    "in_safetensors_order",
     "read_checked_header",
     "read_header",
+    "safetensors_header",
     "save_tensors",
 ]
 
@@ -73,6 +75,15 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 ITEMSIZES = {name: dtype.itemsize for name, dtype in TORCH_DTYPES.items()}
+
+#: safetensors writes a file's tensors by dtype, in the reverse order of its ``Dtype`` enum (widest
+#: first), then by name.
+_WRITE_RANK = {
+    name: rank
+    for rank, name in enumerate(
+        ("U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E8M0", "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL")
+    )
+}
 
 _FIX = "Re-download or re-save it."
 
@@ -346,6 +357,31 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` to ``path`` as indented JSON, atomically; it is serialised before anything is written."""
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def safetensors_header(layout: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str] | None = None) -> bytes:
+    """The bytes before the data of a safetensors file holding ``layout`` ((name, dtype, shape) in
+    file order) and ``metadata``: the 8-byte length, then the JSON header padded with spaces to 8 bytes."""
+    header, offset = {}, 0
+    if metadata is not None:
+        header["__metadata__"] = dict(metadata)
+    for name, dtype, shape in layout:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def in_safetensors_order(layout: Iterable[tuple[str, torch.dtype, tuple[int, ...]]]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """``layout`` in the order ``safetensors.torch.save`` writes its tensors, so a file written
+    tensor by tensor in this order is byte for byte the one it writes."""
+    layout = list(layout)
+    unknown = sorted({DTYPE_NAMES[dtype] for _, dtype, _ in layout} - set(_WRITE_RANK))
+    if unknown:
+        raise HfGraftError(f"Tensors of dtype {unknown} cannot be written tensor by tensor; save them with save_tensors.")
+    return sorted(layout, key=lambda entry: (_WRITE_RANK[DTYPE_NAMES[entry[1]]], entry[0]))
 
 
 def fsync_directory(path: str | os.PathLike) -> None:

@@ -23,7 +23,7 @@ import torch
 
 from .errors import HfGraftError
 from .references import checked_reference
-from .safetensors_io import DTYPE_NAMES, ITEMSIZES, TORCH_DTYPES, atomic_path, read_header
+from .safetensors_io import ITEMSIZES, TORCH_DTYPES, atomic_path, read_header, safetensors_header
 
 __all__ = ["INDEX_NAME", "SINGLE_NAME", "Checkpoint", "iter_rows", "meta_model", "stored_name", "write_shard"]
 
@@ -187,17 +187,8 @@ def write_shard(
     against its entry, written and dropped. The file appears at ``path`` only once complete.
     """
     layout = list(layout)
-    header, offset = {}, 0
-    if metadata is not None:
-        header["__metadata__"] = dict(metadata)
-    for name, dtype, shape in layout:
-        size = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes with spaces
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        handle.write(len(raw).to_bytes(8, "little") + raw)
+        handle.write(safetensors_header(layout, metadata))
         for name, dtype, shape in layout:
             tensor = produce(name)
             if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):

@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from peft import PeftModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_graft.skillpack as sp
@@ -71,6 +71,29 @@ def test_read_skillpack_matches_what_peft_loads(base, pack_dir):
     peft_loaded = PeftModel.from_pretrained(copy.deepcopy(base), pack_dir).eval()
     with torch.no_grad():
         assert torch.equal(ours(IDS).logits, peft_loaded(IDS).logits)
+
+
+def test_weights_are_written_payload_by_payload_as_safetensors_writes_them(pack_dir, tmp_path):
+    pack = sp.read_skillpack(pack_dir)
+    stored = pack.tensors()
+    assert len(stored) == sum(len(parts) for parts in pack.deltas.values()) > 5
+    written = (pack_dir / WEIGHTS).read_bytes()
+    assert written == save(dict(stored), metadata={"format": "pt"})
+    assert stored.file_bytes({"format": "pt"}) == len(written)
+    pack.save_pretrained(tmp_path)
+    assert (tmp_path / WEIGHTS).read_bytes() == written
+
+
+def test_tensors_are_written_in_safetensors_order_for_every_dtype(tmp_path):
+    from hf_graft.safetensors_io import in_safetensors_order
+    from hf_graft.sharded import write_shard
+
+    dtypes = [torch.uint8, torch.int8, torch.bool, torch.float16, torch.bfloat16, torch.int16, torch.float32, torch.int32, torch.int64, torch.float64]
+    generator = torch.Generator().manual_seed(0)
+    tensors = {f"t{i % 3}.{name}": torch.randn(2, i + 1, generator=generator).to(dtype) for i, (name, dtype) in enumerate(zip("qwertyuiop", dtypes))}
+    layout = in_safetensors_order((name, t.dtype, tuple(t.shape)) for name, t in tensors.items())
+    write_shard(tmp_path / "t.safetensors", layout, tensors.__getitem__, {"format": "pt", "note": "é"})
+    assert (tmp_path / "t.safetensors").read_bytes() == save(tensors, metadata={"format": "pt", "note": "é"})
 
 
 def test_load_skillpack_adds_a_second_pack_by_name(base, pack_dir):

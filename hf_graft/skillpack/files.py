@@ -14,19 +14,22 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
-from peft import PeftModel
+import torch
 from huggingface_hub import HfApi, ModelCard
-from peft import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+from peft import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftModel
 from torch import nn
 
 from ..errors import HfGraftError
 from ..hub import SKILLPACK_TAGS, write_skillpack_card
-from ..safetensors_io import load_tensors
+from ..safetensors_io import in_safetensors_order, load_tensors, safetensors_header
+from ..sharded import write_shard
 from .compress import CompressedDelta, stored_layout
 from .config import LOADING_OPTIONS, SkillPackConfig
 from .config_file import read_config_data
@@ -38,6 +41,7 @@ __all__ = [
     "WEIGHTS_NAME",
     "SkillPackCardMixin",
     "SkillPackFile",
+    "StoredTensors",
     "attach",
     "load_skillpack",
     "pack_of",
@@ -48,6 +52,9 @@ __all__ = [
     "tensor_key",
 ]
 
+#: The metadata peft writes into ``adapter_model.safetensors``.
+WEIGHTS_METADATA = {"format": "pt"}
+
 def saved_config_text(config: SkillPackConfig, model_class: Optional[type] = None) -> str:
     """``adapter_config.json`` exactly as ``PeftModel.save_pretrained`` writes it for a base of ``model_class``."""
     probe = copy.deepcopy(config)
@@ -56,6 +63,41 @@ def saved_config_text(config: SkillPackConfig, model_class: Optional[type] = Non
     if probe.task_type is None and model_class is not None:  # peft records the base class of custom models
         auto_mapping = {"base_model_class": model_class.__name__, "parent_library": model_class.__module__}
     return probe.to_json_text(auto_mapping)
+
+
+class StoredTensors(Mapping):
+    """The tensors a pack's weights file stores, by key: each payload is made when it is read, so
+    hashing or writing a pack holds one payload at a time beside the pack itself."""
+
+    def __init__(self, deltas: Mapping[str, Mapping[str, CompressedDelta]]):
+        self._sources = {
+            tensor_key(module, name): (delta, part, name, value)
+            for module, parts in deltas.items()
+            for part, delta in parts.items()
+            for name, value in stored_layout(part, delta.meta).items()
+        }
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        delta, part, name, _ = self._sources[key]
+        return delta.to_tensors(part)[name]
+
+    def __iter__(self):
+        return iter(self._sources)
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def layout(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """``(key, dtype, shape)`` of every tensor, in the order safetensors writes them."""
+        return in_safetensors_order((key, dtype, tuple(shape)) for key, (*_, (shape, dtype)) in self._sources.items())
+
+    def file_bytes(self, metadata: Mapping[str, str]) -> int:
+        """Bytes of the safetensors file of these tensors and ``metadata``."""
+        return len(safetensors_header(self.layout(), metadata)) + sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in self.layout())
+
+    def save(self, path: str | os.PathLike, metadata: Mapping[str, str]) -> None:
+        """Write them to ``path`` (atomically), one payload at a time: the bytes ``safetensors.torch.save`` writes."""
+        write_shard(path, self.layout(), self.__getitem__, dict(metadata))
 
 
 @dataclass(frozen=True)
@@ -70,14 +112,9 @@ class SkillPackFile:
         """Bytes of the stored tensors."""
         return sum(delta.nbytes for parts in self.deltas.values() for delta in parts.values())
 
-    def tensors(self) -> dict[str, Any]:
-        """The stored tensors under their keys in ``adapter_model.safetensors``."""
-        return {
-            tensor_key(module, name): tensor
-            for module, parts in self.deltas.items()
-            for part, delta in parts.items()
-            for name, tensor in delta.to_tensors(part).items()
-        }
+    def tensors(self) -> StoredTensors:
+        """The stored tensors under their keys in ``adapter_model.safetensors``, each made when read."""
+        return StoredTensors(self.deltas)
 
     @property
     def digest(self) -> str:
@@ -91,9 +128,7 @@ class SkillPackFile:
         ``model_class`` (the loaded model's class), byte for byte, so ``PeftModel.from_pretrained``
         reads them; no base model is needed.
         """
-        from safetensors.torch import save
-
-        from ..safetensors_io import atomic_write_bytes, atomic_write_text
+        from ..safetensors_io import atomic_write_text
 
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
@@ -101,7 +136,7 @@ class SkillPackFile:
         os.makedirs(save_directory, exist_ok=True)
         tensors = self.tensors()
         self.config.tensor_digest = pack_digest(self.config.module_specs, self.config.tied_modules, tensors)
-        atomic_write_bytes(os.path.join(save_directory, WEIGHTS_NAME), save(tensors, metadata={"format": "pt"}))
+        tensors.save(os.path.join(save_directory, WEIGHTS_NAME), metadata=WEIGHTS_METADATA)
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), saved_config_text(self.config, model_class))
         write_skillpack_card(self, save_directory)
 

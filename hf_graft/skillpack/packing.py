@@ -24,7 +24,7 @@ from .allocation import OMIT, Candidate, CandidateLadder, measure_candidates, se
 from .calibrate import compress_with_statistics
 from .compress import CompressedDelta, compress_delta
 from .config import SkillPackConfig
-from .files import SkillPackFile, saved_config_text
+from .files import WEIGHTS_METADATA, SkillPackFile, saved_config_text
 from .integrity import DIGEST_PREFIX, pack_digest
 from .objective import ModuleStatistics, squared_norm
 from .rowwise import DeltaRows, compress_rows, is_large, measure_rows, squared_error
@@ -190,16 +190,14 @@ def _fixed_overhead(config: SkillPackConfig, bf16_bytes: int, model_class: Optio
         "delta_bf16_bytes": bf16_bytes, "stored_bytes": bf16_bytes, "compression_ratio": 1e6 + 0.01,
         "relative_error": 0.1234, "omitted": [], "distill_loss": [0.12345, 0.12345], "module_errors": {},
     }
-    header_frame = 8 + len(json.dumps({"__metadata__": {"format": "pt"}})) + 8
+    header_frame = 8 + len(json.dumps({"__metadata__": WEIGHTS_METADATA})) + 8
     return len(saved_config_text(probe, model_class).encode()) + header_frame + 256
 
 
 def _record_file_bytes(pack: SkillPackFile, bf16_bytes: int, model_class: Optional[type]) -> None:
     """Set the pack's ``stored_bytes`` (its two files, exactly as saved) and ratio in its config."""
-    from safetensors.torch import save
-
     tensors = pack.tensors()
-    weights = len(save(tensors, metadata={"format": "pt"}))
+    weights = tensors.file_bytes(WEIGHTS_METADATA)
     pack.config.tensor_digest = pack_digest(pack.config.module_specs, pack.config.tied_modules, tensors)
     measured = pack.config.measured
     for _ in range(3):  # the figures are part of the config they measure: settle their digits
