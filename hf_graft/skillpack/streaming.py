@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import HfGraftError
+from ..process_memory import release_freed_memory
 from ..safetensors_io import atomic_write_json, load_tensors, save_tensors
 from ..sharded import Checkpoint, iter_rows, meta_model, stored_name
 from .compress import CompressedDelta
@@ -185,6 +186,7 @@ def extract_from_checkpoints(
                 journal.measured[key] = measure(key, delta, None, config, conv1d=conv1d(key))
             journal.seen.add(key)
             del delta
+            release_freed_memory()
         journal.save()
     journal.gather()
     measured = {key: journal.measured[key] for key in deltas.keys if key in journal.measured}
@@ -206,6 +208,7 @@ def extract_from_checkpoints(
             block[key] = packed = compress(key, delta, kept[key], None, conv1d=conv1d(key))
             errors[key] = delta_error_sq(delta, packed, conv1d=conv1d(key))
             del delta
+            release_freed_memory()
         journal.save_block(index, block, errors)
     journal.gather()
     compressed = {key: journal.compressed[key] for key in deltas.keys if key in journal.compressed}
