@@ -211,7 +211,8 @@ def extract_from_checkpoints(
             release_freed_memory()
         journal.save_block(index, block, errors)
     journal.gather()
-    compressed = {key: journal.compressed[key] for key in deltas.keys if key in journal.compressed}
+    recorded = journal.all_compressed()
+    compressed = {key: recorded[key] for key in deltas.keys if key in recorded}
     modules = {key.rsplit(".", 1)[0] for key in compressed}
     fingerprint = fingerprint_of((name, (journal.samples[f"{name}.weight"], deltas.shape(f"{name}.weight"))) for name in modules)
     pack = assemble(
@@ -237,7 +238,8 @@ class Journal:
 
     ``seen`` deltas have been read (``measured`` holds the non-zero ones' candidates, ``samples``
     every base weight's fingerprint sample); ``kept`` is the chosen spec per delta once chosen;
-    ``blocks`` are the indices of compressed decoder blocks, whose deltas are in ``compressed``.
+    ``blocks`` are the indices of compressed decoder blocks, whose deltas stay in their block files
+    until :meth:`all_compressed` reads them back (in memory only without ``output_dir``).
     Each of several processes keeps its own record (``journal-<rank>-of-<count>.json``) of the
     blocks it does; :meth:`gather` reads the others' once they are done.
     """
@@ -252,6 +254,7 @@ class Journal:
         self.compressed: dict[str, CompressedDelta] = {}
         self.errors_sq: dict[str, float] = {}
         self._block_entries: dict[str, dict] = {}
+        self._on_disk: dict[int, dict] = {}  # recorded blocks whose deltas are in their files only
         self.output_dir = self.folder = None
         if output_dir is None:
             return
@@ -293,12 +296,19 @@ class Journal:
         for index, block in data["blocks"].items():
             if int(index) in self.blocks:
                 continue
-            tensors, _ = load_tensors(os.path.join(self.folder, _block_name(int(index))))
+            self.errors_sq.update((key, float(entry["error_sq"])) for key, entry in block.items())
+            self.blocks.add(int(index))
+            self._on_disk[int(index)] = block
+
+    def all_compressed(self) -> dict[str, CompressedDelta]:
+        """Every compressed delta recorded, read back from the block files (kept on disk till now)."""
+        for index, block in sorted(self._on_disk.items()):
+            tensors, _ = load_tensors(os.path.join(self.folder, _block_name(index)))
             for key, entry in block.items():
                 name, part = key.rsplit(".", 1)
                 self.compressed[key] = CompressedDelta.from_tensors(part, {part: tensors[tensor_key(name, part)]}, entry["meta"])
-                self.errors_sq[key] = float(entry["error_sq"])
-            self.blocks.add(int(index))
+        self._on_disk = {}
+        return self.compressed
 
     def gather(self) -> None:
         """Wait for every process, then take in what the others recorded; return once every process
@@ -329,11 +339,12 @@ class Journal:
         )
 
     def save_block(self, index: int, block: dict[str, CompressedDelta], errors: dict[str, float]) -> None:
-        """Record one compressed block: its stored tensors in a file of its own, then the journal."""
-        self.compressed.update(block)
+        """Record one compressed block: its stored tensors in a file of its own (read back by
+        :meth:`all_compressed`, so memory does not grow with the pack), then the journal."""
         self.errors_sq.update(errors)
         self.blocks.add(index)
         if self.folder is None:
+            self.compressed.update(block)
             return
         tensors = {}
         for key, packed in block.items():
@@ -342,6 +353,7 @@ class Journal:
         save_tensors(tensors, os.path.join(self.folder, _block_name(index)))
         entries = {key: {"meta": packed.meta, "error_sq": errors[key]} for key, packed in block.items()}
         self._block_entries = {**self._block_entries, str(index): entries}
+        self._on_disk[index] = entries
         self.save()
 
     def finish(self, pack: SkillPackFile, model_class: type) -> None:
@@ -349,6 +361,7 @@ class Journal:
         the folder into place; the others wait for it."""
         if self.folder is None:
             return
+        self.wait()  # every process has read the blocks back (all_compressed) before they are removed
         if self.rank == 0:
             for name in os.listdir(self.folder):
                 os.unlink(os.path.join(self.folder, name))
