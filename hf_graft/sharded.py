@@ -16,6 +16,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
@@ -184,16 +185,23 @@ def write_shard(
     """Write a safetensors file of the tensors in ``layout`` (name, dtype, shape), made one at a time.
 
     The header is written first from ``layout``; then each tensor is ``produce(name)``, checked
-    against its entry, written and dropped. The file appears at ``path`` only once complete.
+    against its entry, written and dropped. ``produce`` runs in one worker thread, in layout
+    order, making the next tensor while this one is written (two tensors in memory at most).
+    The file appears at ``path`` only once complete.
     """
     layout = list(layout)
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle, ThreadPoolExecutor(1, thread_name_prefix="write_shard") as worker:
         handle.write(safetensors_header(layout, metadata))
-        for name, dtype, shape in layout:
-            tensor = produce(name)
+        upcoming = worker.submit(produce, layout[0][0]) if layout else None
+        for position, (name, dtype, shape) in enumerate(layout):
+            tensor = upcoming.result()
+            upcoming = worker.submit(produce, layout[position + 1][0]) if position + 1 < len(layout) else None
             if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+                if upcoming is not None:
+                    upcoming.cancel()
                 raise HfGraftError(f"write_shard: {name} came out {tensor.dtype} {tuple(tensor.shape)}, its header says {dtype} {tuple(shape)}.")
             handle.write(memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+            del tensor
 
 
 def meta_model(folder: str):
