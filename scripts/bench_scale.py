@@ -13,7 +13,7 @@
    - ``apply``: ``merge_into_checkpoint`` shard by shard, against ``copy`` (the checkpoint's
      files copied) and ``load`` (``from_pretrained`` of the base in bf16).
    ``--skip-in-memory`` leaves out the run that loads both models (it needs ~4x the checkpoint
-   bytes of RAM).
+   bytes of RAM); ``--apply-only`` runs the merges alone, on the pack an earlier run left.
 3. Throughput of the per-matrix work on one MLP matrix of the shape: randomized SVD and GPTQ at
    4 bits, on the CPU and, when present, the GPU.
 
@@ -22,6 +22,7 @@ Writes ``scale.json``, ``scale.md`` and ``scale.png`` (memory over time per run)
     python scripts/bench_scale.py --shape small --out bench_results/scale-small    # minutes
     python scripts/bench_scale.py --out bench_results/scale                        # Llama-3.2-1B shape
     python scripts/bench_scale.py --shape llama-3-8b --skip-in-memory --out bench_results/scale-8b
+    python scripts/bench_scale.py --apply-only --out bench_results/scale                   # merge runs only
 """
 
 import os
@@ -189,6 +190,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench_results/scale")
     parser.add_argument("--ratio", type=float, default=16.0)
     parser.add_argument("--skip-in-memory", action="store_true", help="leave out the run that loads both models")
+    parser.add_argument("--apply-only", action="store_true", help="only the apply, copy and load runs, on the pack a previous run left in --out")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -204,10 +206,12 @@ def main() -> None:
     paths = write_pair(args.shape, os.path.join(args.out, "checkpoints"))
     checkpoint_gib = sum(Checkpoint(paths[s]).file_bytes() for s in ("base", "tuned")) / 2**30
     runs = []
-    modes = ["streaming"] if args.skip_in_memory else ["in-memory", "streaming"]
+    modes = [] if args.apply_only else ["streaming"] if args.skip_in_memory else ["in-memory", "streaming"]
+    if args.apply_only and not os.path.isfile(os.path.join(args.out, "pack-streaming", "adapter_config.json")):
+        raise SystemExit(f"--apply-only needs the pack of an earlier run in {args.out}/pack-streaming.")
     for mode in modes:
         runs.append(measured_run(mode, paths, os.path.join(args.out, f"pack-{mode}"), args.ratio))
-    if not args.skip_in_memory:
+    if "in-memory" in modes:
         same = all(
             open(os.path.join(args.out, f"pack-{m}", name), "rb").read() == open(os.path.join(args.out, "pack-streaming", name), "rb").read()
             for m in ("in-memory",) for name in ("adapter_config.json", "adapter_model.safetensors")
@@ -222,7 +226,7 @@ def main() -> None:
         shutil.rmtree(os.path.join(args.out, f"out-{mode}"), ignore_errors=True)
     by_mode = {run["mode"]: run for run in runs}
     ratios = {
-        "streaming_over_in_memory_time": round(by_mode["streaming"]["seconds"] / by_mode["in-memory"]["seconds"], 3) if "in-memory" in by_mode else None,
+        "streaming_over_in_memory_time": round(by_mode["streaming"]["seconds"] / by_mode["in-memory"]["seconds"], 3) if "in-memory" in by_mode and "streaming" in by_mode else None,
         "apply_over_copy_time": round(by_mode["apply"]["seconds"] / by_mode["copy"]["seconds"], 3),
         "apply_over_load_time": round(by_mode["apply"]["seconds"] / by_mode["load"]["seconds"], 3),
     }
