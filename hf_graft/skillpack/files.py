@@ -55,6 +55,7 @@ __all__ = [
 #: The metadata peft writes into ``adapter_model.safetensors``.
 WEIGHTS_METADATA = {"format": "pt"}
 
+
 def saved_config_text(config: SkillPackConfig, model_class: Optional[type] = None) -> str:
     """``adapter_config.json`` exactly as ``PeftModel.save_pretrained`` writes it for a base of ``model_class``."""
     probe = copy.deepcopy(config)
@@ -93,7 +94,8 @@ class StoredTensors(Mapping):
 
     def file_bytes(self, metadata: Mapping[str, str]) -> int:
         """Bytes of the safetensors file of these tensors and ``metadata``."""
-        return len(safetensors_header(self.layout(), metadata)) + sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in self.layout())
+        layout = self.layout()
+        return len(safetensors_header(layout, metadata)) + sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in layout)
 
     def save(self, path: str | os.PathLike, metadata: Mapping[str, str]) -> None:
         """Write them to ``path`` (atomically), one payload at a time: the bytes ``safetensors.torch.save`` writes."""
