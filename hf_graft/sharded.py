@@ -205,13 +205,17 @@ def write_shard(
 
 
 def meta_model(folder: str):
-    """The model of ``folder``'s config on the meta device: its modules, no weights."""
+    """The model of ``folder``'s config with its parameters on the meta device: its modules and
+    buffers (rotary frequencies, masks), no weights."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         config = AutoConfig.from_pretrained(folder)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config)
+        model.tie_weights()  # the meta parameters are new objects: tie them again, outside the patch
+        return model
     except (OSError, ValueError, KeyError) as error:
         raise HfGraftError(f"Cannot build the model of {folder}'s config.json for its structure: {error}") from None
 

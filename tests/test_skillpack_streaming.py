@@ -154,8 +154,8 @@ def test_streaming_refusals(llama_pair, tmp_path):
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(HfGraftError, match="not empty"):
         sp.extract_skillpack(str(base), str(tuned), CONFIG, calibration=None, output_dir=tmp_path / "full")
-    with pytest.raises(HfGraftError, match="data-free"):
-        sp.extract_skillpack(str(base), str(tuned), CONFIG, output_dir=tmp_path / "o")
+    with pytest.raises(HfGraftError, match="calibration must be"):
+        sp.extract_skillpack(str(base), str(tuned), CONFIG, calibration="wikitext", output_dir=tmp_path / "o")
     with pytest.raises(HfGraftError, match="same weights"):
         sp.extract_skillpack(str(base), str(base), CONFIG, calibration=None)
     if not torch.cuda.is_available():

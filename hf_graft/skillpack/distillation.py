@@ -27,7 +27,7 @@ from .compress import CompressedDelta
 from .prune import SparseDelta
 from .quantize import MixedPrecisionFactor, QuantizedMatrix
 
-__all__ = ["distill_scales"]
+__all__ = ["distill_block", "distill_scales"]
 
 #: Teacher distributions are kept in memory up to this many bytes; beyond, the tuned model is rerun.
 TEACHER_CACHE_BYTES = 256 << 20
@@ -132,34 +132,28 @@ def distill_scales(
     if missing:
         raise HfGraftError(f"The base model has no parameter {missing[0]!r} to distill a delta for.")
     trainables = {name: _Trainable(delta) for name, delta in deltas.items()}
-    offsets = [offset for trainable in trainables.values() for offset in trainable.offsets]
-    optimizer = torch.optim.Adam(offsets, lr=learning_rate)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     inputs = [dict(batch) if isinstance(batch, Mapping) else {"input_ids": batch} for batch in batches]
     teacher = _teacher(tuned, inputs)
-    losses = []
+
+    def loss_of(step: int) -> torch.Tensor:
+        index = step % len(inputs)
+        batch = inputs[index]
+        target = teacher[index] if teacher is not None else _log_probs(tuned, batch)
+        replaced = {
+            name: (parameters[name].detach().float() + trainable.delta()).to(parameters[name].dtype)
+            for name, trainable in trainables.items()
+        }
+        model_inputs = {key: value for key, value in batch.items() if key != "labels"}
+        logits = torch.func.functional_call(base, replaced, args=(), kwargs=model_inputs).logits.float()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        per_position = torch.nn.functional.kl_div(log_probs, target, log_target=True, reduction="none").sum(-1)
+        mask = _positions(batch)
+        return (per_position * mask).sum() / mask.sum().clamp_min(1)
+
     was_training = base.training
     base.eval()
     try:
-        for step in tqdm(range(steps), desc="Distilling SkillPack scales", disable=not progress):
-            index = step % len(inputs)
-            batch = inputs[index]
-            target = teacher[index] if teacher is not None else _log_probs(tuned, batch)
-            replaced = {
-                name: (parameters[name].detach().float() + trainable.delta()).to(parameters[name].dtype)
-                for name, trainable in trainables.items()
-            }
-            model_inputs = {key: value for key, value in batch.items() if key != "labels"}
-            logits = torch.func.functional_call(base, replaced, args=(), kwargs=model_inputs).logits.float()
-            log_probs = torch.log_softmax(logits, dim=-1)
-            per_position = torch.nn.functional.kl_div(log_probs, target, log_target=True, reduction="none").sum(-1)
-            mask = _positions(batch)
-            loss = (per_position * mask).sum() / mask.sum().clamp_min(1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
+        losses = _train(trainables, loss_of, steps, learning_rate, progress, "Distilling SkillPack scales")
     finally:
         base.train(was_training)
     return {name: trainable.stored() for name, trainable in trainables.items()}, losses
@@ -197,3 +191,67 @@ def _teacher(tuned: nn.Module, inputs: list) -> list | None:
     finally:
         tuned.train(was_training)
 
+
+
+def distill_block(
+    block: nn.Module,
+    base_parameters: Mapping[str, torch.Tensor],
+    deltas: Mapping[str, CompressedDelta],
+    inputs: Sequence[tuple[torch.Tensor, tuple, dict]],
+    targets: Sequence[torch.Tensor],
+    *,
+    steps: int = 200,
+    learning_rate: float = 2e-3,
+    progress: bool = True,
+) -> tuple[dict[str, CompressedDelta], list[float]]:
+    """Train the continuous values of one decoder block's ``deltas`` so its outputs match ``targets``.
+
+    ``deltas`` and ``base_parameters`` are keyed by the block's own parameter names; ``inputs[i]``
+    is ``(hidden_states, args, kwargs)`` of calibration batch ``i`` as the block is called, and
+    ``targets[i]`` the tuned model's hidden states after the block. The loss is the squared error
+    relative to the targets' energy, one batch per step (Adam, cosine decay), as
+    :func:`distill_scales` trains. ``block`` is not modified.
+    """
+    if steps < 1:
+        raise HfGraftError(f"distill_block needs steps >= 1, got {steps}.")
+    if not inputs or len(inputs) != len(targets):
+        raise HfGraftError("distill_block needs one target per calibration batch.")
+    missing = sorted(name for name in deltas if name not in base_parameters)
+    if missing:
+        raise HfGraftError(f"The block has no parameter {missing[0]!r} to distill a delta for.")
+    trainables = {name: _Trainable(delta) for name, delta in deltas.items()}
+
+    def loss_of(step: int) -> torch.Tensor:
+        hidden, args, kwargs = inputs[step % len(inputs)]
+        target = targets[step % len(inputs)]
+        replaced = {
+            name: base_parameters[name].detach().float() + trainable.delta().to(base_parameters[name].device)
+            for name, trainable in trainables.items()
+        }
+        output = torch.func.functional_call(block, replaced, args=(hidden, *args), kwargs=kwargs)
+        output = output[0] if isinstance(output, tuple) else output
+        return (output.float() - target).square().sum() / target.square().sum().clamp_min(1e-30)
+
+    was_training = block.training
+    block.eval()
+    try:
+        losses = _train(trainables, loss_of, steps, learning_rate, progress, "Distilling the block's scales")
+    finally:
+        block.train(was_training)
+    return {name: trainable.stored() for name, trainable in trainables.items()}, losses
+
+
+def _train(trainables: Mapping[str, _Trainable], loss_of, steps: int, learning_rate: float, progress: bool, description: str) -> list[float]:
+    """``steps`` steps of Adam (cosine decay) on the trainables' offsets; ``loss_of(step)`` gives each step's loss."""
+    offsets = [offset for trainable in trainables.values() for offset in trainable.offsets]
+    optimizer = torch.optim.Adam(offsets, lr=learning_rate)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    losses = []
+    for step in tqdm(range(steps), desc=description, disable=not progress):
+        loss = loss_of(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+    return losses

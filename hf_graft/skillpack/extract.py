@@ -122,7 +122,7 @@ def _delta_source(base_model: nn.Module, tuned: Tuned) -> tuple[dict, nn.Module,
     return weight_deltas(base_model, tuned), tuned, base_model
 
 
-def _calibration_batches(calibration: Iterable[Any], limit: int) -> tuple[list, int]:
+def limited_batches(calibration: Iterable[Any], limit: int) -> tuple[list, int]:
     """The calibration batches, cut to ``limit`` sequences when it is positive, and their sequence count."""
     batches, count = [], 0
     for batch in calibration:
@@ -144,10 +144,13 @@ def _calibration_batches(calibration: Iterable[Any], limit: int) -> tuple[list, 
     return batches, count
 
 
-def _default_batches(model: nn.Module, tokenizer, samples: int) -> Optional[list]:
-    """Windows of the embedded corpus, tokenized with ``tokenizer`` or the one saved beside the base model."""
+def default_batches(model: Union[nn.Module, str], tokenizer, samples: int) -> Optional[list]:
+    """Windows of the embedded corpus, tokenized with ``tokenizer`` or the one saved beside the base
+    model (``model`` loaded, or its folder)."""
     if tokenizer is None:
-        source = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+        source = model if isinstance(model, str) else (
+            getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+        )
         if source and os.path.isdir(str(source)):
             from transformers import AutoTokenizer
 
@@ -245,15 +248,18 @@ def extract_skillpack(
 
     ``device``: where the compression runs (``"auto"``: the GPU when there is one). ``base_model``
     and ``tuned`` may instead be checkpoint folders or Hub ids: the checkpoints are then read
-    tensor by tensor and neither model is loaded, the pack is data-free (``calibration=None``)
-    and is written to ``output_dir`` resumably
+    tensor by tensor and neither model is loaded: a calibrated pack is then made with the model
+    run one decoder block at a time (:mod:`~hf_graft.skillpack.sequential`), a data-free one
+    (``calibration=None``) delta by delta, and either is written to ``output_dir`` resumably
     (:func:`~hf_graft.skillpack.streaming.extract_from_checkpoints`); a
     :class:`~hf_graft.skillpack.files.SkillPackFile` is returned.
     """
     if isinstance(base_model, (str, os.PathLike)):
         from .streaming import extract_from_checkpoints
 
-        return extract_from_checkpoints(base_model, tuned, config, calibration=calibration, output_dir=output_dir, device=device, progress=progress)
+        return extract_from_checkpoints(
+            base_model, tuned, config, calibration=calibration, tokenizer=tokenizer, output_dir=output_dir, device=device, progress=progress,
+        )
     if output_dir is not None:
         raise HfGraftError("output_dir is for extraction from checkpoint folders; call save_pretrained on the returned model.")
     config = copy.deepcopy(config) if config is not None else SkillPackConfig()
@@ -263,10 +269,10 @@ def extract_skillpack(
     if isinstance(calibration, str):
         if calibration != "pydoc":
             raise HfGraftError(f"calibration must be 'pydoc', batches of input_ids or None, got {calibration!r}.")
-        calibration = _default_batches(clean_base, tokenizer, config.calibration_samples)
+        calibration = default_batches(clean_base, tokenizer, config.calibration_samples)
     batches = None
     if calibration is not None:
-        batches, config.calibration_samples = _calibration_batches(calibration, config.calibration_samples)
+        batches, config.calibration_samples = limited_batches(calibration, config.calibration_samples)
     else:
         config.calibration_samples = 0
     config.base_model_name_or_path = config.base_model_name_or_path or getattr(clean_base, "name_or_path", None) or None

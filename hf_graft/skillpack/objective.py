@@ -22,6 +22,7 @@ Frobenius error.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..errors import HfGraftError
 
-__all__ = ["ModuleStatistics", "collect_statistics", "squared_norm"]
+__all__ = ["ModuleStatistics", "StatisticsRecorder", "collect_statistics", "squared_norm"]
 
 #: Tokens the calibration never shows still get this share of the mean token frequency, so an
 #: embedding row the calibration misses is cheap to lose but never free.
@@ -120,6 +121,69 @@ class ModuleStatistics:
         return cls(torch.ones(cols, device=device), torch.ones(rows, device=device), transposed)
 
 
+class StatisticsRecorder:
+    """Gathers :class:`ModuleStatistics` of named 2-D modules through hooks, over forward and backward passes.
+
+    While :meth:`recording`, every forward of a module adds its inputs' second moment (for an
+    embedding, its token counts) and every backward through its output adds the squared output
+    gradients; :meth:`statistics` averages them over the tokens seen.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module]):
+        self.modules = {name: module.get_base_layer() if isinstance(module, BaseTunerLayer) else module for name, module in modules.items()}
+        for name, module in self.modules.items():
+            if not isinstance(module, (nn.Linear, Conv1D, nn.Embedding)):
+                raise HfGraftError(f"Calibration statistics are for linear and embedding modules, not {name} ({type(module).__name__}).")
+        self.sums: dict[str, dict[str, torch.Tensor]] = {}
+        self.counts = dict.fromkeys(self.modules, 0)
+
+    def _add(self, name: str, key: str, value: torch.Tensor) -> None:
+        slot = self.sums.setdefault(name, {})
+        slot[key] = slot[key] + value if key in slot else value
+
+    def _hook(self, name: str, module: nn.Module):
+        def hook(_, args, output):
+            inputs = args[0]
+            if isinstance(module, nn.Embedding):
+                ids = inputs.reshape(-1)
+                self._add(name, "tokens", torch.bincount(ids.cpu(), minlength=module.num_embeddings).double())
+            else:
+                flat = inputs.detach().reshape(-1, inputs.shape[-1]).double()
+                self._add(name, "inputs", (flat.T @ flat).cpu())
+            self.counts[name] += inputs.reshape(-1, inputs.shape[-1]).shape[0] if not isinstance(module, nn.Embedding) else inputs.numel()
+            if not output.requires_grad:
+                output.requires_grad_(True)
+            output.register_hook(lambda grad: self._add(name, "gradients", grad.detach().reshape(-1, grad.shape[-1]).double().square().sum(0).cpu()))
+        return hook
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Hooks on every module while the block runs."""
+        handles = [module.register_forward_hook(self._hook(name, module)) for name, module in self.modules.items()]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def statistics(self) -> dict[str, ModuleStatistics]:
+        """Each module's statistics over what was recorded."""
+        statistics = {}
+        for name, module in self.modules.items():
+            found = self.sums.get(name, {})
+            if "gradients" not in found or not self.counts[name]:
+                raise HfGraftError(f"Calibration: module {name!r} received no input; is it used in forward?")
+            tokens = self.counts[name]
+            gradients = (found["gradients"] / tokens).float()
+            if isinstance(module, nn.Embedding):
+                frequency = (found["tokens"] / tokens).float()
+                frequency = frequency + TOKEN_FLOOR * float(frequency.mean())
+                statistics[name] = ModuleStatistics(gradients, frequency)
+            else:
+                statistics[name] = ModuleStatistics((found["inputs"] / tokens).float(), gradients, isinstance(module, Conv1D))
+        return statistics
+
+
 def collect_statistics(
     model: nn.Module,
     modules: Mapping[str, nn.Module],
@@ -135,41 +199,15 @@ def collect_statistics(
     """
     if not batches:
         raise HfGraftError("The calibration set is empty: give at least one batch of input_ids.")
-    sums: dict[str, dict[str, torch.Tensor]] = {}
-    counts = dict.fromkeys(modules, 0)
+    recorder = StatisticsRecorder(modules)
     handles = []
-
-    def add(name: str, key: str, value: torch.Tensor) -> None:
-        slot = sums.setdefault(name, {})
-        slot[key] = slot[key] + value if key in slot else value
-
-    def forward_hook(name: str, module: nn.Module):
-        def hook(_, args, output):
-            inputs = args[0]
-            if isinstance(module, nn.Embedding):
-                ids = inputs.reshape(-1)
-                add(name, "tokens", torch.bincount(ids.cpu(), minlength=module.num_embeddings).double())
-            else:
-                flat = inputs.detach().reshape(-1, inputs.shape[-1]).double()
-                add(name, "inputs", (flat.T @ flat).cpu())
-            counts[name] += inputs.reshape(-1, inputs.shape[-1]).shape[0] if not isinstance(module, nn.Embedding) else inputs.numel()
-            if not output.requires_grad:
-                output.requires_grad_(True)
-            output.register_hook(lambda grad: add(name, "gradients", grad.detach().reshape(-1, grad.shape[-1]).double().square().sum(0).cpu()))
-        return hook
-
-    modules = {name: module.get_base_layer() if isinstance(module, BaseTunerLayer) else module for name, module in modules.items()}
     embeddings = model.get_input_embeddings()
     if embeddings is not None:  # gradients must flow from the first layer on, whichever modules are measured
         handles.append(embeddings.register_forward_hook(lambda _, args, output: output.requires_grad_(True) if not output.requires_grad else None))
-    for name, module in modules.items():
-        if not isinstance(module, (nn.Linear, Conv1D, nn.Embedding)):
-            raise HfGraftError(f"Calibration statistics are for linear and embedding modules, not {name} ({type(module).__name__}).")
-        handles.append(module.register_forward_hook(forward_hook(name, module)))
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), recorder.recording():
             for batch in tqdm(batches, desc="Measuring what each module's output costs", disable=not progress):
                 inputs = dict(batch) if isinstance(batch, Mapping) else {"input_ids": batch}
                 if "labels" not in inputs:
@@ -182,17 +220,4 @@ def collect_statistics(
             handle.remove()
         model.train(was_training)
         model.zero_grad(set_to_none=True)
-    statistics = {}
-    for name, module in modules.items():
-        found = sums.get(name, {})
-        if "gradients" not in found or not counts[name]:
-            raise HfGraftError(f"Calibration: module {name!r} received no input; is it used in forward?")
-        tokens = counts[name]
-        gradients = (found["gradients"] / tokens).float()
-        if isinstance(module, nn.Embedding):
-            frequency = (found["tokens"] / tokens).float()
-            frequency = frequency + TOKEN_FLOOR * float(frequency.mean())
-            statistics[name] = ModuleStatistics(gradients, frequency)
-        else:
-            statistics[name] = ModuleStatistics((found["inputs"] / tokens).float(), gradients, isinstance(module, Conv1D))
-    return statistics
+    return recorder.statistics()

@@ -31,11 +31,12 @@ from ..safetensors_io import atomic_write_json, load_tensors, save_tensors
 from ..sharded import Checkpoint, iter_rows, meta_model, stored_name
 from .compress import CompressedDelta
 from .config import SkillPackConfig
-from .extract import block_groups
+from .extract import block_groups, default_batches, limited_batches
 from .files import SkillPackFile, tensor_key
 from .model import fingerprint_of, fingerprint_stride, layer_class, sign_bytes, tied_partners
 from .packing import BF16_BYTES, Delta, Measurement, assemble, choose, compress, delta_error_sq, measure, resolve_device
 from .rowwise import DeltaRows, is_large
+from .sequential import extract_sequential
 
 __all__ = ["CheckpointDeltas", "Journal", "extract_from_checkpoints"]
 
@@ -128,14 +129,22 @@ class CheckpointDeltas:
                    for rows in iter_rows(shape[0], row * 4, CHUNK_BYTES)]
         return sign_bytes(torch.cat(samples))
 
-    def inputs_digest(self, config: SkillPackConfig, device: torch.device, processes: int = 1) -> str:
+    def inputs_digest(self, config: SkillPackConfig, device: torch.device, processes: int = 1, batches: Optional[list] = None) -> str:
         """What a journal must match to be resumed: both checkpoints' files and layout, the config, the
-        device and the number of processes sharing the work."""
+        device, the number of processes sharing the work and the calibration batches."""
         files = {
             side: [(shard, os.path.getsize(os.path.join(c.folder, shard)), os.stat(os.path.join(c.folder, shard)).st_mtime_ns) for shard in c.shards]
             for side, c in (("base", self.base), ("tuned", self.tuned))
         }
-        text = json.dumps({"files": files, "keys": self.files, "config": config.to_json_text(), "device": device.type, "processes": processes}, sort_keys=True)
+        described = {"files": files, "keys": self.files, "config": config.to_json_text(), "device": device.type, "processes": processes}
+        if batches is not None:
+            calibration = hashlib.sha256()
+            for batch in batches:
+                for name in sorted(batch):
+                    calibration.update(f"{name}{tuple(batch[name].shape)}".encode())
+                    calibration.update(batch[name].contiguous().cpu().numpy().tobytes())
+            described["calibration"] = calibration.hexdigest()
+        text = json.dumps(described, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -145,6 +154,7 @@ def extract_from_checkpoints(
     config: Optional[SkillPackConfig] = None,
     *,
     calibration: Any = None,
+    tokenizer=None,
     output_dir: Optional[Reference] = None,
     device: Union[str, torch.device] = "auto",
     progress: bool = True,
@@ -154,26 +164,29 @@ def extract_from_checkpoints(
     """Compress ``tuned - base`` into a SkillPack, reading both checkpoints one tensor at a time.
 
     ``base`` and ``tuned`` are model folders or Hub ids of the same architecture (safetensors,
-    single file or sharded). The pack is data-free (each delta compressed for its Frobenius
-    error), so ``calibration`` must be ``None``. ``device`` runs the compression on ``"cuda"``,
-    ``"cpu"`` or, with ``"auto"``, the GPU when there is one. With ``output_dir`` the pack is
-    written there, resumably (see the module's docs); the pack is returned either way.
+    single file or sharded). With ``calibration=None`` the pack is data-free (each delta
+    compressed for its Frobenius error); with calibration batches (``input_ids`` tensors or dicts
+    with ``attention_mask``), or ``"pydoc"`` (text tokenized with ``tokenizer`` or the base
+    folder's own), it
+    is calibrated with the model run one decoder block at a time (:mod:`.sequential`), in one
+    process. ``device`` runs the compression on ``"cuda"``, ``"cpu"`` or, with ``"auto"``, the
+    GPU when there is one. With ``output_dir`` the pack is written there, resumably (see the
+    module's docs); the pack is returned either way.
     """
-    if calibration is not None:
-        raise HfGraftError(
-            "Extraction from checkpoint folders is data-free: pass calibration=None, "
-            "or load both models and pass them for a calibrated pack."
-        )
     config = copy.deepcopy(config) if config is not None else SkillPackConfig()
-    config.calibration_samples = 0
     device = resolve_device(device)
     deltas = CheckpointDeltas(base, tuned, revision=revision, token=token)
     config.base_model_name_or_path = config.base_model_name_or_path or deltas.base.reference
+    batches = _calibration(calibration, tokenizer, deltas, config)
     rank, processes, wait = _processes()
     if processes > 1 and output_dir is None:
         raise HfGraftError("Extraction over several processes needs output_dir: the processes share their work through it.")
-    digest = deltas.inputs_digest(config, device, processes)
+    if processes > 1 and batches is not None:
+        raise HfGraftError("Calibrated extraction from checkpoints runs block after block, in one process: launch it without accelerate.")
+    digest = deltas.inputs_digest(config, device, processes, batches)
     journal = Journal(output_dir, digest, rank=rank, processes=processes, wait=wait)
+    if batches is not None:
+        return _extract_calibrated(deltas, config, batches, journal, device, progress)
     mine = lambda index: index % processes == rank  # noqa: E731
     conv1d = lambda key: key.rsplit(".", 1)[0] in deltas.conv1d  # noqa: E731
     groups = block_groups(deltas.keys)
@@ -223,6 +236,42 @@ def extract_from_checkpoints(
     return pack
 
 
+def _calibration(calibration: Any, tokenizer, deltas: CheckpointDeltas, config: SkillPackConfig) -> Optional[list]:
+    """The calibration batches as dicts (``config.calibration_samples`` set to their count), or ``None``."""
+    if isinstance(calibration, str):
+        if calibration != "pydoc":
+            raise HfGraftError(f"calibration must be 'pydoc', batches of input_ids or None, got {calibration!r}.")
+        calibration = default_batches(deltas.base.folder, tokenizer, config.calibration_samples)
+    if calibration is None:
+        config.calibration_samples = 0
+        return None
+    batches, config.calibration_samples = limited_batches(calibration, config.calibration_samples)
+    return [dict(batch) if isinstance(batch, dict) else {"input_ids": batch} for batch in batches]
+
+
+def _extract_calibrated(deltas: CheckpointDeltas, config: SkillPackConfig, batches: list, journal: Journal, device, progress: bool) -> SkillPackFile:
+    """A calibrated pack, the model run one block at a time (:func:`~.sequential.extract_sequential`)."""
+    model_class = type(deltas.skeleton)
+
+    def chosen(measured: dict) -> dict:
+        if journal.kept is None:
+            bf16_bytes = sum(math.prod(deltas.shape(key)) * BF16_BYTES for key in measured)
+            journal.kept = choose(measured, config, bf16_bytes, model_class)
+            journal.save()
+        return journal.kept
+
+    measured, compressed, losses = extract_sequential(deltas, config, batches, journal, chosen, device=device, progress=progress)
+    bf16_bytes = sum(math.prod(deltas.shape(key)) * BF16_BYTES for key in measured)
+    modules = {key.rsplit(".", 1)[0] for key in compressed}
+    fingerprint = fingerprint_of((name, (journal.samples[f"{name}.weight"], deltas.shape(f"{name}.weight"))) for name in modules)
+    pack = assemble(
+        config, compressed, measured, journal.errors_sq, bf16_bytes=bf16_bytes, model_class=model_class,
+        tied_modules=deltas.tied, fingerprint=fingerprint, distill_losses=losses,
+    )
+    journal.finish(pack, model_class)
+    return pack
+
+
 def _processes():
     """``(index, count, barrier)`` of this process among those ``accelerate launch`` (or torchrun) started."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -255,6 +304,7 @@ class Journal:
         self.errors_sq: dict[str, float] = {}
         self._block_entries: dict[str, dict] = {}
         self._on_disk: dict[int, dict] = {}  # recorded blocks whose deltas are in their files only
+        self.stages: dict[str, set[int]] = {}  # block-by-block calibration: the stages of each phase done
         self.output_dir = self.folder = None
         if output_dir is None:
             return
@@ -293,6 +343,7 @@ class Journal:
         if own:
             self.kept = data["kept"]
             self._block_entries = data["blocks"]
+            self.stages = {phase: set(stages) for phase, stages in data.get("stages", {}).items()}
         for index, block in data["blocks"].items():
             if int(index) in self.blocks:
                 continue
@@ -335,6 +386,7 @@ class Journal:
                 "samples": {key: value.hex() for key, value in self.samples.items()},
                 "kept": self.kept,
                 "blocks": self._block_entries,
+                "stages": {phase: sorted(stages) for phase, stages in self.stages.items()},
             },
         )
 
@@ -354,6 +406,11 @@ class Journal:
         entries = {key: {"meta": packed.meta, "error_sq": errors[key]} for key, packed in block.items()}
         self._block_entries = {**self._block_entries, str(index): entries}
         self._on_disk[index] = entries
+        self.save()
+
+    def record_stage(self, phase: str, stage: int) -> None:
+        """Record that ``stage`` of a block-by-block ``phase`` (:mod:`.sequential`) is done."""
+        self.stages.setdefault(phase, set()).add(stage)
         self.save()
 
     def finish(self, pack: SkillPackFile, model_class: type) -> None:

@@ -1,0 +1,566 @@
+"""Calibrated SkillPacks from checkpoints larger than memory: the model run one decoder block at a time.
+
+As GPTQ's and llm-compressor's sequential mode do, the calibration batches go through the model
+block by block: a block's weights are read from the checkpoints, the hidden states entering it
+are run through it, and its weights are dropped again. Only the embeddings (while the inputs are
+embedded), one block, the head (at the end) and the calibration set's hidden states are ever in
+memory; the hidden states between blocks are kept on disk.
+
+:func:`extract_sequential` makes three sweeps over the blocks:
+
+1. **Forward** through the tuned model, keeping every block's inputs.
+2. **Backward** from the next-token loss, block by block from the head down, each block run
+   again on its kept inputs: each module's input second moment ``H`` and output sensitivity ``f``
+   are recorded exactly as :func:`~.objective.collect_statistics` records them on a loaded model,
+   and every candidate format of the block's deltas is measured under them. With every block
+   measured, one format per delta is chosen to fit the budget, as for loaded models.
+3. **Compress**, from the embeddings up, carrying two streams of hidden states: the tuned
+   model's, and that of the base with every earlier block's compressed deltas. Each block's
+   ``H`` is measured again on the compressed stream (earlier errors are compensated, not
+   compounded; ``f`` stays the tuned model's), its deltas are compressed with GPTQ, and their
+   stored scales, zeros and fp16 values are distilled for ``config.distill_steps`` steps so the
+   block's outputs on the compressed stream match the tuned model's
+   (:func:`~.distillation.distill_block`).
+
+With a journal every stage of every sweep is recorded as it finishes, beside the hidden states
+after it, so a killed run resumes at the block where it stopped and makes the same pack.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from typing import Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
+
+from ..errors import HfGraftError
+from ..process_memory import release_freed_memory
+from ..safetensors_io import load_tensors, save_tensors
+from ..sharded import stored_name
+from .compress import CompressedDelta
+from .config import SkillPackConfig
+from .distillation import distill_block
+from .objective import ModuleStatistics, StatisticsRecorder
+from .packing import Measurement, compress, delta_error_sq, measure
+from .rowwise import DeltaRows
+
+__all__ = ["BlockwiseModel", "extract_sequential"]
+
+Source = Callable[[str], torch.Tensor]
+
+
+class _Caught(Exception):
+    """Raised by :class:`_Catcher` to stop the forward pass at the first decoder block."""
+
+
+class _Catcher(nn.Module):
+    """Stands in for the first decoder block: records how it is called, then stops the model."""
+
+    def __init__(self, keep_graph: bool):
+        super().__init__()
+        self.keep_graph = keep_graph
+        self.calls: list[tuple[torch.Tensor, tuple, dict]] = []
+
+    def forward(self, hidden_states, *args, **kwargs):
+        kwargs = {key: value for key, value in kwargs.items() if key not in ("past_key_values", "past_key_value", "layer_past")}
+        self.calls.append((hidden_states if self.keep_graph else hidden_states.detach(), args, kwargs))
+        raise _Caught
+
+
+class BlockwiseModel:
+    """The causal LM of a pair of checkpoints, run one part at a time.
+
+    ``deltas`` (:class:`~.streaming.CheckpointDeltas`) gives both checkpoints and the model's
+    structure (its config, parameters on the meta device). :meth:`load` reads a part's parameters
+    in float32 onto ``device``, :meth:`drop` puts them back on the meta device. The parts are
+    what runs before the decoder blocks, each block, the modules between the last block and the
+    head (``tail``), and the head.
+    """
+
+    def __init__(self, deltas, device: torch.device):
+        self.deltas, self.device = deltas, device
+        self.model = deltas.skeleton
+        self.prefix = getattr(self.model, "base_model_prefix", "")
+        self.layers_name, self.layers = _decoder_layers(self.model)
+        parent_name = self.layers_name.rpartition(".")[0]
+        parent = self.model.get_submodule(parent_name)
+        first = {}
+        for name, parameter in self.model.named_parameters(remove_duplicate=False):
+            first.setdefault(id(parameter), name)
+        self.canonical = {name: first[id(parameter)] for name, parameter in self.model.named_parameters(remove_duplicate=False)}
+        head = self.model.get_output_embeddings()
+        self.head_name = next((name for name, module in self.model.named_modules() if module is head), None)
+        if self.head_name is None:
+            raise HfGraftError(f"{type(self.model).__name__} has no output embeddings: block-by-block calibration is for causal LMs.")
+        self.before: list[str] = []  # the parts with weights that run before the first block
+        self.tail: list[str] = []  # those the last block's output goes through before the head
+        seen_layers = False
+        for name, child in parent.named_children():
+            if child is self.layers:
+                seen_layers = True
+            elif any(True for _ in child.parameters()):
+                (self.tail if seen_layers else self.before).append(f"{parent_name}.{name}" if parent_name else name)
+
+    def block_name(self, index: int) -> str:
+        return f"{self.layers_name}.{index}"
+
+    def stage_of(self, key: str) -> int:
+        """``key``'s stage: 0 before the blocks, ``i + 1`` for block ``i``, ``len(layers) + 1`` for the tail and head."""
+        prefix = f"{self.layers_name}."
+        if key.startswith(prefix):
+            return int(key[len(prefix):].split(".", 1)[0]) + 1
+        return len(self.layers) + 1 if key.rsplit(".", 1)[0] in self._after else 0
+
+    @functools.cached_property
+    def _after(self) -> set[str]:
+        names = set()
+        for part in (*self.tail, self.head_name):
+            names |= {f"{part}.{sub}" if sub else part for sub, _ in self.model.get_submodule(part).named_modules()}
+        return names
+
+    def module(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name)
+
+    def read(self, side: str, name: str) -> torch.Tensor:
+        """The parameter ``name`` of the base or the tuned checkpoint, in float32 on the device."""
+        name = self.canonical.get(name, name)
+        checkpoint = self.deltas.base if side == "base" else self.deltas.tuned
+        stored = self.deltas.files.get(name) or stored_name(name, checkpoint, self.prefix)
+        if stored is None:
+            raise HfGraftError(f"{checkpoint.reference} holds no tensor for {name}.")
+        return checkpoint.read(stored).to(self.device, torch.float32)
+
+    def load(self, names: Iterable[str], source: Source) -> None:
+        """Set every parameter of the modules ``names`` to ``source(its name)``."""
+        for module_name in names:
+            module = self.module(module_name)
+            for local, _ in list(module.named_parameters(remove_duplicate=False)):
+                _set(module, local, nn.Parameter(source(self.canonical[f"{module_name}.{local}"]), requires_grad=False))
+
+    def drop(self, names: Iterable[str]) -> None:
+        """Put the modules' parameters back on the meta device."""
+        for module_name in names:
+            module = self.module(module_name)
+            for local, parameter in list(module.named_parameters(remove_duplicate=False)):
+                _set(module, local, nn.Parameter(torch.empty(parameter.shape, dtype=parameter.dtype, device="meta"), requires_grad=False))
+        release_freed_memory()
+
+    def embed(self, batches: Sequence[dict], *, keep_graph: bool = False, counts: Optional[dict] = None) -> list:
+        """``(hidden_states, args, kwargs)`` entering the first block, per batch (the parts before
+        it loaded); ``counts`` (if given) gets each embedding's index counts."""
+        handles = []
+        if counts is not None:
+            for name in self.before:
+                for sub, module in self.module(name).named_modules():
+                    if isinstance(module, nn.Embedding):
+                        handles.append(module.register_forward_hook(_counter(counts, f"{name}.{sub}" if sub else name, module.num_embeddings)))
+        catcher, first = _Catcher(keep_graph), self.layers[0]
+        self.layers[0] = catcher
+        try:
+            with torch.set_grad_enabled(keep_graph):
+                for batch in batches:
+                    try:
+                        self.model(**{key: value.to(self.device) for key, value in batch.items() if key != "labels"}, use_cache=False)
+                    except _Caught:
+                        continue
+                    raise HfGraftError(f"{type(self.model).__name__} never called its first decoder block.")
+        finally:
+            self.layers[0] = first
+            for handle in handles:
+                handle.remove()
+        return catcher.calls
+
+    def embedded(self, batches: Sequence[dict], source: Source, counts: Optional[dict] = None) -> list:
+        """:meth:`embed` with the parts before the blocks loaded from ``source`` for the call."""
+        self.load(self.before, source)
+        try:
+            return self.embed(batches, counts=counts)
+        finally:
+            self.drop(self.before)
+
+    def run_block(self, index: int, calls: Sequence[tuple], hidden: Sequence[torch.Tensor], hessians: Optional[dict] = None) -> list:
+        """Block ``index`` (loaded) over each batch's ``hidden`` states; ``hessians`` (module
+        name -> :class:`_Hessian`) gather their modules' input second moments on the way."""
+        handles = [] if hessians is None else [self.module(name).register_forward_pre_hook(h) for name, h in hessians.items()]
+        try:
+            with torch.no_grad():
+                return [_output(self.layers[index](states, *args, **kwargs)).float() for states, (_, args, kwargs) in zip(hidden, calls)]
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def through_tail(self, states: torch.Tensor) -> torch.Tensor:
+        """``states`` after the last block through the tail (loaded): the head's inputs."""
+        for name in self.tail:
+            states = _output(self.module(name)(states))
+        return states
+
+
+def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's decoder blocks: its longest ``ModuleList`` of modules of one class."""
+    best = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and len({type(child) for child in module}) == 1:
+            if best is None or len(module) > len(best[1]):
+                best = (name, module)
+    if best is None or "." not in best[0]:
+        raise HfGraftError(f"{type(model).__name__} has no list of decoder blocks inside its base model to calibrate one by one.")
+    return best
+
+
+def _set(module: nn.Module, local: str, parameter: nn.Parameter) -> None:
+    owner, _, leaf = local.rpartition(".")
+    setattr(module.get_submodule(owner) if owner else module, leaf, parameter)
+
+
+def _output(result):
+    return result[0] if isinstance(result, tuple) else result
+
+
+def _counter(counts: dict, name: str, size: int):
+    def hook(_, args, output):
+        ids = args[0].reshape(-1).cpu()
+        counts[name] = counts.get(name, 0) + torch.bincount(ids, minlength=size).double()
+    return hook
+
+
+class _Hessian:
+    """Accumulates ``E[x x^T]`` of one module's inputs (float64) as a forward pre-hook."""
+
+    def __init__(self, width: int, device: torch.device):
+        self.sum = torch.zeros(width, width, dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    def __call__(self, module, args):
+        flat = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+        self.sum.addmm_(flat.T, flat)
+        self.tokens += flat.shape[0]
+
+    def value(self, name: str) -> torch.Tensor:
+        if not self.tokens:
+            raise HfGraftError(f"Calibration: module {name!r} received no input; is it used in forward?")
+        return (self.sum / self.tokens).float()
+
+
+class _States:
+    """Per-batch hidden states (or their gradients), one file per phase and stage."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def path(self, phase: str, stage: int) -> str:
+        return os.path.join(self.folder, f"states-{phase}-{stage:05d}.safetensors")
+
+    def save(self, phase: str, stage: int, streams: dict[str, list[torch.Tensor]]) -> None:
+        tensors = {f"{name}.{i}": states.detach().cpu().contiguous() for name, batches in streams.items() for i, states in enumerate(batches)}
+        save_tensors(tensors, self.path(phase, stage))
+
+    def load(self, phase: str, stage: int, device: torch.device) -> dict[str, list[torch.Tensor]]:
+        path = self.path(phase, stage)
+        if not os.path.isfile(path):
+            raise HfGraftError(f"{self.folder} lacks {os.path.basename(path)}; delete the partial folder to start again.")
+        tensors, _ = load_tensors(path)
+        streams: dict[str, list] = {}
+        for name in sorted(tensors, key=lambda n: (n.rsplit(".", 1)[0], int(n.rsplit(".", 1)[1]))):
+            streams.setdefault(name.rsplit(".", 1)[0], []).append(tensors[name].to(device))
+        return streams
+
+    def remove(self, phase: str, stage: int) -> None:
+        if os.path.isfile(self.path(phase, stage)):
+            os.unlink(self.path(phase, stage))
+
+
+def _labels(batch: dict) -> torch.Tensor:
+    """Next-token targets as :func:`~.objective.collect_statistics` takes them (padding ignored)."""
+    if "labels" in batch:
+        return batch["labels"]
+    mask = batch.get("attention_mask")
+    return batch["input_ids"] if mask is None else batch["input_ids"].masked_fill(mask == 0, -100)
+
+
+def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The mean next-token cross-entropy, as transformers' causal LMs compute it."""
+    targets = labels[:, 1:].reshape(-1).to(logits.device)
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets, ignore_index=-100)
+
+
+def extract_sequential(
+    deltas,
+    config: SkillPackConfig,
+    batches: Sequence[dict],
+    journal,
+    choose: Callable[[dict], dict],
+    *,
+    device: torch.device,
+    progress: bool = True,
+) -> tuple[dict[str, Measurement], dict[str, CompressedDelta], list[float]]:
+    """``(measured, compressed, distill losses)`` of a calibrated pack, made block by block (module docs).
+
+    ``deltas`` is a :class:`~.streaming.CheckpointDeltas`, ``batches`` dicts of ``input_ids`` (and
+    ``attention_mask``), ``journal`` a :class:`~.streaming.Journal` (one process; with a folder,
+    the hidden states are kept there and the work resumes), ``choose(measured)`` the chosen spec
+    per kept delta.
+    """
+    with tempfile.TemporaryDirectory(prefix="skillpack-states-") as scratch:
+        run = _Run(BlockwiseModel(deltas, device), deltas, config, batches, journal, _States(journal.folder or scratch), progress)
+        run.forward()
+        run.backward()
+        measured = {key: journal.measured[key] for key in deltas.keys if key in journal.measured}
+        if not measured:
+            raise HfGraftError("The tuned checkpoint has the same weights as the base: there is no skill to extract.")
+        compressed, losses = run.compress(choose(measured))
+        return measured, compressed, losses
+
+
+class _Run:
+    """One block-by-block extraction: its three sweeps (module docs) and what they share."""
+
+    def __init__(self, model: BlockwiseModel, deltas, config: SkillPackConfig, batches, journal, states: _States, progress: bool):
+        self.model, self.deltas, self.config, self.batches = model, deltas, config, batches
+        self.journal, self.states, self.progress, self.device = journal, states, progress, model.device
+        self.last = len(model.layers) + 1  # the tail's and head's stage
+        self.keys_of: list[list[str]] = [[] for _ in range(self.last + 1)]
+        for key in deltas.keys:
+            self.keys_of[model.stage_of(key)].append(key)
+        self.tied = {source: head for head, source in deltas.tied.items()}  # embedding -> the head sharing it
+        self.counts: dict[str, torch.Tensor] = {}
+        self.calls = model.embedded(batches, self.tuned, self.counts)
+        self.statistics = self._load_statistics()  # of the tuned model: row weights, and all of the embeddings' and head's
+
+    def tuned(self, name: str) -> torch.Tensor:
+        return self.model.read("tuned", name)
+
+    def base(self, name: str) -> torch.Tensor:
+        return self.model.read("base", name)
+
+    def conv1d(self, key: str) -> bool:
+        return key.rsplit(".", 1)[0] in self.deltas.conv1d
+
+    def done(self, phase: str) -> set:
+        return self.journal.stages.get(phase, set())
+
+    def _record(self, phase: str, stage: int, streams: dict) -> None:
+        self.states.save(phase, stage, streams)
+        self.journal.record_stage(phase, stage)
+
+    def _weights(self, stage: int) -> list[str]:
+        """The stage's 2-D linear modules with a delta."""
+        names = [key.rsplit(".", 1)[0] for key in self.keys_of[stage] if key.endswith(".weight")]
+        return [name for name in names if isinstance(self.model.module(name), (nn.Linear, Conv1D))]
+
+    # --- sweep 1 ------------------------------------------------------------------------------
+
+    def forward(self) -> None:
+        """The tuned model's hidden states entering every block and the tail, kept on disk."""
+        done = self.done("input")
+        if self.last in done:
+            return
+        start = max(done) if done else 1
+        hidden = self.states.load("input", start, self.device)["tuned"] if done else [states for states, _, _ in self.calls]
+        if not done:
+            self._record("input", 1, {"tuned": hidden})
+        for stage in tqdm(range(start, self.last), desc="Running the tuned model", unit="block", disable=not self.progress):
+            block = [self.model.block_name(stage - 1)]
+            self.model.load(block, self.tuned)
+            hidden = self.model.run_block(stage - 1, self.calls, hidden)
+            self.model.drop(block)
+            self._record("input", stage + 1, {"tuned": hidden})
+
+    # --- sweep 2 ------------------------------------------------------------------------------
+
+    def backward(self) -> None:
+        """From the head down: each stage's statistics, and its deltas measured under them."""
+        done = self.done("measure")
+        if 0 in done:
+            return
+        gradients = self.states.load("measure", min(done), self.device)["gradients"] if done else None
+        for stage in tqdm(range(self.last, -1, -1), desc="Measuring SkillPack candidates", unit="block", disable=not self.progress):
+            if stage in done:
+                continue
+            found, gradients = self._backward(stage, gradients)
+            for name, stats in found.items():
+                self.statistics[name] = stats
+            self._measure(self.keys_of[stage], {name: self._combined(name, stats) for name, stats in found.items()})
+            self._save_statistics()
+            self._record("measure", stage, {"gradients": gradients or []})
+            self.states.remove("measure", stage + 1)
+            self.states.remove("input", stage + 1)
+
+    def _backward(self, stage: int, gradients) -> tuple[dict, Optional[list]]:
+        """The stage's modules' statistics, and the loss's gradients at the stage's inputs."""
+        model = self.model
+        if stage == 0:
+            recorder = StatisticsRecorder({name: model.module(name) for name in self.counts})
+            model.load(model.before, self.tuned)
+            try:
+                with recorder.recording():
+                    for (states, _, _), gradient in zip(model.embed(self.batches, keep_graph=True), gradients):
+                        states.backward(gradient)
+            finally:
+                model.drop(model.before)
+            return recorder.statistics(), None
+        hidden = self.states.load("input", stage, self.device)["tuned"]
+        if stage == self.last:
+            parts = [*model.tail, model.head_name]
+            recorder = StatisticsRecorder({model.head_name: model.module(model.head_name)})
+            run = lambda states, index: _loss(model.module(model.head_name)(model.through_tail(states)), _labels(self.batches[index])).backward()  # noqa: E731
+        else:
+            parts = [model.block_name(stage - 1)]
+            recorder = StatisticsRecorder({name: model.module(name) for name in self._weights(stage)})
+            layer = model.layers[stage - 1]
+
+            def run(states, index):
+                _, args, kwargs = self.calls[index]
+                _output(layer(states, *args, **kwargs)).backward(gradients[index])
+
+        model.load(parts, self.tuned)
+        results = []
+        try:
+            with torch.enable_grad(), recorder.recording():
+                for index, states in enumerate(hidden):
+                    states = states.detach().requires_grad_(True)
+                    run(states, index)
+                    results.append(states.grad)
+        finally:
+            model.drop(parts)
+        return recorder.statistics(), results
+
+    def _combined(self, name: str, stats: ModuleStatistics) -> ModuleStatistics:
+        """A tied embedding's statistics: measured through the head too (as for loaded models)."""
+        head = self.statistics.get(self.model.head_name)
+        if name in self.tied and head is not None:
+            return ModuleStatistics(head.hessian, head.row_weights, also=(stats,))
+        return stats
+
+    def _measure(self, keys: Iterable[str], statistics: dict) -> None:
+        journal = self.journal
+        for key in keys:
+            delta, journal.samples[key] = self.deltas.delta(key, self.device), self.deltas.sample(key)
+            if delta.any_nonzero() if isinstance(delta, DeltaRows) else torch.count_nonzero(delta):
+                stats = statistics.get(key.rsplit(".", 1)[0]) if key.endswith(".weight") else None
+                journal.measured[key] = measure(key, delta, stats, self.config, conv1d=self.conv1d(key))
+            journal.seen.add(key)
+            del delta
+            release_freed_memory()
+
+    def _whole(self, name: str) -> bool:
+        """Whether a module's statistics are kept whole (embeddings, head), not its row weights alone."""
+        return name == self.model.head_name or name in self.counts
+
+    def _save_statistics(self) -> None:
+        tensors = {}
+        for name, stats in self.statistics.items():
+            tensors[f"{name}.row_weights"] = stats.row_weights
+            if self._whole(name):
+                tensors[f"{name}.hessian"] = stats.hessian
+        save_tensors(tensors, os.path.join(self.states.folder, "statistics.safetensors"))
+
+    def _load_statistics(self) -> dict[str, ModuleStatistics]:
+        path = os.path.join(self.states.folder, "statistics.safetensors")
+        if not self.done("measure") or not os.path.isfile(path):
+            return {}
+        tensors, _ = load_tensors(path)
+        found = {}
+        for key, row_weights in tensors.items():
+            name, kind = key.rsplit(".", 1)
+            if kind == "row_weights":
+                hessian = tensors.get(f"{name}.hessian", torch.ones(1))
+                found[name] = ModuleStatistics(hessian.to(self.device), row_weights.to(self.device), isinstance(self.model.module(name), Conv1D))
+        return found
+
+    # --- sweep 3 ------------------------------------------------------------------------------
+
+    def compress(self, kept: dict) -> tuple[dict[str, CompressedDelta], list[float]]:
+        """Every kept delta compressed, block by block on the compressed stream (module docs)."""
+        model, journal = self.model, self.journal
+        compressed = dict(journal.all_compressed())
+
+        def packed(name: str) -> torch.Tensor:
+            base = self.base(name)
+            return base + compressed[name].delta().to(self.device) if name in compressed else base
+
+        losses: list[float] = []
+        if 0 in journal.blocks:
+            streams = self.states.load("compress", max(journal.blocks), self.device)
+        else:
+            keys = [key for key in self.keys_of[0] if key in kept]
+            block, errors = self._compress(keys, kept, {name: self._combined(name, s) for name, s in self.statistics.items() if name in self.counts})
+            compressed.update(block)
+            streams = {"tuned": [s for s, _, _ in self.calls], "compressed": [s for s, _, _ in model.embedded(self.batches, packed)]}
+            self.states.save("compress", 0, streams)
+            journal.save_block(0, block, errors)
+        for stage in tqdm(range(1, self.last + 1), desc="Compressing SkillPack deltas", unit="block", disable=not self.progress):
+            if stage in journal.blocks:
+                continue
+            keys = [key for key in self.keys_of[stage] if key in kept]
+            if stage == self.last:
+                model.load(model.tail, packed)
+                hessian = _Hessian(streams["compressed"][0].shape[-1], self.device)
+                with torch.no_grad():
+                    for states in streams["compressed"]:
+                        hessian(None, (model.through_tail(states),))
+                model.drop(model.tail)
+                statistics = {model.head_name: self._with_hessian(model.head_name, hessian.value(model.head_name))}
+                block, errors = self._compress(keys, kept, statistics)
+            else:
+                block, errors, streams, block_losses = self._compress_block(stage, keys, kept, streams, compressed, packed)
+                losses += block_losses
+            compressed.update(block)
+            self.states.save("compress", stage, streams)
+            journal.save_block(stage, block, errors)
+            self.states.remove("compress", stage - 1)
+        return {key: compressed[key] for key in self.deltas.keys if key in compressed}, losses
+
+    def _compress_block(self, stage: int, keys: list, kept: dict, streams: dict, compressed: dict, packed: Source):
+        model, index = self.model, stage - 1
+        block_name = [model.block_name(index)]
+        model.load(block_name, self.tuned)
+        hessians = {name: _Hessian(_width(model.module(name)), self.device) for name in self._weights(stage) if f"{name}.weight" in kept}
+        model.run_block(index, self.calls, streams["compressed"], hessians)
+        targets = model.run_block(index, self.calls, streams["tuned"])
+        statistics = {name: self._with_hessian(name, h.value(name)) for name, h in hessians.items()}
+        del hessians
+        block, errors = self._compress(keys, kept, statistics)
+        losses = []
+        if block and self.config.distill_steps:
+            model.load(block_name, self.base)
+            prefix = f"{block_name[0]}."
+            trained, losses = distill_block(
+                model.layers[index], dict(model.layers[index].named_parameters()),
+                {key[len(prefix):]: value for key, value in block.items()},
+                [(states, args, kwargs) for states, (_, args, kwargs) in zip(streams["compressed"], self.calls)], targets,
+                steps=self.config.distill_steps, learning_rate=self.config.distill_learning_rate, progress=False,
+            )
+            block = {f"{prefix}{name}": value for name, value in trained.items()}
+            errors = {key: delta_error_sq(self.deltas.delta(key, self.device), value, conv1d=self.conv1d(key)) for key, value in block.items()}
+        compressed.update(block)
+        model.load(block_name, packed)
+        streams = {"tuned": targets, "compressed": model.run_block(index, self.calls, streams["compressed"])}
+        model.drop(block_name)
+        return block, errors, streams, losses
+
+    def _with_hessian(self, name: str, hessian: torch.Tensor) -> ModuleStatistics:
+        """The tuned model's sensitivities of ``name`` with ``hessian`` measured on the compressed stream."""
+        tuned = self.statistics[name]
+        return ModuleStatistics(hessian, tuned.row_weights, tuned.transposed)
+
+    def _compress(self, keys: Iterable[str], kept: dict, statistics: dict) -> tuple[dict, dict]:
+        block, errors = {}, {}
+        for key in keys:
+            delta = self.deltas.delta(key, self.device)
+            stats = statistics.get(key.rsplit(".", 1)[0]) if key.endswith(".weight") else None
+            block[key] = packed = compress(key, delta, kept[key], stats, conv1d=self.conv1d(key))
+            errors[key] = delta_error_sq(delta, packed, conv1d=self.conv1d(key))
+            del delta
+            release_freed_memory()
+        return block, errors
+
+
+def _width(module: nn.Module) -> int:
+    return module.weight.shape[0] if isinstance(module, Conv1D) else module.in_features

@@ -1,0 +1,99 @@
+"""Calibrated SkillPacks made from checkpoint files one decoder block at a time: as good as in memory, resumable."""
+
+import copy
+import filecmp
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+import hf_graft.skillpack as sp
+import hf_graft.skillpack.sequential as sequential
+from hf_graft.errors import HfGraftError
+from test_skillpack_streaming import CONFIGS, FILES, _pair
+
+BATCHES = [torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+HELD_OUT = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(99))
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def pair(request, tmp_path_factory):
+    return _pair(tmp_path_factory.mktemp(request.param), request.param)
+
+
+def _kl(base, tuned, pack_dir) -> float:
+    """KL(tuned || base + pack) of next-token distributions on held-out inputs."""
+    model = PeftModel.from_pretrained(copy.deepcopy(base), str(pack_dir)) if pack_dir else base
+    with torch.no_grad():
+        target = torch.log_softmax(tuned(HELD_OUT).logits, -1)
+        found = torch.log_softmax(model(input_ids=HELD_OUT).logits, -1)
+    return float(torch.nn.functional.kl_div(found, target, log_target=True, reduction="batchmean"))
+
+
+@pytest.mark.parametrize("steps", [0, 20])
+def test_block_by_block_pack_is_as_good_as_the_in_memory_calibrated_pack(pair, tmp_path, steps):
+    base_dir, tuned_dir = pair
+    config = sp.SkillPackConfig(target_ratio=6.0, distill_steps=steps)
+    base, tuned = (AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32) for path in pair)
+    sp.extract_skillpack(str(base_dir), str(tuned_dir), config, calibration=BATCHES, output_dir=tmp_path / "blocks", progress=False)
+    sp.extract_skillpack(base, tuned, config, calibration=BATCHES, progress=False).save_pretrained(tmp_path / "memory")
+    sp.extract_skillpack(base, tuned, config, calibration=None, progress=False).save_pretrained(tmp_path / "free")
+    blocks, memory, free = (_kl(base, tuned, tmp_path / name) for name in ("blocks", "memory", "free"))
+    assert blocks < 0.9 * free < 0.9 * _kl(base, tuned, None)
+    assert blocks < 1.3 * memory
+    written = sp.read_skillpack(tmp_path / "blocks")
+    assert written.config.calibration_samples == 12
+    assert (written.config.measured["distill_loss"] is None) == (steps == 0)
+
+
+def test_block_by_block_measures_what_the_loaded_model_measures(tmp_path):
+    """With no compensation to tell them apart, both ways choose the same format for every delta."""
+    base_dir, tuned_dir = _pair(tmp_path, "llama-tied")
+    config = sp.SkillPackConfig(target_ratio=6.0, distill_steps=0)
+    base, tuned = (AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32) for path in (base_dir, tuned_dir))
+    blocks = sp.extract_skillpack(str(base_dir), str(tuned_dir), config, calibration=BATCHES, progress=False)
+    memory = sp.extract_skillpack(base, tuned, config, calibration=BATCHES, progress=False).peft_config["default"]
+    kinds = lambda specs: {name: {part: (s["kind"], s.get("rank"), s.get("bits")) for part, s in parts.items()} for name, parts in specs.items()}  # noqa: E731
+    assert kinds(blocks.config.module_specs) == kinds(memory.module_specs)
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("sweep", ["_backward", "_compress_block"])
+def test_a_killed_block_by_block_extraction_resumes_to_the_same_pack(tmp_path, monkeypatch, sweep):
+    base_dir, tuned_dir = _pair(tmp_path, "llama-tied")
+    config = sp.SkillPackConfig(target_ratio=6.0, distill_steps=5)
+    run = lambda out: sp.extract_skillpack(str(base_dir), str(tuned_dir), config, calibration=BATCHES, output_dir=out, progress=False)  # noqa: E731
+    run(tmp_path / "whole")
+    original, calls = getattr(sequential._Run, sweep), []
+
+    def dies_on_the_second(self, stage, *args, **kwargs):
+        calls.append(stage)
+        if len(calls) == 2:
+            raise _Killed
+        return original(self, stage, *args, **kwargs)
+
+    monkeypatch.setattr(sequential._Run, sweep, dies_on_the_second)
+    with pytest.raises(_Killed):
+        run(tmp_path / "resumed")
+    assert not (tmp_path / "resumed").exists() and (tmp_path / "resumed.partial" / "journal.json").exists()
+    redone = []
+    monkeypatch.setattr(sequential._Run, sweep, lambda self, stage, *a, **k: redone.append(stage) or original(self, stage, *a, **k))
+    run(tmp_path / "resumed")
+    assert all(filecmp.cmp(tmp_path / "whole" / name, tmp_path / "resumed" / name, shallow=False) for name in FILES)
+    assert not (tmp_path / "resumed.partial").exists()
+    assert calls[0] not in redone and calls[1] in redone  # the finished stage was kept, the killed one redone
+
+
+def test_block_by_block_refusals(tmp_path, monkeypatch):
+    base_dir, tuned_dir = _pair(tmp_path, "llama-tied")
+    config = sp.SkillPackConfig(target_ratio=6.0)
+    with pytest.raises(HfGraftError, match="non-empty LongTensors"):
+        sp.extract_skillpack(str(base_dir), str(tuned_dir), config, calibration=[torch.rand(2, 4)])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr("hf_graft.skillpack.streaming._processes", lambda: (0, 2, lambda: None))
+    with pytest.raises(HfGraftError, match="in one process"):
+        sp.extract_skillpack(str(base_dir), str(tuned_dir), config, calibration=BATCHES, output_dir=tmp_path / "p")
