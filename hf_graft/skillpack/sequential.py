@@ -485,7 +485,6 @@ class _Run:
             base = self.base(name)
             return base + compressed[name].delta().to(self.device) if name in compressed else base
 
-        losses: list[float] = []
         if 0 in journal.blocks:
             streams = self.states.load("compress", max(journal.blocks), self.device)
         else:
@@ -498,7 +497,7 @@ class _Run:
         for stage in tqdm(range(1, self.last + 1), desc="Compressing SkillPack deltas", unit="block", disable=not self.progress):
             if stage in journal.blocks:
                 continue
-            keys = [key for key in self.keys_of[stage] if key in kept]
+            keys, block_losses = [key for key in self.keys_of[stage] if key in kept], None
             if stage == self.last:
                 model.load(model.tail, packed)
                 hessian = _Hessian(streams["compressed"][0].shape[-1], self.device)
@@ -510,11 +509,11 @@ class _Run:
                 block, errors = self._compress(keys, kept, statistics)
             else:
                 block, errors, streams, block_losses = self._compress_block(stage, keys, kept, streams, compressed, packed)
-                losses += block_losses
             compressed.update(block)
             self.states.save("compress", stage, streams)
-            journal.save_block(stage, block, errors)
+            journal.save_block(stage, block, errors, block_losses)
             self.states.remove("compress", stage - 1)
+        losses = [loss for stage in sorted(journal.distill_losses) for loss in journal.distill_losses[stage]]
         return {key: compressed[key] for key in self.deltas.keys if key in compressed}, losses
 
     def _compress_block(self, stage: int, keys: list, kept: dict, streams: dict, compressed: dict, packed: Source):

@@ -305,6 +305,7 @@ class Journal:
         self._block_entries: dict[str, dict] = {}
         self._on_disk: dict[int, dict] = {}  # recorded blocks whose deltas are in their files only
         self.stages: dict[str, set[int]] = {}  # block-by-block calibration: the stages of each phase done
+        self.distill_losses: dict[int, list[float]] = {}  # and each block's distillation losses
         self.output_dir = self.folder = None
         if output_dir is None:
             return
@@ -344,6 +345,7 @@ class Journal:
             self.kept = data["kept"]
             self._block_entries = data["blocks"]
             self.stages = {phase: set(stages) for phase, stages in data.get("stages", {}).items()}
+            self.distill_losses = {int(index): losses for index, losses in data.get("distill_losses", {}).items()}
         for index, block in data["blocks"].items():
             if int(index) in self.blocks:
                 continue
@@ -387,13 +389,17 @@ class Journal:
                 "kept": self.kept,
                 "blocks": self._block_entries,
                 "stages": {phase: sorted(stages) for phase, stages in self.stages.items()},
+                "distill_losses": {str(index): losses for index, losses in self.distill_losses.items()},
             },
         )
 
-    def save_block(self, index: int, block: dict[str, CompressedDelta], errors: dict[str, float]) -> None:
+    def save_block(self, index: int, block: dict[str, CompressedDelta], errors: dict[str, float], losses: Optional[list] = None) -> None:
         """Record one compressed block: its stored tensors in a file of its own (read back by
-        :meth:`all_compressed`, so memory does not grow with the pack), then the journal."""
+        :meth:`all_compressed`, so memory does not grow with the pack), then the journal (with the
+        block's distillation ``losses``, if any)."""
         self.errors_sq.update(errors)
+        if losses:
+            self.distill_losses[index] = list(losses)
         self.blocks.add(index)
         if self.folder is None:
             self.compressed.update(block)
