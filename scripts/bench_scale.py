@@ -36,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -48,6 +49,8 @@ SHAPES = {
                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
 }
 SHARD_BYTES = 1 << 30
+CALIBRATION_SEQUENCES, CALIBRATION_LENGTH = 32, 128
+DISTILL_STEPS = 50
 TOP_DIRECTIONS = 64  # power-law part of each delta
 TAIL_SHARE = 0.3  # share of each delta's energy in its full-rank tail
 
@@ -109,20 +112,31 @@ def _tensor_pair(dims, generator, *, is_norm: bool):
     return base.bfloat16(), (base + delta).bfloat16()
 
 
+def token_batches(vocab: int, sequences: int, seed: int) -> list:
+    """Random token sequences (the synthetic pair has no tokenizer or text), 8 per batch."""
+    ids = torch.randint(0, vocab, (sequences, CALIBRATION_LENGTH), generator=torch.Generator().manual_seed(seed))
+    return list(ids.split(8))
+
+
 def worker(mode: str, paths: dict, out: str, ratio: float) -> dict:
     """One measured run, in this (child) process."""
     import hf_graft.skillpack as sp
     from hf_graft.skillpack.checkpoint_merge import merge_into_checkpoint
 
-    config = sp.SkillPackConfig(target_ratio=ratio)
+    calibrated = mode in ("in-memory-calibrated", "block-by-block")
+    config = sp.SkillPackConfig(target_ratio=ratio, calibration_samples=CALIBRATION_SEQUENCES, distill_steps=DISTILL_STEPS)
+    calibration = token_batches(paths["vocab"], CALIBRATION_SEQUENCES, 0) if calibrated else None
     start = time.perf_counter()
-    if mode == "in-memory":
+    if mode in ("in-memory", "in-memory-calibrated"):
         from transformers import AutoModelForCausalLM
 
-        base, tuned = (AutoModelForCausalLM.from_pretrained(paths[s], dtype=torch.bfloat16) for s in ("base", "tuned"))
-        sp.extract_skillpack(base, tuned, config, calibration=None, copy_base=False).save_pretrained(out)
-    elif mode == "streaming":
-        sp.extract_skillpack(paths["base"], paths["tuned"], config, calibration=None, output_dir=out, device="cpu")
+        dtype = torch.float32 if calibrated else torch.bfloat16  # backward passes need float32
+        base, tuned = (AutoModelForCausalLM.from_pretrained(paths[s], dtype=dtype) for s in ("base", "tuned"))
+        sp.extract_skillpack(base, tuned, config, calibration=calibration, copy_base=False).save_pretrained(out)
+    elif mode in ("streaming", "block-by-block"):
+        sp.extract_skillpack(paths["base"], paths["tuned"], config, calibration=calibration, output_dir=out, device="cpu")
+    elif mode == "quality":
+        return {"seconds": time.perf_counter() - start, "kl": {name: pack_kl(paths, pack) for name, pack in paths["packs"].items()}}
     elif mode == "apply":
         merge_into_checkpoint(paths["pack"], paths["base"], out)
     elif mode == "copy":
@@ -132,6 +146,24 @@ def worker(mode: str, paths: dict, out: str, ratio: float) -> dict:
 
         AutoModelForCausalLM.from_pretrained(paths["base"], dtype=torch.bfloat16)
     return {"seconds": time.perf_counter() - start}
+
+
+def pack_kl(paths: dict, pack: Optional[str]) -> float:
+    """KL(tuned || base + pack) of next-token distributions on held-out random sequences, in float32."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tuned = AutoModelForCausalLM.from_pretrained(paths["tuned"], dtype=torch.float32)
+    held_out = token_batches(paths["vocab"], 16, 1)
+    with torch.no_grad():
+        targets = [torch.log_softmax(tuned(ids).logits, -1) for ids in held_out]
+    del tuned
+    model = AutoModelForCausalLM.from_pretrained(paths["base"], dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, pack) if pack else model
+    with torch.no_grad():
+        found = [torch.log_softmax(model(input_ids=ids).logits, -1) for ids in held_out]
+    kl = sum(float(torch.nn.functional.kl_div(f, t, log_target=True, reduction="sum")) for f, t in zip(found, targets))
+    return round(kl / sum(ids.numel() for ids in held_out), 5)
 
 
 def measured_run(mode: str, paths: dict, out: str, ratio: float) -> dict:
@@ -191,6 +223,7 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=16.0)
     parser.add_argument("--skip-in-memory", action="store_true", help="leave out the run that loads both models")
     parser.add_argument("--apply-only", action="store_true", help="only the apply, copy and load runs, on the pack a previous run left in --out")
+    parser.add_argument("--calibrated", action="store_true", help="add calibrated extractions (in memory, block by block) and the packs' KL")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -203,10 +236,12 @@ def main() -> None:
 
     os.makedirs(args.out, exist_ok=True)
     print(f"writing the {args.shape} pair", flush=True)
-    paths = write_pair(args.shape, os.path.join(args.out, "checkpoints"))
+    paths = {**write_pair(args.shape, os.path.join(args.out, "checkpoints")), "vocab": SHAPES[args.shape]["vocab_size"]}
     checkpoint_gib = sum(Checkpoint(paths[s]).file_bytes() for s in ("base", "tuned")) / 2**30
     runs = []
     modes = [] if args.apply_only else ["streaming"] if args.skip_in_memory else ["in-memory", "streaming"]
+    if args.calibrated and not args.apply_only:
+        modes += ["block-by-block"] if args.skip_in_memory else ["in-memory-calibrated", "block-by-block"]
     if args.apply_only and not os.path.isfile(os.path.join(args.out, "pack-streaming", "adapter_config.json")):
         raise SystemExit(f"--apply-only needs the pack of an earlier run in {args.out}/pack-streaming.")
     for mode in modes:
@@ -224,21 +259,32 @@ def main() -> None:
         runs.append(measured_run(mode, applied, os.path.join(args.out, f"out-{mode}"), args.ratio))
     for mode in ("apply", "copy"):
         shutil.rmtree(os.path.join(args.out, f"out-{mode}"), ignore_errors=True)
+    quality = None
+    if args.calibrated and not args.apply_only:
+        packs = {"base alone": None, **{m: os.path.join(args.out, f"pack-{m}") for m in modes}}
+        quality_run = measured_run("quality", {**paths, "packs": packs}, os.path.join(args.out, "quality"), args.ratio)
+        quality = [{"pack": name, "kl_to_tuned": kl} for name, kl in quality_run["kl"].items()]
     by_mode = {run["mode"]: run for run in runs}
     ratios = {
         "streaming_over_in_memory_time": round(by_mode["streaming"]["seconds"] / by_mode["in-memory"]["seconds"], 3) if "in-memory" in by_mode and "streaming" in by_mode else None,
         "apply_over_copy_time": round(by_mode["apply"]["seconds"] / by_mode["copy"]["seconds"], 3),
         "apply_over_load_time": round(by_mode["apply"]["seconds"] / by_mode["load"]["seconds"], 3),
     }
+    if "block-by-block" in by_mode and "in-memory-calibrated" in by_mode:
+        ratios["block_by_block_over_in_memory_calibrated_time"] = round(by_mode["block-by-block"]["seconds"] / by_mode["in-memory-calibrated"]["seconds"], 3)
     work = throughput(args.shape)
     data = {"shape": args.shape, "config": SHAPES[args.shape], "checkpoint_gib_both": round(checkpoint_gib, 2), "ratio": args.ratio,
-            "bit_identical": same, "ratios": ratios, "runs": runs, "throughput": work, "threads": torch.get_num_threads()}
+            "bit_identical": same, "ratios": ratios, "runs": runs, "quality": quality, "throughput": work, "threads": torch.get_num_threads(),
+            "calibration": {"sequences": CALIBRATION_SEQUENCES, "length": CALIBRATION_LENGTH, "distill_steps": DISTILL_STEPS} if quality else None}
     table = [{k: v for k, v in run.items() if k != "trace"} for run in runs]
     markdown = (
         f"# SkillPacks at scale: {args.shape} ({checkpoint_gib:.2f} GiB of bf16 checkpoints, base + tuned)\n\n"
-        f"Data-free packs at {args.ratio:g}x, {torch.get_num_threads()} CPU threads. Peak RSS of the whole process.\n\n"
+        f"Packs at {args.ratio:g}x, {torch.get_num_threads()} CPU threads. Peak RSS of the whole process. In-memory and streaming "
+        f"packs are data-free; calibrated ones see {CALIBRATION_SEQUENCES} random sequences of {CALIBRATION_LENGTH} tokens "
+        f"({DISTILL_STEPS} distillation steps: end to end in memory, per block block by block).\n\n"
         f"{markdown_table(table)}\n\nStreaming pack bit-identical to the in-memory pack: {same}\n\n"
-        f"{markdown_table([{'ratio': k, 'value': v} for k, v in ratios.items()])}\n\n## Per-matrix work\n\n{markdown_table(work)}\n"
+        + (f"## How close each pack is to the tuned model\n\nKL(tuned || base + pack) per token on 16 held-out random sequences.\n\n{markdown_table(quality)}\n\n" if quality else "")
+        + f"{markdown_table([{'ratio': k, 'value': v} for k, v in ratios.items()])}\n\n## Per-matrix work\n\n{markdown_table(work)}\n"
     )
     write_results(args.out, "scale", data, markdown)
     import matplotlib

@@ -69,6 +69,26 @@ def test_extract_calibrated_inspect_apply(models, tmp_path, capsys):
     assert (merged_dir / "tokenizer.json").exists()
 
 
+def test_extract_block_by_block_never_loads_a_model(models, tmp_path, capsys, monkeypatch):
+    """--block-by-block: a calibrated pack from the checkpoint files, the models never built on a real device."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    argv = ["skillpack", "extract", "--base", str(models["base"]), "--tuned", str(models["tuned"]), "--out", str(tmp_path / "pack"),
+            "--ratio", "3", "--calibration-samples", "6", "--calibration-length", "32", "--distill-steps", "5", "--block-by-block"]
+    assert main(argv) == 0
+    assert "x smaller than the bf16 delta" in capsys.readouterr().out
+    pack = sp.read_skillpack(tmp_path / "pack")
+    assert pack.config.calibration_samples == 6 and pack.config.measured["distill_loss"] is not None
+    assert pack.config.measured["compression_ratio"] >= 3
+    argv[argv.index("--tuned") + 1] = str(models["lora"])
+    assert main([*argv[:7], str(tmp_path / "other"), *argv[8:]]) == 1
+    assert "--block-by-block reads two checkpoints" in capsys.readouterr().err
+
+
 def test_extract_from_lora_then_export_lora(models, tmp_path, capsys):
     pack_dir, lora_dir = tmp_path / "pack", tmp_path / "lora"
     assert main(["skillpack", "extract", "--base", str(models["base"]), "--tuned", str(models["lora"]),

@@ -1,6 +1,6 @@
 """``hf-graft skillpack ...``: the SkillPack commands, one per Python entry point.
 
-    hf-graft skillpack extract --base B --tuned T --out DIR [--ratio 16] [--calibration DATA]
+    hf-graft skillpack extract --base B --tuned T --out DIR [--ratio 16] [--calibration DATA] [--block-by-block]
     hf-graft skillpack inspect PACK [--json]
     hf-graft skillpack apply PACK --base B --out DIR
     hf-graft skillpack export-lora PACK --out DIR [--base B]
@@ -66,12 +66,16 @@ def _extract(args) -> None:
         target_ratio=None if args.bytes else args.ratio, byte_budget=args.bytes, distill_steps=args.distill_steps,
         calibration_samples=args.calibration_samples,
     )
-    if args.calibration == "none" and not _is_lora(args.tuned):  # data-free: read tensor by tensor, load nothing
-        pack = extract_skillpack(args.base, args.tuned, config, calibration=None, output_dir=args.out, device=args.device)
+    from_files = not _is_lora(args.tuned) and (args.calibration == "none" or args.block_by_block)
+    if from_files:  # read tensor by tensor (data-free) or block by block (calibrated): load nothing
+        batches = None if args.calibration == "none" else _calibration(args, args.base)
+        pack = extract_skillpack(args.base, args.tuned, config, calibration=batches, output_dir=args.out, device=args.device)
         measured = pack.config.measured
         if os.environ.get("RANK", "0") != "0":  # under accelerate launch: the main process reports
             return
     else:
+        if args.block_by_block:
+            raise HfGraftError("--block-by-block reads two checkpoints; a LoRA adapter is extracted with the models loaded.")
         pack = _extract_loaded(args, config)
         measured = pack.peft_config["default"].measured
     print(
@@ -85,21 +89,25 @@ def _extract(args) -> None:
 
 def _extract_loaded(args, config):
     """A calibrated pack (or one from a LoRA adapter), extracted on the loaded models and saved."""
-    from transformers import AutoTokenizer
-
     from . import extract_skillpack
-    from .calibration_data import calibration_batches, calibration_texts
 
     base = _load_model(args.base, args.dtype)
     tuned = args.tuned if _is_lora(args.tuned) else _load_model(args.tuned, args.dtype)
-    batches = None
-    if args.calibration != "none":
-        tokenizer = AutoTokenizer.from_pretrained(args.tuned if not isinstance(tuned, str) else args.base)
-        texts = calibration_texts(args.calibration, args.calibration_column)
-        batches = calibration_batches(tokenizer, texts, args.calibration_samples, args.calibration_length)
+    batches = None if args.calibration == "none" else _calibration(args, args.tuned if not isinstance(tuned, str) else args.base)
     pack = extract_skillpack(base, tuned, config, calibration=batches, copy_base=False, device=args.device)
     pack.save_pretrained(args.out)
     return pack
+
+
+def _calibration(args, tokenizer_source: str) -> list:
+    """The ``--calibration`` texts as batches of token ids, tokenized with ``tokenizer_source``'s tokenizer."""
+    from transformers import AutoTokenizer
+
+    from .calibration_data import calibration_batches, calibration_texts
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    texts = calibration_texts(args.calibration, args.calibration_column)
+    return calibration_batches(tokenizer, texts, args.calibration_samples, args.calibration_length)
 
 
 def _inspect(args) -> None:

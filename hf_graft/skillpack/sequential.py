@@ -444,6 +444,7 @@ class _Run:
             delta, journal.samples[key] = self.deltas.delta(key, self.device), self.deltas.sample(key)
             if delta.any_nonzero() if isinstance(delta, DeltaRows) else torch.count_nonzero(delta):
                 stats = statistics.get(key.rsplit(".", 1)[0]) if key.endswith(".weight") else None
+                stats = stats.to(self.device) if stats is not None else None
                 journal.measured[key] = measure(key, delta, stats, self.config, conv1d=self.conv1d(key))
             journal.seen.add(key)
             del delta
@@ -554,6 +555,7 @@ class _Run:
         for key in keys:
             delta = self.deltas.delta(key, self.device)
             stats = statistics.get(key.rsplit(".", 1)[0]) if key.endswith(".weight") else None
+            stats = stats.to(self.device) if stats is not None else None
             block[key] = packed = compress(key, delta, kept[key], stats, conv1d=self.conv1d(key))
             errors[key] = delta_error_sq(delta, packed, conv1d=self.conv1d(key))
             del delta
