@@ -188,7 +188,8 @@ def measured_run(mode: str, paths: dict, out: str, ratio: float) -> dict:
         raise SystemExit(f"{mode} run failed (exit {child.returncode})")
     result = json.loads(output.strip().splitlines()[-1])
     print(f"  {mode}: {result['seconds']:.1f} s, peak RSS {peak / 2**30:.2f} GiB", flush=True)
-    return {"mode": mode, "seconds": round(result["seconds"], 1), "peak_rss_gib": round(peak / 2**30, 3), "trace": trace}
+    extra = {key: value for key, value in result.items() if key != "seconds"}
+    return {"mode": mode, "seconds": round(result["seconds"], 1), "peak_rss_gib": round(peak / 2**30, 3), "trace": trace, **extra}
 
 
 def throughput(shape: str) -> list:

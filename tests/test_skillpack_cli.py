@@ -85,7 +85,7 @@ def test_extract_block_by_block_never_loads_a_model(models, tmp_path, capsys, mo
     assert pack.config.calibration_samples == 6 and pack.config.measured["distill_loss"] is not None
     assert pack.config.measured["compression_ratio"] >= 3
     argv[argv.index("--tuned") + 1] = str(models["lora"])
-    assert main([*argv[:7], str(tmp_path / "other"), *argv[8:]]) == 1
+    assert main([*argv[:7], str(tmp_path / "other"), *argv[8:]]) == 2
     assert "--block-by-block reads two checkpoints" in capsys.readouterr().err
 
 
