@@ -120,6 +120,8 @@ def _skillpack_parser(sub) -> None:
     apply.add_argument("--out", required=True, help="folder for the merged model (and the base's tokenizer)")
     apply.add_argument("--dtype", choices=DTYPES, help="dtype of the merged weights (default: the base's own)")
     apply.add_argument("--no-check-base", action="store_true", help="apply even if the base's fingerprint differs")
+    apply.add_argument("--device", default="cpu",
+                       help="where the low-rank products are computed: cpu (bit-exact with merge_and_unload), cuda[:N] or auto (faster)")
 
     export = commands.add_parser("export-lora", help="write the pack as a standard PEFT LoRA adapter")
     export.add_argument("pack", help="SkillPack folder or Hub id")

@@ -138,7 +138,7 @@ def worker(mode: str, paths: dict, out: str, ratio: float) -> dict:
     elif mode == "quality":
         return {"seconds": time.perf_counter() - start, "kl": {name: pack_kl(paths, pack) for name, pack in paths["packs"].items()}}
     elif mode == "apply":
-        merge_into_checkpoint(paths["pack"], paths["base"], out)
+        merge_into_checkpoint(paths["pack"], paths["base"], out, device="auto")
     elif mode == "copy":
         shutil.copytree(paths["base"], out)
     elif mode == "load":
@@ -192,6 +192,13 @@ def measured_run(mode: str, paths: dict, out: str, ratio: float) -> dict:
     return {"mode": mode, "seconds": round(result["seconds"], 1), "peak_rss_gib": round(peak / 2**30, 3), "trace": trace, **extra}
 
 
+def product_flop(pack: str) -> float:
+    """FLOPs of the low-rank products a merge of ``pack`` computes: ``2 * rows * cols * rank`` per delta."""
+    with open(os.path.join(pack, "adapter_config.json")) as handle:
+        specs = json.load(handle)["module_specs"]
+    return float(sum(2 * math.prod(spec["shape"]) * spec.get("rank", 0) for parts in specs.values() for spec in parts.values()))
+
+
 def throughput(shape: str) -> list:
     """Seconds per matrix for randomized SVD and 4-bit GPTQ on one MLP matrix of the shape."""
     from hf_graft.skillpack.calibrate import quantize_calibrated
@@ -204,8 +211,11 @@ def throughput(shape: str) -> list:
     for device in devices:
         matrix = torch.randn(dims, generator=torch.Generator().manual_seed(0)).to(device)
         stats = ModuleStatistics.identity(dims, device=device)
+        rank = min(dims) // 4
+        left, right = torch.randn(dims[0], rank, device=device), torch.randn(rank, dims[1], device=device)
         for name, work in (("randomized SVD, 10% energy", lambda: lowrank_factors(matrix, energy=0.1)),
-                           ("GPTQ 4-bit", lambda: quantize_calibrated(matrix, 4, 128, stats))):
+                           ("GPTQ 4-bit", lambda: quantize_calibrated(matrix, 4, 128, stats)),
+                           (f"float32 product at rank {rank} (merge)", lambda: left @ right)):
             work()  # warm up
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -213,7 +223,10 @@ def throughput(shape: str) -> list:
             work()
             if device == "cuda":
                 torch.cuda.synchronize()
-            rows.append({"device": device, "work": name, "matrix": "x".join(map(str, dims)), "seconds": round(time.perf_counter() - start, 3)})
+            seconds = time.perf_counter() - start
+            flop = 2 * dims[0] * dims[1] * rank if "product" in name else None
+            rows.append({"device": device, "work": name, "matrix": "x".join(map(str, dims)), "seconds": round(seconds, 3),
+                         "gflop_per_s": round(flop / seconds / 1e9, 1) if flop else "-"})
     return rows
 
 
@@ -270,6 +283,7 @@ def main() -> None:
         "streaming_over_in_memory_time": round(by_mode["streaming"]["seconds"] / by_mode["in-memory"]["seconds"], 3) if "in-memory" in by_mode and "streaming" in by_mode else None,
         "apply_over_copy_time": round(by_mode["apply"]["seconds"] / by_mode["copy"]["seconds"], 3),
         "apply_over_load_time": round(by_mode["apply"]["seconds"] / by_mode["load"]["seconds"], 3),
+        "apply_product_tflop": round(product_flop(applied["pack"]) / 1e12, 3),
     }
     if "block-by-block" in by_mode and "in-memory-calibrated" in by_mode:
         ratios["block_by_block_over_in_memory_calibrated_time"] = round(by_mode["block-by-block"]["seconds"] / by_mode["in-memory-calibrated"]["seconds"], 3)

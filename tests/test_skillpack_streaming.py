@@ -212,6 +212,26 @@ def test_merge_into_checkpoint_equals_merge_and_unload(llama_pair, tmp_path):
         assert all(torch.equal(state[name], reference[name]) for name in reference)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error given without a GPU")
+def test_merge_on_a_missing_gpu_is_a_clear_error(llama_pair, tmp_path):
+    base, tuned = llama_pair
+    sp.extract_skillpack(str(base), str(tuned), CONFIG, calibration=None, output_dir=tmp_path / "pack", progress=False)
+    with pytest.raises(HfGraftError, match="sees no GPU"):
+        merge_into_checkpoint(tmp_path / "pack", base, tmp_path / "merged", device="cuda", progress=False)
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.partial").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_merge_on_the_gpu_matches_the_cpu_merge(llama_pair, tmp_path):
+    base, tuned = llama_pair
+    sp.extract_skillpack(str(base), str(tuned), CONFIG, calibration=None, output_dir=tmp_path / "pack", progress=False)
+    for device in ("cpu", "cuda"):
+        merge_into_checkpoint(tmp_path / "pack", base, tmp_path / device, dtype=torch.float32, device=device, progress=False)
+    cpu, gpu = Checkpoint(tmp_path / "cpu"), Checkpoint(tmp_path / "cuda")
+    for key in cpu.keys():
+        torch.testing.assert_close(gpu.read(key), cpu.read(key), rtol=1e-5, atol=1e-6)
+
+
 def test_merge_into_another_base_leaves_nothing_behind(llama_pair, tmp_path):
     base, tuned = llama_pair
     sp.extract_skillpack(str(base), str(tuned), CONFIG, calibration=None, output_dir=tmp_path / "pack", progress=False)

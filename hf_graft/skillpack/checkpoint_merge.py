@@ -24,6 +24,7 @@ from ..safetensors_io import atomic_write_json
 from ..sharded import INDEX_NAME, Checkpoint, iter_rows, meta_model, stored_name, write_shard
 from .files import SkillPackFile, read_skillpack
 from .model import check_fingerprint, fingerprint_of, fingerprint_stride, sign_bytes
+from .packing import resolve_device
 
 __all__ = ["merge_into_checkpoint"]
 
@@ -38,13 +39,18 @@ def merge_into_checkpoint(
     *,
     dtype: Optional[torch.dtype] = None,
     check_base_fingerprint: bool = True,
+    device: Union[str, torch.device] = "cpu",
     progress: bool = True,
 ) -> str:
     """Write ``base`` with ``pack`` merged into ``output_dir``, shard by shard; returns the folder.
 
     ``pack`` is a :class:`SkillPackFile`, a SkillPack folder or Hub id; ``base`` a model folder or
     Hub id. ``dtype`` casts every floating tensor (default: each keeps its stored dtype).
+    ``device``: where the deltas' low-rank products are computed, the bulk of the work (``"auto"``:
+    the GPU when there is one). On the CPU the result equals ``merge_and_unload`` bit for bit; on a
+    GPU it is within float32 rounding of it.
     """
+    device = resolve_device(device)
     pack = pack if isinstance(pack, SkillPackFile) else read_skillpack(pack, check_codes=False)  # decoded below
     checkpoint = Checkpoint(base)
     skeleton = meta_model(checkpoint.folder)
@@ -80,7 +86,7 @@ def merge_into_checkpoint(
             if tensor.dim() < 2:
                 tensor += packed.delta().to(target)
             for rows in iter_rows(len(tensor), tensor[0].numel() * 4, 64 << 20) if tensor.dim() > 1 else []:
-                tensor[rows] += packed.delta_rows(rows.start, rows.stop).to(target)
+                tensor[rows] += packed.delta_rows(rows.start, rows.stop, device).to("cpu", target)
         return tensor
 
     try:

@@ -146,7 +146,7 @@ def _apply(args) -> None:
     base = _base_of(args, pack)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
-        merge_into_checkpoint(pack, base, args.out, dtype=dtype, check_base_fingerprint=not args.no_check_base)
+        merge_into_checkpoint(pack, base, args.out, dtype=dtype, check_base_fingerprint=not args.no_check_base, device=args.device)
     except BaseModelMismatchError as error:
         raise HfGraftError(str(error).replace("pass check_base_fingerprint=False", "pass --no-check-base")) from None
     from ..references import TOKENIZER_FILES

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import torch
 
@@ -136,17 +136,23 @@ class CompressedDelta:
             return self.sparse.to_dense()
         return self.dense.float()
 
-    def delta_rows(self, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` of :meth:`delta`, decoded without the rest (bounded memory on large deltas)."""
+    def delta_rows(self, start: int, stop: int, device: Optional[torch.device] = None) -> torch.Tensor:
+        """Rows ``start:stop`` of :meth:`delta`, decoded without the rest (bounded memory on large deltas).
+
+        ``device``: where the low-rank product (most of the work) is computed and the rows returned;
+        by default the device the codes are on.
+        """
         if self.kind == "sparse":
-            return self.sparse.dense_rows(start, stop)
-        if self.kind == "dense_fp16":
-            return self.dense[start:stop].float()
-        dense = self.quant.dequantize_rows(start, stop) if self.kind == "quant" else None
-        if self.a is None:
-            return dense
-        low_rank = self.b.dequantize_rows(start, stop) @ self.a.dequantize().T
-        return low_rank if dense is None else dense.add_(low_rank)
+            rows = self.sparse.dense_rows(start, stop)
+        elif self.kind == "dense_fp16":
+            rows = self.dense[start:stop].float()
+        else:
+            rows = self.quant.dequantize_rows(start, stop) if self.kind == "quant" else None
+            if self.a is not None:
+                a, b = self.a.dequantize(), self.b.dequantize_rows(start, stop)
+                low_rank = b.to(device or b.device) @ a.to(device or a.device).T
+                return low_rank if rows is None else rows.to(low_rank.device).add_(low_rank)
+        return rows if device is None else rows.to(device)
 
     def lowrank(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A [rank, in], B [out, rank])`` in float32, so a layer adds ``x @ A.T @ B.T`` without ``delta()``."""
