@@ -137,7 +137,7 @@ class Schedule:
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _train(
+def train_steps(
     model: PreTrainedModel,
     schedule: Schedule,
     next_batches: Callable[[torch.Generator], list[dict]],
@@ -206,7 +206,7 @@ def pretrain(
     :func:`perplexity_plateau` on validation text, so a small corpus is not memorised.
     """
     _check_text(token_ids, seq_len)
-    return _train(
+    return train_steps(
         model,
         schedule,
         lambda g: [_text_batch(token_ids, schedule.batch_size, seq_len, g)],
@@ -310,7 +310,7 @@ def finetune(
             return [task, text]
         return [task, lambda model: _kl_to_reference(model, replay_reference, text["input_ids"])]
 
-    return _train(model, schedule, batches, "Fine-tuning", progress, stop, check_every)
+    return train_steps(model, schedule, batches, "Fine-tuning", progress, stop, check_every)
 
 
 def _kl_to_reference(model: PreTrainedModel, reference: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,5 @@
 """Model cards for everything hf-graft saves or pushes, rendered from ``hub_templates/``."""
 
-import math
 import os
 from importlib import resources
 from typing import Optional
@@ -73,69 +72,43 @@ def write_model_card(model, save_directory: str, tags: Optional[list] = None, re
     return path
 
 
-def skillpack_figures(pack) -> dict:
-    """Bytes and ratio of a pack: as extraction measured them (the saved files, headers included) when
-    recorded, else from its stored tensors."""
-    measured = pack.config.measured
-    bf16_bytes = measured.get("delta_bf16_bytes") or sum(
-        2 * math.prod(delta.shape) for parts in pack.deltas.values() for delta in parts.values()
-    )
-    stored = measured.get("stored_bytes") or pack.nbytes
-    return {
-        "stored_bytes": stored,
-        "delta_bf16_bytes": bf16_bytes,
-        "compression_ratio": measured.get("compression_ratio") or bf16_bytes / max(1, stored),
-        "relative_error": measured.get("relative_error"),
-        "distill_loss": measured.get("distill_loss"),
-        "digest": pack.digest,
-    }
+def write_skillpack_card(card: dict, save_directory: str, *, repo_id: Optional[str] = None, tags: Optional[list] = None) -> str:
+    """Render and write ``README.md`` for a SkillPack from ``card``, its facts; return its path.
 
-
-def write_skillpack_card(
-    pack, save_directory: str, *, repo_id: Optional[str] = None, tags: Optional[list] = None
-) -> str:
-    """Render and write ``README.md`` for a SkillPack (a :class:`~hf_graft.skillpack.SkillPackFile`); return its path.
-
-    The card gives the base model, the compression figures, the skill retention when
-    ``config.measured["evaluation"]`` holds one (:func:`hf_graft.skillpack.record_evaluation`)
-    and a per-module table.
+    ``card`` holds ``base_model``, ``figures`` (``stored_bytes``, ``delta_bf16_bytes``,
+    ``compression_ratio``, ``relative_error``, ``distill_loss``, ``digest``), ``rows`` (one per stored
+    delta), ``evaluation`` (the retention record, or None), ``calibration_samples``,
+    ``distill_steps``, ``tied_modules`` and ``omitted``, as
+    :meth:`hf_graft.skillpack.SkillPackFile.card_data` gives them.
     """
-    config = pack.config
-    base_model = config.base_model_name_or_path or "the-base-model"
-    figures = skillpack_figures(pack)
     title = os.path.basename(repo_id) if repo_id else "SkillPack"
     data = ModelCardData(
         library_name="peft",
-        base_model=config.base_model_name_or_path or None,
+        base_model=card["base_model"] or None,
         pipeline_tag="text-generation",
         tags=sorted({*SKILLPACK_TAGS, *(tags or [])}),
         model_name=title,
     )
-    card = template_environment().get_template("skillpack_model_card.md.j2").render(
+    text = template_environment().get_template("skillpack_model_card.md.j2").render(
         metadata=data.to_yaml(),
         title=title,
-        base_model=base_model,
-        config=config,
-        figures=figures,
-        evaluation=config.measured.get("evaluation"),
-        rows=pack.summary(),
+        base_model=card["base_model"] or "the-base-model",
+        config=card,
+        figures=card["figures"],
+        evaluation=card["evaluation"],
+        rows=card["rows"],
         repo_id=repo_id or "path/to/this/skillpack",
     )
     path = os.path.join(save_directory, "README.md")
-    atomic_write_text(path, card)
+    atomic_write_text(path, text)
     return path
 
 
-def write_fusion_card(fused, save_directory: str, *, repo_id: Optional[str] = None) -> str:
-    """Render and write ``README.md`` for fused SkillPacks (a ``FusedSkillPacks``): the packs, the router, the base."""
-    from .skillpack.files import read_skillpack
-
-    rows, base_model = [], None
-    for skill in fused.skills:
-        pack = read_skillpack(os.path.join(save_directory, skill))
-        figures = skillpack_figures(pack)
-        rows.append({"skill": skill, "bytes": figures["stored_bytes"], "ratio": figures["compression_ratio"]})
-        base_model = base_model or pack.config.base_model_name_or_path
+def write_fusion_card(
+    save_directory: str, *, skills: list, mode: str, rows: list, base_model: Optional[str], repo_id: Optional[str] = None
+) -> str:
+    """Render and write ``README.md`` for fused SkillPacks: ``rows`` holds each pack's ``skill``,
+    ``bytes`` and ``ratio``; ``mode`` is the router's."""
     title = os.path.basename(repo_id) if repo_id else "fused-skillpacks"
     data = ModelCardData(
         library_name="peft",
@@ -145,7 +118,7 @@ def write_fusion_card(fused, save_directory: str, *, repo_id: Optional[str] = No
         model_name=title,
     )
     card = template_environment().get_template("fusion_model_card.md.j2").render(
-        metadata=data.to_yaml(), title=title, skills=fused.skills, mode=fused.mode, rows=rows,
+        metadata=data.to_yaml(), title=title, skills=skills, mode=mode, rows=rows,
         base_model=base_model or "the-base-model", repo_id=repo_id or "path/to/this/model",
     )
     path = os.path.join(save_directory, "README.md")

@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import HfGraftError, short_repr
+from .validation import is_int
 
 __all__ = [
     "DTYPE_NAMES",
@@ -90,10 +91,6 @@ _FIX = "Re-download or re-save it."
 
 def _corrupt(path: str, problem: str) -> HfGraftError:
     return HfGraftError(f"{path} is not a valid safetensors file: {problem}. {_FIX}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -167,14 +164,14 @@ def _check_entries(path: str, header: dict[str, Any], buffer_size: int) -> None:
             raise _corrupt(
                 path, f"{tensor} has dtype {short_repr(dtype)} where one of {', '.join(ITEMSIZES)} expected"
             )
-        if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+        if not (isinstance(shape, list) and all(is_int(d) and d >= 0 for d in shape)):
             raise _corrupt(
                 path, f"{tensor} has shape {short_repr(shape)} where a list of non-negative ints expected"
             )
         if math.prod(max(d, 1) for d in shape) * ITEMSIZES[dtype] >= 2**63:
             raise _corrupt(path, f"{tensor} has shape {short_repr(shape)} too large for any tensor")
         if not (
-            isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+            isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)
             and 0 <= offsets[0] <= offsets[1]
         ):
             raise _corrupt(

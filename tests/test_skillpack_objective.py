@@ -11,7 +11,7 @@ import hf_graft.skillpack as sp
 from hf_graft.errors import HfGraftError
 from hf_graft.skillpack.compress import compress_delta
 from hf_graft.skillpack.distillation import distill_scales
-from hf_graft.skillpack.extract import block_groups
+from hf_graft.skillpack.packing import block_groups
 from hf_graft.skillpack.objective import collect_statistics
 
 IDS = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(5))

@@ -22,7 +22,7 @@ import torch
 from tokenizers.implementations import BertWordPieceTokenizer
 from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 
-from ..causal_lm import Schedule, _train
+from ..causal_lm import Schedule, train_steps
 from ..errors import HfGraftError
 
 __all__ = ["corpus_masked_lm"]
@@ -152,7 +152,7 @@ def corpus_masked_lm(
         batches = _masked_batches(
             token_ids, starts_word, tokenizer, schedule.batch_size, seq_len, mask_fraction
         )
-        _train(_MaskedPositionsLoss(model), schedule, batches, "Pretraining the masked LM", progress)
+        train_steps(_MaskedPositionsLoss(model), schedule, batches, "Pretraining the masked LM", progress)
         model.save_pretrained(staging)
         with open(os.path.join(staging, _SETTINGS), "w") as handle:
             json.dump(settings, handle, indent=2)

@@ -52,7 +52,7 @@ class GraftedCausalLMConfig(GraftedConfig):
 
     def host(self):
         """The host's configuration as a transformers config object."""
-        return _config_from_dict(self.host_config)
+        return config_from_dict(self.host_config)
 
     @property
     def host_layers(self) -> int:
@@ -100,6 +100,7 @@ class GraftedCausalLMConfig(GraftedConfig):
                 )
 
 
-def _config_from_dict(data: dict):
+def config_from_dict(data: dict):
+    """The transformers config a ``to_dict()`` of one gives back (its ``model_type`` picks the class)."""
     data = dict(data)
     return AutoConfig.for_model(data.pop("model_type"), **data)

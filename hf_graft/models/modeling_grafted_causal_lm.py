@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin
 
-from .configuration_grafted_causal_lm import GraftedCausalLMConfig, _config_from_dict
+from .configuration_grafted_causal_lm import GraftedCausalLMConfig, config_from_dict
 from .modeling_grafted import GraftedModel
 
 
@@ -94,7 +94,7 @@ class GraftedModelForCausalLM(GraftedModel, GenerationMixin):
         for position in range(len(layers) + 1):
             for index, graft in enumerate(config.grafts):
                 if graft["position"] == position:
-                    donor_config = _config_from_dict(graft["donor_config"])
+                    donor_config = config_from_dict(graft["donor_config"])
                     donor_config._attn_implementation = implementation
                     self._graft_slots[index] = len(blocks)
                     blocks.append(GraftedBlock(host_config, donor_config, block_class, rotary_class, 0))

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import HfGraftError
-from .bitpack import check_fraction, check_int
+from ..validation import check_fraction, check_int
 from .calibrate import compress_with_statistics
 from .compress import CompressedDelta, compress_delta, payload_size, segment_layout
 from .lowrank import lowrank_factors, rank_for_energy

@@ -1,4 +1,4 @@
-"""Bit-packing of small unsigned integer codes, and the checks stored SkillPack tensors pass on load.
+"""Bit-packing of small unsigned integer codes.
 
 Quantized singular vectors hold 1- to 8-bit codes; storing each in a byte would waste up to 7/8
 of the file. :func:`pack_bits` lays the codes out as one little-endian bitstream: code ``i``
@@ -6,32 +6,16 @@ occupies bits ``[i * bits, (i + 1) * bits)``, and bit ``k`` of the stream is bit
 ``k // 8``. ``n`` codes therefore take exactly ``ceil(n * bits / 8)`` bytes, whatever the width.
 Widths that divide 8 (1, 2, 4, 8) never straddle a byte and are packed with byte-wide shifts;
 3, 5, 6 and 7 go through 64-bit words of eight codes (``8 * bits`` bits, a whole number of bytes).
-
-:func:`stored_tensor` and the ``meta_*`` readers are what every ``from_tensors`` of the SkillPack
-format uses, so a file with a missing, mis-shaped or mis-typed tensor, or a metadata entry of the
-wrong kind, fails with one :class:`~hf_graft.errors.HfGraftError` naming it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
-
 import torch
 
 from ..errors import HfGraftError
+from ..validation import check_int
 
-__all__ = [
-    "check_fraction",
-    "check_int",
-    "meta_int",
-    "meta_keys",
-    "meta_shape",
-    "pack_bits",
-    "packed_size",
-    "stored_tensor",
-    "unpack_bits",
-]
+__all__ = ["pack_bits", "packed_size", "unpack_bits"]
 
 
 def packed_size(count: int, bits: int) -> int:
@@ -132,67 +116,3 @@ def _unpack_words(packed: torch.Tensor, bits: int) -> torch.Tensor:
     mask = (1 << bits) - 1
     codes = [((words >> (slot * bits)) & mask).to(torch.uint8) for slot in range(8)]
     return torch.stack(codes, dim=1).reshape(-1)
-
-
-def stored_tensor(
-    tensors: Mapping[str, torch.Tensor], name: str, shape: Sequence[int], dtype: torch.dtype
-) -> torch.Tensor:
-    """``tensors[name]``, after checking that it exists and has exactly ``shape`` and ``dtype``."""
-    tensor = tensors.get(name)
-    if not isinstance(tensor, torch.Tensor):
-        raise HfGraftError(f"SkillPack tensor {name!r} is missing; the file is incomplete or from another model.")
-    if tuple(tensor.shape) != tuple(shape):
-        raise HfGraftError(
-            f"SkillPack tensor {name!r} has shape {tuple(tensor.shape)} where {tuple(shape)} expected; "
-            "the file is corrupt or its metadata belongs to another file."
-        )
-    if tensor.dtype != dtype:
-        raise HfGraftError(
-            f"SkillPack tensor {name!r} has dtype {tensor.dtype} where {dtype} expected; the file is corrupt."
-        )
-    return tensor
-
-
-def meta_keys(meta: Any, keys: Sequence[str], what: str) -> Mapping[str, Any]:
-    """``meta`` itself, after checking that it is a mapping with exactly ``keys``."""
-    if not isinstance(meta, Mapping) or set(meta) != set(keys):
-        found = sorted(meta) if isinstance(meta, Mapping) else type(meta).__name__
-        raise HfGraftError(f"Metadata of {what} must have the keys {sorted(keys)}, got {found}.")
-    return meta
-
-
-def check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
-    """``value``, checked to be an int (not a bool) in ``[low, high]``; ``name`` says what it is."""
-    if not _is_int(value) or value < low or (high is not None and value > high):
-        bounds = f"from {low} to {high}" if high is not None else f">= {low}"
-        raise HfGraftError(f"{name} must be an int {bounds}, got {value!r}.")
-    return value
-
-
-def check_fraction(value: Any, name: str) -> float:
-    """``value``, checked to be a real number in ``(0, 1]``; ``name`` says what it is."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise HfGraftError(f"{name} must be a number in (0, 1], got {value!r}.")
-    return float(value)
-
-
-def meta_int(meta: Mapping[str, Any], key: str, what: str, low: int, high: int | None = None) -> int:
-    """The int ``meta[key]``, checked to lie in ``[low, high]``."""
-    return check_int(meta[key], f"Metadata {key!r} of {what}", low, high)
-
-
-def meta_shape(meta: Mapping[str, Any], key: str, what: str, ndim: int | None = None) -> tuple[int, ...]:
-    """The shape ``meta[key]``: a list of non-negative ints, of length ``ndim`` when given."""
-    value = meta[key]
-    if not (
-        isinstance(value, (list, tuple))
-        and all(_is_int(d) and d >= 0 for d in value)
-        and (ndim is None or len(value) == ndim)
-    ):
-        dims = f"{ndim} " if ndim is not None else ""
-        raise HfGraftError(f"Metadata {key!r} of {what} must be a list of {dims}non-negative ints, got {value!r}.")
-    return tuple(value)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

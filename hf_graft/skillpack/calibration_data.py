@@ -1,12 +1,17 @@
 """Calibration data for SkillPack extraction: texts, and the token batches cut from them."""
 
+import logging
 import os
+from collections.abc import Iterable
+from typing import Any, Optional
 
 import torch
 
 from ..errors import HfGraftError
 
-__all__ = ["calibration_batches", "calibration_texts", "default_calibration"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["calibration_batches", "calibration_texts", "default_batches", "default_calibration", "limited_batches"]
 
 #: Sequences and tokens per sequence of the default calibration set (the embedded pydoc corpus).
 DEFAULT_SAMPLES, DEFAULT_LENGTH = 128, 128
@@ -48,3 +53,48 @@ def calibration_batches(tokenizer, texts: list[str], samples: int, length: int, 
 def default_calibration(tokenizer, samples: int = DEFAULT_SAMPLES, length: int = DEFAULT_LENGTH) -> list:
     """General text for calibration when none is given: windows of the embedded pydoc corpus."""
     return calibration_batches(tokenizer, calibration_texts("pydoc"), samples, length)
+
+
+def limited_batches(calibration: Iterable[Any], limit: int) -> tuple[list, int]:
+    """The calibration batches, cut to ``limit`` sequences when it is positive, and their sequence count."""
+    batches, count = [], 0
+    for batch in calibration:
+        ids = batch["input_ids"] if isinstance(batch, dict) else batch
+        if not (isinstance(ids, torch.Tensor) and ids.dtype == torch.long and ids.dim() in (1, 2) and ids.numel()):
+            raise HfGraftError("Calibration batches must be non-empty LongTensors of input_ids (or dicts holding them).")
+        if ids.dim() == 1:
+            ids = ids[None]
+            batch = {**batch, "input_ids": ids} if isinstance(batch, dict) else ids
+        if limit and count + len(ids) > limit:
+            keep = limit - count
+            batch = {key: value[:keep] for key, value in batch.items()} if isinstance(batch, dict) else ids[:keep]
+        batches.append(batch)
+        count += len(batch["input_ids"] if isinstance(batch, dict) else batch)
+        if limit and count >= limit:
+            break
+    if not batches:
+        raise HfGraftError("The calibration set is empty: give at least one batch of input_ids.")
+    return batches, count
+
+
+def default_batches(model, tokenizer, samples: int) -> Optional[list]:
+    """Windows of the embedded corpus, tokenized with ``tokenizer`` or the one saved beside the base
+    model (``model`` loaded, or its folder)."""
+    if tokenizer is None:
+        source = model if isinstance(model, str) else (
+            getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+        )
+        if source and os.path.isdir(str(source)):
+            from transformers import AutoTokenizer
+
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(source)
+            except (OSError, ValueError, KeyError):
+                tokenizer = None
+    if tokenizer is None:
+        logger.warning(
+            "No tokenizer for the default calibration text: the SkillPack is extracted data-free (weight error). "
+            "Pass tokenizer=... or calibration=[input_ids, ...] to compress by what the model computes."
+        )
+        return None
+    return default_calibration(tokenizer, samples=samples or 128)

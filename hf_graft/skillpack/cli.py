@@ -200,5 +200,5 @@ def _push_folder(pack_dir: str, repo_id: str, *, private=None):
     with tempfile.TemporaryDirectory() as folder:
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             shutil.copyfile(os.path.join(pack_dir, name), os.path.join(folder, name))
-        write_skillpack_card(pack, folder, repo_id=repo_id)
+        write_skillpack_card(pack.card_data(), folder, repo_id=repo_id)
         return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload SkillPack")

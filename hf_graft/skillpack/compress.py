@@ -25,7 +25,8 @@ from typing import Any, Literal, Optional
 import torch
 
 from ..errors import HfGraftError
-from .bitpack import check_fraction, check_int, meta_int, meta_keys, meta_shape, packed_size, stored_tensor
+from ..validation import check_fraction, check_int, meta_int, meta_keys, meta_shape, stored_tensor
+from .bitpack import packed_size
 from .lowrank import lowrank_factors
 from .prune import SparseDelta, prune
 from .quantize import (

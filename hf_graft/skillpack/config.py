@@ -1,7 +1,6 @@
 """``SkillPackConfig``: the PEFT config of a SkillPack (GraftLLM, arXiv 2505.18502)."""
 
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -12,6 +11,7 @@ from peft.utils import TaskType
 
 from ..errors import HfGraftError, short_repr
 from ..safetensors_io import atomic_write_text
+from ..validation import is_int, is_number
 from .compress import check_meta
 from .integrity import CONFIG_NAME, DIGEST_PREFIX, WEIGHTS_NAME, check_weights_file, file_digest, locate
 from .peft_type import SKILLPACK
@@ -184,12 +184,6 @@ _TASK_TYPES = tuple(task.value for task in TaskType)
 _FILE_FIX = "The file is damaged or was edited by hand: download the pack again or re-save it from its source."
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _optional(check):
@@ -210,19 +204,19 @@ def _is_choice(*choices):
 
 #: Figures of ``measured`` that the model card and the CLI read, with what each must be.
 _MEASURED_RULES = {
-    "delta_bf16_bytes": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "stored_bytes": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "compression_ratio": (lambda v: _is_number(v) and v > 0, "a positive number"),
-    "relative_error": (_optional(_is_number), "a number or null"),
-    "distill_loss": (_optional(lambda v: isinstance(v, list) and all(map(_is_number, v))), "a list of numbers or null"),
+    "delta_bf16_bytes": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "stored_bytes": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "compression_ratio": (lambda v: is_number(v) and v > 0, "a positive number"),
+    "relative_error": (_optional(is_number), "a number or null"),
+    "distill_loss": (_optional(lambda v: isinstance(v, list) and all(map(is_number, v))), "a list of numbers or null"),
     "omitted": (_is_str_list, "a list of module names"),
     "module_errors": (
-        lambda v: isinstance(v, dict) and all(isinstance(k, str) and (x is None or _is_number(x)) for k, x in v.items()),
+        lambda v: isinstance(v, dict) and all(isinstance(k, str) and (x is None or is_number(x)) for k, x in v.items()),
         "an object of module names to numbers",
     ),
     "evaluation": (
         lambda v: isinstance(v, dict) and isinstance(v.get("metric"), str)
-        and all(_is_number(v.get(key)) for key in ("base", "tuned", "pack", "retention"))
+        and all(is_number(v.get(key)) for key in ("base", "tuned", "pack", "retention"))
         and (v.get("dataset") is None or isinstance(v.get("dataset"), str)),
         "an object with a metric name and numbers base, tuned, pack and retention",
     ),
@@ -232,11 +226,11 @@ _MEASURED_RULES = {
 #: Every field of a SkillPack config, with the check its value must pass and what it must be.
 FIELD_RULES = {
     "peft_type": (lambda v: v == "SKILLPACK", "'SKILLPACK'"),
-    "target_ratio": (_optional(lambda v: _is_number(v) and v > 1), "a number greater than 1, or null"),
-    "byte_budget": (_optional(lambda v: _is_int(v) and v > 0), "a positive integer, or null"),
-    "calibration_samples": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "distill_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "distill_learning_rate": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "target_ratio": (_optional(lambda v: is_number(v) and v > 1), "a number greater than 1, or null"),
+    "byte_budget": (_optional(lambda v: is_int(v) and v > 0), "a positive integer, or null"),
+    "calibration_samples": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "distill_steps": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "distill_learning_rate": (lambda v: is_number(v) and v > 0, "a positive number"),
     "objective": (_is_choice("output", "weight"), "'output' or 'weight'"),
     "formats": (_is_choice("all", "lowrank"), "'all' or 'lowrank'"),
     "compensation": (lambda v: isinstance(v, bool), "true or false"),

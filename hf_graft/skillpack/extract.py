@@ -1,9 +1,7 @@
 """``extract_skillpack``: (tuned model or LoRA adapter) - base model -> a compressed SkillPack on the base."""
 
 import copy
-import logging
 import os
-import re
 from collections.abc import Iterable
 from typing import Any, Optional, Union
 
@@ -17,15 +15,13 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import HfGraftError
-from .calibration_data import default_calibration
+from .calibration_data import default_batches, limited_batches
 from .config import SkillPackConfig
 from .distillation import distill_scales
 from .files import attach
 from .model import base_fingerprint, layer_class, tied_partners
 from .objective import ModuleStatistics, collect_statistics
-from .packing import BF16_BYTES, assemble, choose, compress, delta_error_sq, measure, resolve_device
-
-logger = logging.getLogger(__name__)
+from .packing import BF16_BYTES, assemble, block_groups, choose, compress, delta_error_sq, measure, resolve_device
 
 Tuned = Union[nn.Module, PeftModel, str, os.PathLike]
 
@@ -120,70 +116,6 @@ def _delta_source(base_model: nn.Module, tuned: Tuned) -> tuple[dict, nn.Module,
     if isinstance(base_model, PeftModel):
         raise HfGraftError("base_model is a PeftModel: pass the plain base model (merge or unload adapters first).")
     return weight_deltas(base_model, tuned), tuned, base_model
-
-
-def limited_batches(calibration: Iterable[Any], limit: int) -> tuple[list, int]:
-    """The calibration batches, cut to ``limit`` sequences when it is positive, and their sequence count."""
-    batches, count = [], 0
-    for batch in calibration:
-        ids = batch["input_ids"] if isinstance(batch, dict) else batch
-        if not (isinstance(ids, torch.Tensor) and ids.dtype == torch.long and ids.dim() in (1, 2) and ids.numel()):
-            raise HfGraftError("Calibration batches must be non-empty LongTensors of input_ids (or dicts holding them).")
-        if ids.dim() == 1:
-            ids = ids[None]
-            batch = {**batch, "input_ids": ids} if isinstance(batch, dict) else ids
-        if limit and count + len(ids) > limit:
-            keep = limit - count
-            batch = {key: value[:keep] for key, value in batch.items()} if isinstance(batch, dict) else ids[:keep]
-        batches.append(batch)
-        count += len(batch["input_ids"] if isinstance(batch, dict) else batch)
-        if limit and count >= limit:
-            break
-    if not batches:
-        raise HfGraftError("The calibration set is empty: give at least one batch of input_ids.")
-    return batches, count
-
-
-def default_batches(model: Union[nn.Module, str], tokenizer, samples: int) -> Optional[list]:
-    """Windows of the embedded corpus, tokenized with ``tokenizer`` or the one saved beside the base
-    model (``model`` loaded, or its folder)."""
-    if tokenizer is None:
-        source = model if isinstance(model, str) else (
-            getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
-        )
-        if source and os.path.isdir(str(source)):
-            from transformers import AutoTokenizer
-
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(source)
-            except (OSError, ValueError, KeyError):
-                tokenizer = None
-    if tokenizer is None:
-        logger.warning(
-            "No tokenizer for the default calibration text: the SkillPack is extracted data-free (weight error). "
-            "Pass tokenizer=... or calibration=[input_ids, ...] to compress by what the model computes."
-        )
-        return None
-    return default_calibration(tokenizer, samples=samples or 128)
-
-
-def block_groups(names: Iterable[str]) -> list[list[str]]:
-    """Module names grouped by decoder block (``...layers.3....``), in the order given.
-
-    Modules outside any block (embeddings, final norm, head) form groups of their own, so
-    processing the groups in order follows the model's forward pass.
-    """
-    groups: list[list[str]] = []
-    last = None
-    for name in names:
-        found = re.search(r"^(.*?\.\d+)\.", name)
-        key = found.group(1) if found else name
-        if groups and key == last:
-            groups[-1].append(name)
-        else:
-            groups.append([name])
-        last = key
-    return groups
 
 
 def _two_d(modules: dict, names: Iterable[str]) -> dict:

@@ -140,7 +140,38 @@ class SkillPackFile:
         self.config.tensor_digest = pack_digest(self.config.module_specs, self.config.tied_modules, tensors)
         tensors.save(os.path.join(save_directory, WEIGHTS_NAME), metadata=WEIGHTS_METADATA)
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), saved_config_text(self.config, model_class))
-        write_skillpack_card(self, save_directory)
+        write_skillpack_card(self.card_data(), save_directory)
+
+    def figures(self) -> dict[str, Any]:
+        """Bytes and ratio of the pack: as extraction measured them (the saved files, headers included)
+        when recorded, else from its stored tensors; its error, distillation losses and digest."""
+        measured = self.config.measured
+        bf16_bytes = measured.get("delta_bf16_bytes") or sum(
+            2 * math.prod(delta.shape) for parts in self.deltas.values() for delta in parts.values()
+        )
+        stored = measured.get("stored_bytes") or self.nbytes
+        return {
+            "stored_bytes": stored,
+            "delta_bf16_bytes": bf16_bytes,
+            "compression_ratio": measured.get("compression_ratio") or bf16_bytes / max(1, stored),
+            "relative_error": measured.get("relative_error"),
+            "distill_loss": measured.get("distill_loss"),
+            "digest": self.digest,
+        }
+
+    def card_data(self) -> dict[str, Any]:
+        """What the pack's model card shows (:func:`hf_graft.hub.write_skillpack_card`)."""
+        config = self.config
+        return {
+            "base_model": config.base_model_name_or_path,
+            "figures": self.figures(),
+            "rows": self.summary(),
+            "evaluation": config.measured.get("evaluation"),
+            "calibration_samples": config.calibration_samples,
+            "distill_steps": config.distill_steps,
+            "tied_modules": config.tied_modules,
+            "omitted": config.measured.get("omitted"),
+        }
 
     def summary(self) -> list[dict[str, Any]]:
         """One row per stored delta: module, part, kind, shape, rank, bit scheme, kept entries, bytes, error."""
@@ -244,7 +275,7 @@ class SkillPackCardMixin:
         if not packs:
             return super().create_or_update_model_card(output_dir)
         pack = pack_of(self, packs[0])
-        path = write_skillpack_card(pack, output_dir, repo_id=getattr(self, "_card_repo_id", None))
+        path = write_skillpack_card(pack.card_data(), output_dir, repo_id=getattr(self, "_card_repo_id", None))
         super().create_or_update_model_card(output_dir)
         card = ModelCard.load(path)  # peft replaced the tags and base model with its own guesses
         card.data.tags = sorted(set(card.data.tags or []) | set(SKILLPACK_TAGS))

@@ -27,6 +27,7 @@ from peft import PeftModel
 from torch import nn
 
 from ..errors import HfGraftError
+from ..hub import write_fusion_card
 from ..safetensors_io import atomic_write_json, load_tensors, read_json, save_tensors
 from .files import CONFIG_NAME, WEIGHTS_NAME, load_skillpack, read_skillpack, resolve_files
 from .integrity import DIGEST_PREFIX, tensors_digest
@@ -194,9 +195,16 @@ class FusedSkillPacks(nn.Module):
         save_tensors(router, os.path.join(directory, ROUTER_WEIGHTS))
         config = {"skills": self.skills, "router": self.mode, "router_digest": tensors_digest(router)}
         atomic_write_json(os.path.join(directory, FUSION_CONFIG), config)
-        from ..hub import write_fusion_card
+        self._write_card(directory)
 
-        write_fusion_card(self, directory)
+    def _write_card(self, directory: str, repo_id: Optional[str] = None) -> str:
+        rows, base_model = [], None
+        for skill in self.skills:
+            pack = read_skillpack(os.path.join(directory, skill))
+            figures = pack.figures()
+            rows.append({"skill": skill, "bytes": figures["stored_bytes"], "ratio": figures["compression_ratio"]})
+            base_model = base_model or pack.config.base_model_name_or_path
+        return write_fusion_card(directory, skills=self.skills, mode=self.mode, rows=rows, base_model=base_model, repo_id=repo_id)
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, path_or_repo: str | os.PathLike, **load_kwargs) -> "FusedSkillPacks":
@@ -211,13 +219,11 @@ class FusedSkillPacks(nn.Module):
 
     def push_to_hub(self, repo_id: str, *, private: Optional[bool] = None, token: Optional[str] = None):
         """Push the packs, router and a card listing the packs to one Hub repo."""
-        from ..hub import write_fusion_card
-
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder)
-            write_fusion_card(self, folder, repo_id=repo_id)
+            self._write_card(folder, repo_id=repo_id)
             return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload fused SkillPacks")
 
 

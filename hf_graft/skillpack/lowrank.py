@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 
 from ..errors import HfGraftError
-from .bitpack import check_fraction, check_int
+from ..validation import check_fraction, check_int
 from .objective import squared_norm
 
 __all__ = ["LowRankFactors", "lowrank_factors", "rank_for_energy"]

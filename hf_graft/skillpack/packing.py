@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -203,3 +205,22 @@ def _record_file_bytes(pack: SkillPackFile, bf16_bytes: int, model_class: Option
     for _ in range(3):  # the figures are part of the config they measure: settle their digits
         total = weights + len(saved_config_text(pack.config, model_class).encode())
         measured["stored_bytes"], measured["compression_ratio"] = total, round(bf16_bytes / total, 2)
+
+
+def block_groups(names: Iterable[str]) -> list[list[str]]:
+    """Module names grouped by decoder block (``...layers.3....``), in the order given.
+
+    Modules outside any block (embeddings, final norm, head) form groups of their own, so
+    processing the groups in order follows the model's forward pass.
+    """
+    groups: list[list[str]] = []
+    last = None
+    for name in names:
+        found = re.search(r"^(.*?\.\d+)\.", name)
+        key = found.group(1) if found else name
+        if groups and key == last:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last = key
+    return groups

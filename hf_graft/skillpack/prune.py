@@ -17,16 +17,8 @@ from typing import Any, Literal
 import torch
 
 from ..errors import HfGraftError
-from .bitpack import (
-    check_fraction,
-    meta_int,
-    meta_keys,
-    meta_shape,
-    pack_bits,
-    packed_size,
-    stored_tensor,
-    unpack_bits,
-)
+from ..validation import check_fraction, meta_int, meta_keys, meta_shape, stored_tensor
+from .bitpack import pack_bits, packed_size, unpack_bits
 
 __all__ = ["SparseDelta", "kept_count", "prune", "sparse_format", "sparse_nbytes"]
 

@@ -25,16 +25,8 @@ from typing import Any
 import torch
 
 from ..errors import HfGraftError
-from .bitpack import (
-    check_int,
-    meta_int,
-    meta_keys,
-    meta_shape,
-    pack_bits,
-    packed_size,
-    stored_tensor,
-    unpack_bits,
-)
+from ..validation import check_int, meta_int, meta_keys, meta_shape, stored_tensor
+from .bitpack import pack_bits, packed_size, unpack_bits
 
 __all__ = [
     "DEFAULT_GROUP_SIZE",
