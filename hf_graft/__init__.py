@@ -42,7 +42,7 @@ AutoModelForCausalLM.register(GraftedCausalLMConfig, GraftedModelForCausalLM, ex
 
 _LAZY = {
     **{name: name for name in ("data", "demo", "hub", "layers", "metrics", "recipes", "reporting", "vision")},
-    "extract_skillpack": "skillpack.extract",
+    "extract_skillpack": "skillpack.extraction.loaded",
     "fuse": "skillpack.fusion",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)

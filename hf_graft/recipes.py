@@ -543,7 +543,7 @@ def _calibration(job: _Job, tokenizer, answers):
     if kind == "task":  # the distillation examples, only their answers supervised
         return [task_batch(tokenizer, answers[start : start + 32]) for start in range(0, len(answers), 32)]
     if kind == "pydoc":
-        from .skillpack.calibration_data import calibration_batches, calibration_texts
+        from .skillpack.extraction.calibration_data import calibration_batches, calibration_texts
 
         samples = job.recipe.skillpack.get("calibration_samples") or 64
         return calibration_batches(tokenizer, calibration_texts("pydoc"), samples, job.recipe.skillpack.get("calibration_length", 128))

@@ -201,9 +201,9 @@ def product_flop(pack: str) -> float:
 
 def throughput(shape: str) -> list:
     """Seconds per matrix for randomized SVD and 4-bit GPTQ on one MLP matrix of the shape."""
-    from hf_graft.skillpack.calibrate import quantize_calibrated
-    from hf_graft.skillpack.lowrank import lowrank_factors
-    from hf_graft.skillpack.objective import ModuleStatistics
+    from hf_graft.skillpack.compression.calibrate import quantize_calibrated
+    from hf_graft.skillpack.compression.lowrank import lowrank_factors
+    from hf_graft.skillpack.compression.objective import ModuleStatistics
 
     dims = (SHAPES[shape]["intermediate_size"], SHAPES[shape]["hidden_size"])
     rows = []

@@ -51,7 +51,7 @@ from hf_graft.causal_lm import (
 from hf_graft.data import addition, corpus_tokenizer, pydoc_corpus
 from hf_graft.reporting import markdown_table, save_figure, write_results
 from hf_graft.skillpack import delta_spectrum, weight_deltas
-from hf_graft.skillpack.calibrate import input_hessians
+from hf_graft.skillpack.compression.calibrate import input_hessians
 
 RATIOS = (8, 16, 32, 64)
 ABLATIONS = {

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import torch
 
 from hf_graft.safetensors_io import save_tensors
-from hf_graft.skillpack.bitpack import pack_bits
-from hf_graft.skillpack.calibrate import compress_delta_calibrated
-from hf_graft.skillpack.compress import compress_delta, payload_size, segment_layout, to_payload
-from hf_graft.skillpack.prune import prune, sparse_nbytes
+from hf_graft.skillpack.compression.bitpack import pack_bits
+from hf_graft.skillpack.compression.calibrate import compress_delta_calibrated
+from hf_graft.skillpack.compression.formats import compress_delta, payload_size, segment_layout, to_payload
+from hf_graft.skillpack.compression.prune import prune, sparse_nbytes
 
 DELTA_COME_SCHEME = [[8, 2], [3, 32], [2, None]]
 
@@ -98,7 +98,7 @@ def delta_come(deltas: dict, budget: int, hessians: dict) -> Encoded:
 
 
 def _resolved(scheme, rank: int) -> list:
-    from hf_graft.skillpack.quantize import resolve_scheme
+    from hf_graft.skillpack.compression.quantize import resolve_scheme
 
     return [list(block) for block in resolve_scheme(scheme, rank)]
 

@@ -12,14 +12,14 @@ from hypothesis import strategies as st
 
 from hf_graft.errors import HfGraftError
 from hf_graft.safetensors_io import load_tensors, save_tensors
-from hf_graft.skillpack.bitpack import pack_bits, packed_size, unpack_bits
-from hf_graft.skillpack.allocation import OMIT, CandidateLadder, allocate, entry_overhead, measure_candidates, select
-from hf_graft.skillpack.calibrate import compress_with_statistics
-from hf_graft.skillpack.compress import CompressedDelta, compress_delta, normalize_spec, payload_size, segment_layout
-from hf_graft.skillpack.objective import ModuleStatistics
-from hf_graft.skillpack.lowrank import lowrank_factors, rank_for_energy
-from hf_graft.skillpack.prune import SparseDelta, prune, sparse_format, sparse_nbytes
-from hf_graft.skillpack.quantize import (
+from hf_graft.skillpack.compression.bitpack import pack_bits, packed_size, unpack_bits
+from hf_graft.skillpack.compression.allocation import OMIT, CandidateLadder, allocate, entry_overhead, measure_candidates, select
+from hf_graft.skillpack.compression.calibrate import compress_with_statistics
+from hf_graft.skillpack.compression.formats import CompressedDelta, compress_delta, normalize_spec, payload_size, segment_layout
+from hf_graft.skillpack.compression.objective import ModuleStatistics
+from hf_graft.skillpack.compression.lowrank import lowrank_factors, rank_for_energy
+from hf_graft.skillpack.compression.prune import SparseDelta, prune, sparse_format, sparse_nbytes
+from hf_graft.skillpack.compression.quantize import (
     DEFAULT_SCHEME,
     MixedPrecisionFactor,
     QuantizedMatrix,
@@ -531,7 +531,7 @@ def test_allocate_rejects_bad_requests():
 
 # Calibrated compression (GPTQ-style)
 
-from hf_graft.skillpack.calibrate import _ColumnQuantizer, compress_delta_calibrated, gptq  # noqa: E402
+from hf_graft.skillpack.compression.calibrate import _ColumnQuantizer, compress_delta_calibrated, gptq  # noqa: E402
 
 
 def test_gptq_with_an_identity_hessian_is_plain_rounding():

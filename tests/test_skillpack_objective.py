@@ -9,10 +9,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_graft.skillpack as sp
 from hf_graft.errors import HfGraftError
-from hf_graft.skillpack.compress import compress_delta
-from hf_graft.skillpack.distillation import distill_scales
-from hf_graft.skillpack.packing import block_groups
-from hf_graft.skillpack.objective import collect_statistics
+from hf_graft.skillpack.compression.formats import compress_delta
+from hf_graft.skillpack.compression.distillation import distill_scales
+from hf_graft.skillpack.extraction.packing import block_groups
+from hf_graft.skillpack.compression.objective import collect_statistics
 
 IDS = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(5))
 

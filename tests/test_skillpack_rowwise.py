@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 
-import hf_graft.skillpack.rowwise as rowwise
-from hf_graft.skillpack.allocation import OMIT, CandidateLadder, entry_overhead
-from hf_graft.skillpack.compress import compress_delta, payload_size, segment_layout
-from hf_graft.skillpack.objective import ModuleStatistics
-from hf_graft.skillpack.prune import kept_count, prune
-from hf_graft.skillpack.quantize import quantize
-from hf_graft.skillpack.rowwise import DeltaRows, compress_rows, measure_rows, squared_error
+import hf_graft.skillpack.compression.rowwise as rowwise
+from hf_graft.skillpack.compression.allocation import OMIT, CandidateLadder, entry_overhead
+from hf_graft.skillpack.compression.formats import compress_delta, payload_size, segment_layout
+from hf_graft.skillpack.compression.objective import ModuleStatistics
+from hf_graft.skillpack.compression.prune import kept_count, prune
+from hf_graft.skillpack.compression.quantize import quantize
+from hf_graft.skillpack.compression.rowwise import DeltaRows, compress_rows, measure_rows, squared_error
 
 
 @pytest.fixture(autouse=True)

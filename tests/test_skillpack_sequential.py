@@ -9,7 +9,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 import hf_graft.skillpack as sp
-import hf_graft.skillpack.sequential as sequential
+import hf_graft.skillpack.extraction.sequential as sequential
 from hf_graft.errors import HfGraftError
 from test_skillpack_streaming import CONFIGS, FILES, _pair
 
@@ -103,6 +103,6 @@ def test_block_by_block_refusals(tmp_path, monkeypatch):
     with pytest.raises(HfGraftError, match="non-empty LongTensors"):
         sp.extract_skillpack(str(base_dir), str(tuned_dir), config, calibration=[torch.rand(2, 4)])
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr("hf_graft.skillpack.streaming._processes", lambda: (0, 2, lambda: None))
+    monkeypatch.setattr("hf_graft.skillpack.extraction.checkpoints._processes", lambda: (0, 2, lambda: None))
     with pytest.raises(HfGraftError, match="in one process"):
         sp.extract_skillpack(str(base_dir), str(tuned_dir), config, calibration=BATCHES, output_dir=tmp_path / "p")

@@ -12,7 +12,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 import hf_graft.skillpack as sp
-import hf_graft.skillpack.streaming as streaming
+import hf_graft.skillpack.extraction.checkpoints as streaming
 from hf_graft.errors import BaseModelMismatchError, HfGraftError
 from hf_graft.sharded import Checkpoint
 from hf_graft.skillpack.checkpoint_merge import merge_into_checkpoint
@@ -82,7 +82,7 @@ def test_streaming_pack_is_the_in_memory_pack_byte_for_byte(pair, tmp_path):
 
 
 def test_large_deltas_by_row_blocks_make_the_same_pack_both_ways(pair, tmp_path, monkeypatch):
-    import hf_graft.skillpack.rowwise as rowwise
+    import hf_graft.skillpack.compression.rowwise as rowwise
 
     monkeypatch.setattr(rowwise, "LARGE_DELTA_BYTES", 4 * 2500)  # the 96 x 32 embeddings, no other weight
     monkeypatch.setattr(rowwise, "BLOCK_BYTES", 4 * 32 * 16)

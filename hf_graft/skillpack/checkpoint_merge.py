@@ -24,7 +24,7 @@ from ..safetensors_io import atomic_write_json
 from ..sharded import INDEX_NAME, Checkpoint, iter_rows, meta_model, stored_name, write_shard
 from .files import SkillPackFile, read_skillpack
 from .model import check_fingerprint, fingerprint_of, fingerprint_stride, sign_bytes
-from .packing import resolve_device
+from .extraction.packing import resolve_device
 
 __all__ = ["merge_into_checkpoint"]
 

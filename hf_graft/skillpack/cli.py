@@ -103,7 +103,7 @@ def _calibration(args, tokenizer_source: str) -> list:
     """The ``--calibration`` texts as batches of token ids, tokenized with ``tokenizer_source``'s tokenizer."""
     from transformers import AutoTokenizer
 
-    from .calibration_data import calibration_batches, calibration_texts
+    from .extraction.calibration_data import calibration_batches, calibration_texts
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     texts = calibration_texts(args.calibration, args.calibration_column)

@@ -12,7 +12,7 @@ from peft.utils import TaskType
 from ..errors import HfGraftError, short_repr
 from ..safetensors_io import atomic_write_text
 from ..validation import is_int, is_number
-from .compress import check_meta
+from .compression.formats import check_meta
 from .integrity import CONFIG_NAME, DIGEST_PREFIX, WEIGHTS_NAME, check_weights_file, file_digest, locate
 from .peft_type import SKILLPACK
 
@@ -53,7 +53,7 @@ class SkillPackConfig(PeftConfig):
         objective (`str`, defaults to `"output"`):
             What candidates are measured by: ``"output"``, the loss their error costs the model on
             the calibration data (input second moments x output sensitivities, see
-            ``hf_graft.skillpack.objective``); ``"weight"``, the Frobenius error of the delta.
+            ``hf_graft.skillpack.compression.objective``); ``"weight"``, the Frobenius error of the delta.
         formats (`str`, defaults to `"all"`):
             ``"all"``: direct 1-4 bit quantization, signs with a low-rank correction, low rank,
             sparse, or the module left out; ``"lowrank"``: low rank, sparse and fp16 only

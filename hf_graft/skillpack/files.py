@@ -30,7 +30,7 @@ from ..errors import HfGraftError
 from ..hub import SKILLPACK_TAGS, write_skillpack_card
 from ..safetensors_io import in_safetensors_order, load_tensors, safetensors_header
 from ..sharded import write_shard
-from .compress import CompressedDelta, stored_layout
+from .compression.formats import CompressedDelta, stored_layout
 from .config import LOADING_OPTIONS, SkillPackConfig
 from .config_file import read_config_data
 from .integrity import CONFIG_NAME, WEIGHTS_NAME, check_weights_file, expected_layout, locate, pack_digest, tensor_key

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import HfGraftError
 from ..safetensors_io import DTYPE_NAMES, read_checked_header
-from .compress import stored_layout
+from .compression.formats import stored_layout
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -15,7 +15,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .compress import CompressedDelta, stored_layout
+from .compression.formats import CompressedDelta, stored_layout
 
 
 def _buffer_name(tensor_name: str) -> str:

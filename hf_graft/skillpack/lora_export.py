@@ -26,7 +26,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..errors import HfGraftError
 from ..safetensors_io import atomic_write_json, save_tensors
-from .compress import CompressedDelta
+from .compression.formats import CompressedDelta
 from .files import SkillPackFile, pack_of
 
 __all__ = ["LoraExport", "export_lora"]

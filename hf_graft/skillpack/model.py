@@ -10,7 +10,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import BaseModelMismatchError, HfGraftError
-from .compress import check_meta
+from .compression.formats import check_meta
 from .config import SkillPackConfig
 from .integrity import expected_layout, pack_digest
 from .layer import Embedding, Linear, Norm, SkillPackLayer, TiedLinear

@@ -30,9 +30,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import HfGraftError
+from ...errors import HfGraftError
 from .bitpack import pack_bits
-from .compress import CompressedDelta, compress_delta, normalize_spec
+from .formats import CompressedDelta, compress_delta, normalize_spec
 from .prune import prune
 from .lowrank import lowrank_factors
 from .objective import ModuleStatistics

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import HfGraftError
-from ..validation import check_fraction, check_int
+from ...errors import HfGraftError
+from ...validation import check_fraction, check_int
 from .calibrate import compress_with_statistics
-from .compress import CompressedDelta, compress_delta, payload_size, segment_layout
+from .formats import CompressedDelta, compress_delta, payload_size, segment_layout
 from .lowrank import lowrank_factors, rank_for_energy
 from .objective import ModuleStatistics, squared_norm
 from .quantize import DEFAULT_GROUP_SIZE, Scheme, quantize, resolve_scheme

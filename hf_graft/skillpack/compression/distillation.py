@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import HfGraftError
+from ...errors import HfGraftError
 from .bitpack import unpack_bits
-from .compress import CompressedDelta
+from .formats import CompressedDelta
 from .prune import SparseDelta
 from .quantize import MixedPrecisionFactor, QuantizedMatrix
 

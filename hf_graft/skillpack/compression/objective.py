@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from ..errors import HfGraftError
+from ...errors import HfGraftError
 
 __all__ = ["ModuleStatistics", "StatisticsRecorder", "collect_statistics", "squared_norm"]
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import HfGraftError
-from ..validation import check_int
+from ...errors import HfGraftError
+from ...validation import check_int
 
 __all__ = ["pack_bits", "packed_size", "unpack_bits"]
 

@@ -29,8 +29,8 @@ from typing import Literal
 
 import torch
 
-from ..errors import HfGraftError
-from ..validation import check_fraction, check_int
+from ...errors import HfGraftError
+from ...validation import check_fraction, check_int
 from .objective import squared_norm
 
 __all__ = ["LowRankFactors", "lowrank_factors", "rank_for_energy"]

@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 import torch
 
-from ..errors import HfGraftError
-from ..validation import check_fraction, meta_int, meta_keys, meta_shape, stored_tensor
+from ...errors import HfGraftError
+from ...validation import check_fraction, meta_int, meta_keys, meta_shape, stored_tensor
 from .bitpack import pack_bits, packed_size, unpack_bits
 
 __all__ = ["SparseDelta", "kept_count", "prune", "sparse_format", "sparse_nbytes"]

@@ -29,11 +29,11 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ..errors import HfGraftError
+from ...errors import HfGraftError
 from .allocation import OMIT, Candidate, CandidateLadder, entry_overhead
 from .bitpack import pack_bits
 from .calibrate import compress_with_statistics, quantize_calibrated
-from .compress import CompressedDelta, normalize_spec, payload_size, segment_layout
+from .formats import CompressedDelta, normalize_spec, payload_size, segment_layout
 from .objective import ModuleStatistics, squared_norm
 from .prune import SparseDelta, kept_count, sparse_format
 from .quantize import QuantizedMatrix, quantize

@@ -25,17 +25,17 @@ from typing import Any, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import HfGraftError
-from ..process_memory import release_freed_memory
-from ..safetensors_io import atomic_write_json, load_tensors, save_tensors
-from ..sharded import Checkpoint, iter_rows, meta_model, stored_name
+from ...errors import HfGraftError
+from ...process_memory import release_freed_memory
+from ...safetensors_io import atomic_write_json, load_tensors, save_tensors
+from ...sharded import Checkpoint, iter_rows, meta_model, stored_name
 from .calibration_data import default_batches, limited_batches
-from .compress import CompressedDelta
-from .config import SkillPackConfig
-from .files import SkillPackFile, tensor_key
-from .model import fingerprint_of, fingerprint_stride, layer_class, sign_bytes, tied_partners
+from ..compression.formats import CompressedDelta
+from ..config import SkillPackConfig
+from ..files import SkillPackFile, tensor_key
+from ..model import fingerprint_of, fingerprint_stride, layer_class, sign_bytes, tied_partners
 from .packing import BF16_BYTES, Delta, Measurement, assemble, block_groups, choose, compress, delta_error_sq, measure, resolve_device
-from .rowwise import DeltaRows, is_large
+from ..compression.rowwise import DeltaRows, is_large
 from .sequential import extract_sequential
 
 __all__ = ["CheckpointDeltas", "Journal", "extract_from_checkpoints"]

@@ -1,10 +1,10 @@
 """From weight deltas to a SkillPack file: measure, choose under the byte budget, compress, record.
 
-Extraction from loaded models (:mod:`.extract`) and from checkpoint files (:mod:`.streaming`)
+Extraction from loaded models (:mod:`.loaded`) and from checkpoint files (:mod:`.checkpoints`)
 both go through these steps, one delta at a time, so a pack made either way is the same file:
 
 1. :func:`measure` compresses each delta in every candidate format and keeps only the sizes and
-   costs (:mod:`.allocation`), plus the delta's squared norm for the recorded error.
+   costs (:mod:`..compression.allocation`), plus the delta's squared norm for the recorded error.
 2. :func:`choose` picks one format per delta so the saved files fit the budget.
 3. :func:`compress` stores each chosen delta; :func:`assemble` records the figures (bytes, ratio,
    errors) in the config, counting the files' bytes exactly as they will be saved.
@@ -21,15 +21,15 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ..errors import HfGraftError
-from .allocation import OMIT, Candidate, CandidateLadder, measure_candidates, select
-from .calibrate import compress_with_statistics
-from .compress import CompressedDelta, compress_delta
-from .config import SkillPackConfig
-from .files import WEIGHTS_METADATA, SkillPackFile, saved_config_text
-from .integrity import DIGEST_PREFIX, pack_digest
-from .objective import ModuleStatistics, squared_norm
-from .rowwise import DeltaRows, compress_rows, is_large, measure_rows, squared_error
+from ...errors import HfGraftError
+from ..compression.allocation import OMIT, Candidate, CandidateLadder, measure_candidates, select
+from ..compression.calibrate import compress_with_statistics
+from ..compression.formats import CompressedDelta, compress_delta
+from ..config import SkillPackConfig
+from ..files import WEIGHTS_METADATA, SkillPackFile, saved_config_text
+from ..integrity import DIGEST_PREFIX, pack_digest
+from ..compression.objective import ModuleStatistics, squared_norm
+from ..compression.rowwise import DeltaRows, compress_rows, is_large, measure_rows, squared_error
 
 __all__ = ["BF16_BYTES", "Measurement", "assemble", "choose", "compress", "delta_error_sq", "ladder_of", "measure", "resolve_device", "to_cpu"]
 

@@ -14,13 +14,13 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from ..errors import HfGraftError
+from ...errors import HfGraftError
 from .calibration_data import default_batches, limited_batches
-from .config import SkillPackConfig
-from .distillation import distill_scales
-from .files import attach
-from .model import base_fingerprint, layer_class, tied_partners
-from .objective import ModuleStatistics, collect_statistics
+from ..config import SkillPackConfig
+from ..compression.distillation import distill_scales
+from ..files import attach
+from ..model import base_fingerprint, layer_class, tied_partners
+from ..compression.objective import ModuleStatistics, collect_statistics
 from .packing import BF16_BYTES, assemble, block_groups, choose, compress, delta_error_sq, measure, resolve_device
 
 Tuned = Union[nn.Module, PeftModel, str, os.PathLike]
@@ -159,7 +159,7 @@ def extract_skillpack(
     the path / Hub id of one (its exact ``B @ A`` deltas are recompressed).
 
     The pack is made for what the model computes, not for weight error (see
-    :mod:`.objective`, :mod:`.allocation`, :mod:`.distillation`):
+    :mod:`..compression.objective`, :mod:`..compression.allocation`, :mod:`..compression.distillation`):
 
     1. On the calibration batches, each module's input second moment and output sensitivity are
        measured on the tuned model.
@@ -181,13 +181,13 @@ def extract_skillpack(
     ``device``: where the compression runs (``"auto"``: the GPU when there is one). ``base_model``
     and ``tuned`` may instead be checkpoint folders or Hub ids: the checkpoints are then read
     tensor by tensor and neither model is loaded: a calibrated pack is then made with the model
-    run one decoder block at a time (:mod:`~hf_graft.skillpack.sequential`), a data-free one
+    run one decoder block at a time (:mod:`~hf_graft.skillpack.extraction.sequential`), a data-free one
     (``calibration=None``) delta by delta, and either is written to ``output_dir`` resumably
-    (:func:`~hf_graft.skillpack.streaming.extract_from_checkpoints`); a
+    (:func:`~hf_graft.skillpack.extraction.checkpoints.extract_from_checkpoints`); a
     :class:`~hf_graft.skillpack.files.SkillPackFile` is returned.
     """
     if isinstance(base_model, (str, os.PathLike)):
-        from .streaming import extract_from_checkpoints
+        from .checkpoints import extract_from_checkpoints
 
         return extract_from_checkpoints(
             base_model, tuned, config, calibration=calibration, tokenizer=tokenizer, output_dir=output_dir, device=device, progress=progress,

@@ -24,8 +24,8 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from ..errors import HfGraftError
-from ..validation import check_fraction, check_int, meta_int, meta_keys, meta_shape, stored_tensor
+from ...errors import HfGraftError
+from ...validation import check_fraction, check_int, meta_int, meta_keys, meta_shape, stored_tensor
 from .bitpack import packed_size
 from .lowrank import lowrank_factors
 from .prune import SparseDelta, prune

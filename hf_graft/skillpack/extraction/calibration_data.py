@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..errors import HfGraftError
+from ...errors import HfGraftError
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ DEFAULT_SAMPLES, DEFAULT_LENGTH = 128, 128
 def calibration_texts(source: str, column: str = "text") -> list[str]:
     """Texts for calibration: the embedded pydoc corpus, a text file's paragraphs, or a Hub dataset's column."""
     if source == "pydoc":
-        from ..data import pydoc_corpus
+        from ...data import pydoc_corpus
 
         return pydoc_corpus().train.split("\n\n")
     if os.path.isfile(source):

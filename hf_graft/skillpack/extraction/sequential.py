@@ -39,16 +39,16 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from ..errors import HfGraftError
-from ..process_memory import release_freed_memory
-from ..safetensors_io import load_tensors, save_tensors
-from ..sharded import stored_name
-from .compress import CompressedDelta
-from .config import SkillPackConfig
-from .distillation import distill_block
-from .objective import ModuleStatistics, StatisticsRecorder
+from ...errors import HfGraftError
+from ...process_memory import release_freed_memory
+from ...safetensors_io import load_tensors, save_tensors
+from ...sharded import stored_name
+from ..compression.formats import CompressedDelta
+from ..config import SkillPackConfig
+from ..compression.distillation import distill_block
+from ..compression.objective import ModuleStatistics, StatisticsRecorder
 from .packing import Measurement, compress, delta_error_sq, measure
-from .rowwise import DeltaRows
+from ..compression.rowwise import DeltaRows
 
 __all__ = ["BlockwiseModel", "extract_sequential"]
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from ..errors import HfGraftError
-from ..validation import check_int, meta_int, meta_keys, meta_shape, stored_tensor
+from ...errors import HfGraftError
+from ...validation import check_int, meta_int, meta_keys, meta_shape, stored_tensor
 from .bitpack import pack_bits, packed_size, unpack_bits
 
 __all__ = [
