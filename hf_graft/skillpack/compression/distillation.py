@@ -150,12 +150,7 @@ def distill_scales(
         mask = _positions(batch)
         return (per_position * mask).sum() / mask.sum().clamp_min(1)
 
-    was_training = base.training
-    base.eval()
-    try:
-        losses = _train(trainables, loss_of, steps, learning_rate, progress, "Distilling SkillPack scales")
-    finally:
-        base.train(was_training)
+    losses = _train(base, trainables, loss_of, steps, learning_rate, progress, "Distilling SkillPack scales")
     return {name: trainable.stored() for name, trainable in trainables.items()}, losses
 
 
@@ -232,26 +227,28 @@ def distill_block(
         output = output[0] if isinstance(output, tuple) else output
         return (output.float() - target).square().sum() / target.square().sum().clamp_min(1e-30)
 
-    was_training = block.training
-    block.eval()
-    try:
-        losses = _train(trainables, loss_of, steps, learning_rate, progress, "Distilling the block's scales")
-    finally:
-        block.train(was_training)
+    losses = _train(block, trainables, loss_of, steps, learning_rate, progress, "Distilling the block's scales")
     return {name: trainable.stored() for name, trainable in trainables.items()}, losses
 
 
-def _train(trainables: Mapping[str, _Trainable], loss_of, steps: int, learning_rate: float, progress: bool, description: str) -> list[float]:
-    """``steps`` steps of Adam (cosine decay) on the trainables' offsets; ``loss_of(step)`` gives each step's loss."""
+def _train(module: nn.Module, trainables: Mapping[str, _Trainable], loss_of, steps: int, learning_rate: float, progress: bool,
+           description: str) -> list[float]:
+    """``steps`` steps of Adam (cosine decay) on the trainables' offsets, ``module`` in eval mode
+    (no dropout) and given back its mode after; ``loss_of(step)`` gives each step's loss."""
     offsets = [offset for trainable in trainables.values() for offset in trainable.offsets]
     optimizer = torch.optim.Adam(offsets, lr=learning_rate)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     losses = []
-    for step in tqdm(range(steps), desc=description, disable=not progress):
-        loss = loss_of(step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
+    was_training = module.training
+    module.eval()
+    try:
+        for step in tqdm(range(steps), desc=description, disable=not progress):
+            loss = loss_of(step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+    finally:
+        module.train(was_training)
     return losses
