@@ -11,7 +11,7 @@ torch, transformers, peft) is imported when it runs.
     hf-graft vision export MODEL --out DIR  ONNX (Optimum) + static int8, checked against PyTorch
     hf-graft skillpack extract|inspect|apply|export-lora|push   SkillPacks (see hf_graft.skillpack.cli)
     hf-graft layers specialise|graft|eval                        layer grafting (see hf_graft.layers.cli)
-    hf-graft run RECIPE.yaml [--out DIR]    distil teacher -> target, extract the SkillPack (hf_graft.recipes)
+    hf-graft run RECIPE.yaml [--out DIR]    a whole job from one YAML file: distill, layer_graft or vision_graft (hf_graft.recipes)
 """
 
 import argparse
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     _vision_parser(sub)
     _skillpack_parser(sub)
     _layers_parser(sub)
-    run = sub.add_parser("run", help="run a recipe (YAML): distillation to a SkillPack, or a layer graft; evaluation, push")
+    run = sub.add_parser("run", help="run a recipe (YAML): distillation to a SkillPack, a layer graft or a vision graft; evaluation, push")
     run.add_argument("recipe", help="a recipe file (YAML), e.g. hub_templates/recipes/addition-skill.yaml")
     run.add_argument("--out", help="output directory (overrides the recipe's output_dir)")
     return parser

@@ -20,6 +20,10 @@ Writes ``fusion.json``, ``fusion.md`` and ``fusion.png`` to ``--out``.
 
     python scripts/bench_fusion.py --quick     # under 2 minutes on 2 CPU cores, smaller model, fewer prompts
     python scripts/bench_fusion.py             # about 20 minutes
+
+Why one script of this length: the three parts share the trained models and are compared in one
+table, so they run in one process; fusion, merging, extraction and caching are the library's
+(``hf_graft.skillpack``, ``hf_graft.model_cache``).
 """
 
 import os
@@ -37,7 +41,6 @@ from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM
 
 import hf_graft
 from hf_graft.causal_lm import (
@@ -53,6 +56,7 @@ from hf_graft.causal_lm import (
     tiny_llama_config,
 )
 from hf_graft.data import copying, corpus_tokenizer, modular_addition, pydoc_corpus, reversal
+from hf_graft.model_cache import cached_model
 from hf_graft.reporting import markdown_table, save_figure, write_results
 from hf_graft.skillpack import delta_spectrum, load_skillpack, merge_skillpacks, weight_deltas
 from hf_graft.skillpack.files import CONFIG_NAME, WEIGHTS_NAME
@@ -128,23 +132,6 @@ def recipe_of(**parts) -> dict:
     return json.loads(json.dumps(parts, default=lambda value: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else str(value)))
 
 
-def cached_model(folder: str, recipe: dict, train: Callable[[], tuple]) -> tuple:
-    """The model saved in ``folder`` for ``recipe``, or ``train()``'s ``(model, info)``, then saved there."""
-    meta_path = os.path.join(folder, "recipe.json")
-    if os.path.exists(meta_path):
-        with open(meta_path, encoding="utf-8") as handle:
-            saved = json.load(handle)
-        if saved.get("recipe") == recipe:
-            return AutoModelForCausalLM.from_pretrained(folder).eval(), {**saved["info"], "cached": True}
-    model, info = train()
-    model.save_pretrained(folder)
-    tmp = meta_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump({"recipe": recipe, "info": info}, handle, indent=2)
-    os.replace(tmp, meta_path)
-    return model, {**info, "cached": False}
-
-
 def make_base(bench: Bench) -> dict:
     """Pretrain the target on the pydoc text (or load it from the cache); return its training info."""
     setup = bench.setup
@@ -154,8 +141,8 @@ def make_base(bench: Bench) -> dict:
         losses = pretrain(model, bench.train_ids, setup["pretrain"])
         return model, {"steps": len(losses), "final_loss": statistics.mean(losses[-20:])}
 
-    bench.base, info = cached_model(os.path.join(bench.out, "models", "base"), base_recipe(bench), train)
-    return info
+    bench.base, info, cached = cached_model(os.path.join(bench.out, "models", "base"), base_recipe(bench), train)
+    return {**info, "cached": cached}
 
 
 def base_recipe(bench: Bench) -> dict:
@@ -189,7 +176,8 @@ def finetuned(bench: Bench, start: torch.nn.Module, skill: str, name: str, histo
         )
         return model, {"steps": len(losses)}
 
-    return cached_model(os.path.join(bench.out, "models", name), recipe, train_model)
+    model, info, cached = cached_model(os.path.join(bench.out, "models", name), recipe, train_model)
+    return model, {**info, "cached": cached}
 
 
 def file_digests(folder: str) -> dict:

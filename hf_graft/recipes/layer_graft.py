@@ -1,4 +1,4 @@
-"""Layer-grafting recipes: a whole experiment from one YAML file, run by ``hf-graft run``.
+"""Layer-grafting recipes (``kind: layer_graft``): a whole experiment from one YAML file, run by ``hf-graft run``.
 
 A recipe with ``kind: layer_graft`` names the donor and host models, the task, the block to
 specialise, the graft and its translators, the evaluation and where to push::
@@ -47,8 +47,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import HfGraftError
+from .common import MARKER, Job, check_keys, check_reference, load_model, model_spec, recipe_model, tokenizer_of
 
-__all__ = ["GraftRecipe", "load_graft_recipe", "run_graft_recipe"]
+__all__ = ["GraftRecipe", "load", "run"]
 
 SECTIONS = ("kind", "output_dir", "seed", "models", "task", "specialise", "graft", "evaluation", "push_to_hub")
 REQUIRED = object()  # a setting without a default
@@ -79,10 +80,10 @@ STEP_FOLDERS = {"specialise": "specialised", "graft": "grafted"}
 
 @dataclass
 class GraftRecipe:
-    """A checked layer-grafting recipe (see the module docstring); build it with :func:`load_graft_recipe`."""
+    """A checked layer-grafting recipe (see the module docstring); build it with :func:`load`."""
 
     output_dir: str
-    models: dict  # role -> hf_graft.recipes.ModelSpec
+    models: dict  # role -> ModelSpec
     task: dict
     specialise: dict
     graft: dict
@@ -94,9 +95,8 @@ class GraftRecipe:
 
 def _settings(raw: dict, name: str, defaults: dict) -> dict:
     """``raw[name]`` over ``defaults``; unknown keys and missing :data:`REQUIRED` ones refused."""
-    from ..recipes import _check_keys
 
-    values = _check_keys(name, raw.get(name) or {}, tuple(defaults), required=[k for k, v in defaults.items() if v is REQUIRED])
+    values = check_keys(name, raw.get(name) or {}, tuple(defaults), required=[k for k, v in defaults.items() if v is REQUIRED])
     settings = {**defaults, **values}
     for key, value in settings.items():
         if key in _CHOICES and value not in _CHOICES[key]:
@@ -107,22 +107,21 @@ def _settings(raw: dict, name: str, defaults: dict) -> dict:
     return settings
 
 
-def load_graft_recipe(raw: dict, *, output_dir: str | None = None) -> GraftRecipe:
+def load(raw: dict, *, output_dir: str | None = None) -> GraftRecipe:
     """Check a parsed ``kind: layer_graft`` recipe without training anything; the first problem raises."""
-    from ..recipes import _check_keys, _check_reference, _model_spec
 
-    _check_keys("", raw, SECTIONS, required=("models", "specialise", "graft"))
+    check_keys("", raw, SECTIONS, required=("models", "specialise", "graft"))
     output_dir = output_dir or raw.get("output_dir")
     if not output_dir:
         raise HfGraftError("recipe: output_dir is required (or pass --out).")
-    _check_keys("models", raw["models"], ("donor", "host"), required=("donor", "host"))
-    models = {role: _model_spec(role, entry) for role, entry in raw["models"].items()}
+    check_keys("models", raw["models"], ("donor", "host"), required=("donor", "host"))
+    models = {role: model_spec(role, entry) for role, entry in raw["models"].items()}
     for spec in models.values():
         if spec.finetune is not None:
             raise HfGraftError(f"recipe: models.{spec.role}.finetune: in a layer graft only the block named in "
                                "specialise learns the task; drop finetune.")
         if spec.reference is not None:
-            _check_reference(spec)
+            check_reference(spec)
     task = _settings(raw, "task", _TASK)
     if task["modulus"] < 2:
         raise HfGraftError(f"recipe: task.modulus must be at least 2, got {task['modulus']}.")
@@ -151,17 +150,15 @@ def _config(spec):
     from transformers import AutoConfig
 
     from ..causal_lm import tiny_config
-    from ..recipes import _tokenizer
 
     if spec.reference is not None:
         return AutoConfig.from_pretrained(spec.reference)
-    return tiny_config(_tokenizer(spec), spec.family, **spec.tiny)
+    return tiny_config(tokenizer_of(spec), spec.family, **spec.tiny)
 
 
 def _check_models(recipe: GraftRecipe) -> None:
     """Layer, position, family and tokenizers checked on the configs, before any model is built."""
     from ..models.configuration_grafted_causal_lm import GraftedCausalLMConfig
-    from ..recipes import _tokenizer
 
     donor, host = (recipe.models[role] for role in ("donor", "host"))
     donor_config, host_config = _config(donor), _config(host)
@@ -174,7 +171,7 @@ def _check_models(recipe: GraftRecipe) -> None:
         GraftedCausalLMConfig(host_config=host_config.to_dict(), grafts=[graft])
     except ValueError as error:
         raise HfGraftError(f"recipe: graft: {error}") from error
-    if _tokenizer(donor).get_vocab() != _tokenizer(host).get_vocab():
+    if tokenizer_of(donor).get_vocab() != tokenizer_of(host).get_vocab():
         raise HfGraftError("recipe: models: the donor and the host have different tokenizers; a grafted block reads "
                            "and writes the host's token positions, so both must share one vocabulary.")
 
@@ -185,17 +182,16 @@ def _task(recipe: GraftRecipe):
     return modular_addition(recipe.task["modulus"], train_size=recipe.task["train_size"], test_size=recipe.task["test_size"])
 
 
-def run_graft_recipe(recipe: GraftRecipe, *, progress: bool = True) -> dict:
+def run(recipe: GraftRecipe, *, progress: bool = True) -> dict:
     """Run a checked layer-grafting recipe end to end; return its report (also ``report.json``)."""
     import torch
 
-    from ..recipes import _Job, _model
     from ..safetensors_io import atomic_write_json
 
-    job = _Job(recipe, progress, STEPS)
+    job = Job(recipe, progress, STEPS)
     job.say("models", ", ".join(f"{role}: {spec.reference or 'tiny ' + spec.family}" for role, spec in recipe.models.items()))
-    donor, tokenizer = _model(job, recipe.models["donor"])
-    host, _ = _model(job, recipe.models["host"])
+    donor, tokenizer = recipe_model(job, recipe.models["donor"])
+    host, _ = recipe_model(job, recipe.models["host"])
     task = _task(recipe)
     torch.manual_seed(recipe.seed)
 
@@ -234,7 +230,6 @@ def run_graft_recipe(recipe: GraftRecipe, *, progress: bool = True) -> dict:
 def _step(job, step: str, record: dict, tokenizer, message: str, build) -> tuple[Any, dict]:
     """The model a step saved under ``<output_dir>/<folder>``, made by ``build()`` (a model and what
     else to record, e.g. losses) unless a finished one from the same ``record`` is there."""
-    from ..recipes import MARKER, _load
 
     directory = job.out / STEP_FOLDERS[step]
     if job.done(directory, record):
@@ -245,12 +240,12 @@ def _step(job, step: str, record: dict, tokenizer, message: str, build) -> tuple
         model.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
         job.finish(directory, record, **extra)
-    return _load(directory)[0], json.loads((directory / MARKER).read_text(encoding="utf-8"))
+    return load_model(directory)[0], json.loads((directory / MARKER).read_text(encoding="utf-8"))
 
 
 def _specialise(recipe: GraftRecipe, donor, tokenizer, task, progress: bool):
     from ..causal_lm import Schedule
-    from .specialise import specialise_block
+    from ..layers.specialise import specialise_block
 
     settings = recipe.specialise
     schedule = Schedule(steps=settings["steps"], batch_size=settings["batch_size"], learning_rate=settings["learning_rate"],
@@ -261,8 +256,8 @@ def _specialise(recipe: GraftRecipe, donor, tokenizer, task, progress: bool):
 
 def _graft(recipe: GraftRecipe, donor, tuned, host, tokenizer, task, progress: bool) -> tuple[Any, dict]:
     from ..data import pydoc_corpus
+    from ..layers.translators import fit_translators, train_translators, translator_batches
     from ..models.modeling_grafted_causal_lm import GraftedModelForCausalLM
-    from .translators import fit_translators, train_translators, translator_batches
 
     settings = recipe.graft
     source = tuned if settings["strategy"] == "direct" else donor
@@ -288,7 +283,7 @@ def _graft(recipe: GraftRecipe, donor, tuned, host, tokenizer, task, progress: b
 def _scores(recipe: GraftRecipe, model, tokenizer, task) -> dict:
     from ..causal_lm import encode_text
     from ..data import pydoc_corpus
-    from .evaluation import language_scores, task_scores, text_prompts
+    from ..layers.evaluation import language_scores, task_scores, text_prompts
 
     settings = recipe.evaluation
     held_out = pydoc_corpus().held_out

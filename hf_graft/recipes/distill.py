@@ -1,8 +1,4 @@
-"""One YAML file runs a whole job: ``hf-graft run recipe.yaml``.
-
-A recipe's ``kind`` says which: ``distill`` (the default, below) distils a skill into a target and
-ships it as a SkillPack; ``layer_graft`` grafts a specialised block into a host LM
-(:mod:`hf_graft.layers.recipe`).
+"""Distillation recipes (``kind: distill``, the default): a skill distilled into a target, shipped as a SkillPack.
 
 As a mergekit recipe, a file names everything: the teacher (source) and target models, the
 prompts, the training stages, the SkillPack's budget, the evaluation and where to push. The job:
@@ -63,57 +59,29 @@ training stages run on all of them.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
+from ..data import Example
+from ..distill import DpoSettings, LogitSettings, SftSettings
+from ..errors import HfGraftError
+from ..safetensors_io import atomic_write_json
+from .common import MARKER, Job, ModelSpec, check_keys, check_reference, dataclass_settings, load_model, model_spec, recipe_model, tokenizer_of
 
-from .data import Example
-from .distill import DpoSettings, LogitSettings, SftSettings
-from .errors import HfGraftError
-from .safetensors_io import atomic_write_json
+__all__ = ["Recipe", "load", "run"]
 
-__all__ = ["ModelSpec", "Recipe", "load_recipe", "run_recipe"]
-
-KINDS = ("distill", "layer_graft")
 _SECTIONS = ("kind", "output_dir", "seed", "models", "prompts", "generation", "stages", "skillpack", "evaluation", "push_to_hub")
 _ROLES = ("teacher", "target", "base")
 _STAGES = {"sft": SftSettings, "dpo": DpoSettings, "logits": LogitSettings}
 _TASKS = ("addition", "modular_addition")
-_TINY_KEYS = ("tiny", "family", "vocab_size", "seed", "pretrain", "finetune")
-_TINY_CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings")
-_SCHEDULE_KEYS = ("steps", "batch_size", "learning_rate", "warmup_steps", "min_lr_ratio", "weight_decay", "max_grad_norm", "seed")
 _SKILLPACK_KEYS = (
     "target_ratio", "byte_budget", "sparse_modules", "target_modules", "calibration", "calibration_samples",
     "calibration_length", "distill_steps", "distill_learning_rate", "objective", "formats", "compensation",
 )
 _CALIBRATION = ("none", "task", "pydoc")
 _TEXT_METRICS = ("exact_match", "format_hard", "format_soft", "factual")
-MARKER = "hf_graft_step.json"
-
-
-@dataclass
-class ModelSpec:
-    """One model of a recipe: a folder or Hub id (``reference``), or a tiny model built offline."""
-
-    role: str
-    reference: str | None = None
-    tiny: dict | None = None
-    family: str = "llama"
-    vocab_size: int = 320
-    seed: int = 0
-    pretrain: dict | None = None
-    finetune: dict | None = None
-
-    def describe(self) -> dict:
-        """What identifies the model, for the record beside its outputs."""
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -135,87 +103,18 @@ class Recipe:
     raw: dict = field(default_factory=dict)
 
 
-def _check_keys(where: str, mapping: Any, allowed, required=()) -> dict:
-    if not isinstance(mapping, dict):
-        raise HfGraftError(f"recipe: {where} must be a mapping, got {type(mapping).__name__}.")
-    unknown = [key for key in mapping if key not in allowed]
-    if unknown:
-        raise HfGraftError(
-            f"recipe: unknown key {where + '.' if where else ''}{unknown[0]} (allowed here: {', '.join(allowed)})."
-        )
-    missing = [key for key in required if key not in mapping]
-    if missing:
-        raise HfGraftError(f"recipe: {where + '.' if where else ''}{missing[0]} is required.")
-    return mapping
-
-
-def _dataclass_settings(where: str, cls, values: Any):
-    values = {} if values is None else values
-    _check_keys(where, values, [f.name for f in dataclasses.fields(cls)])
-    try:
-        return cls(**values)
-    except HfGraftError as error:
-        raise HfGraftError(f"recipe: {where}: {error}") from error
-
-
-def _model_spec(role: str, entry: Any) -> ModelSpec:
-    where = f"models.{role}"
-    if isinstance(entry, str) and entry:
-        return ModelSpec(role=role, reference=entry)
-    if isinstance(entry, dict) and "path" in entry:
-        _check_keys(where, entry, ("path",))
-        return _model_spec(role, entry["path"])
-    if not isinstance(entry, dict) or "tiny" not in entry:
-        raise HfGraftError(
-            f"recipe: {where} must be a model folder or Hub id, {{path: ...}}, or {{tiny: {{...}}, ...}}; got {entry!r}."
-        )
-    _check_keys(where, entry, _TINY_KEYS)
-    _check_keys(f"{where}.tiny", entry["tiny"] or {}, _TINY_CONFIG_KEYS)
-    for part in ("pretrain", "finetune"):
-        if entry.get(part) is not None:
-            keys = _SCHEDULE_KEYS + (("seq_len",) if part == "pretrain" else ())
-            _check_keys(f"{where}.{part}", entry[part], keys, required=("steps",))
-    from .causal_lm import TINY_FAMILIES
-
-    family = entry.get("family", "llama")
-    if family not in TINY_FAMILIES:
-        raise HfGraftError(f"recipe: {where}.family must be one of {', '.join(TINY_FAMILIES)}, got {family!r}.")
-    return ModelSpec(
-        role=role,
-        tiny=dict(entry["tiny"] or {}),
-        family=family,
-        vocab_size=entry.get("vocab_size", 320),
-        seed=entry.get("seed", 0),
-        pretrain=entry.get("pretrain"),
-        finetune=entry.get("finetune"),
-    )
-
-
-def _check_reference(spec: ModelSpec) -> None:
-    """Fail now, not after training, when a model folder or Hub id cannot be found."""
-    from transformers import AutoConfig
-
-    try:
-        AutoConfig.from_pretrained(spec.reference)
-    except (OSError, ValueError) as error:
-        raise HfGraftError(
-            f"recipe: models.{spec.role}: cannot find the model {spec.reference!r} (a folder with config.json, "
-            f"or a Hub id reachable from here): {str(error).splitlines()[0]}"
-        ) from error
-
-
 def _prompts(section: Any) -> tuple[list[str], list[str] | None, list[Example] | None, list[Example] | None]:
     """Prompts, their expected answers if known, held-out examples and the task's train split."""
     if isinstance(section, list):
         return section, None, None, None
-    _check_keys("prompts", section, ("task", "task_args", "dataset", "split", "column", "answer_column", "limit"))
+    check_keys("prompts", section, ("task", "task_args", "dataset", "split", "column", "answer_column", "limit"))
     if ("task" in section) == ("dataset" in section):
         raise HfGraftError("recipe: prompts needs exactly one of task (a hf_graft.data task) and dataset, or a list.")
     limit = section.get("limit")
     if "task" in section:
         if section["task"] not in _TASKS:
             raise HfGraftError(f"recipe: prompts.task must be one of {', '.join(_TASKS)}, got {section['task']!r}.")
-        from . import data
+        from .. import data
 
         task = getattr(data, section["task"])(**(section.get("task_args") or {}))
         train = task.train[:limit]
@@ -236,41 +135,23 @@ def _prompts(section: Any) -> tuple[list[str], list[str] | None, list[Example] |
     return list(rows[column]), answers, None, train
 
 
-def _read_yaml(path: str | os.PathLike) -> Any:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return yaml.safe_load(handle)
-    except OSError as error:
-        raise HfGraftError(f"Cannot read the recipe {path}: {error}") from error
-    except yaml.YAMLError as error:
-        raise HfGraftError(f"The recipe {path} is not valid YAML: {error}") from error
-
-
-def load_recipe(source: str | os.PathLike | dict, *, output_dir: str | None = None):
-    """Read and check a recipe (a YAML file or an already parsed dict) without training anything.
+def load(raw: dict, *, output_dir: str | None = None) -> Recipe:
+    """Check a parsed distillation recipe without training anything.
 
     Model folders and Hub ids are looked up (their configs only), the prompt set is built, and
     the stage, SkillPack and evaluation settings are checked; the first problem found raises
     :class:`HfGraftError` naming the key. ``output_dir`` overrides the recipe's.
     """
-    raw = source if isinstance(source, dict) else _read_yaml(source)
-    kind = raw.get("kind", "distill") if isinstance(raw, dict) else "distill"
-    if kind == "layer_graft":
-        from .layers.recipe import load_graft_recipe
-
-        return load_graft_recipe(raw, output_dir=output_dir)
-    if kind != "distill":
-        raise HfGraftError(f"recipe: kind must be one of {', '.join(KINDS)}, got {kind!r}.")
-    _check_keys("", raw, _SECTIONS, required=("models", "prompts", "stages"))
+    check_keys("", raw, _SECTIONS, required=("models", "prompts", "stages"))
     output_dir = output_dir or raw.get("output_dir")
     if not output_dir:
         raise HfGraftError("recipe: output_dir is required (or pass --out).")
 
-    _check_keys("models", raw["models"], _ROLES, required=("teacher", "target"))
-    models = {role: _model_spec(role, entry) for role, entry in raw["models"].items()}
+    check_keys("models", raw["models"], _ROLES, required=("teacher", "target"))
+    models = {role: model_spec(role, entry) for role, entry in raw["models"].items()}
 
     prompts, references, eval_examples, task_train = _prompts(raw["prompts"])
-    from .distill import check_prompts
+    from ..distill import check_prompts
 
     try:
         prompts = check_prompts(prompts)
@@ -278,16 +159,16 @@ def load_recipe(source: str | os.PathLike | dict, *, output_dir: str | None = No
         raise HfGraftError(f"recipe: prompts: {error}") from error
 
     stages_raw = raw["stages"] or {}
-    _check_keys("stages", stages_raw, tuple(_STAGES))
+    check_keys("stages", stages_raw, tuple(_STAGES))
     if not stages_raw:
         raise HfGraftError(f"recipe: stages must name at least one of {', '.join(_STAGES)}.")
-    stages = {name: _dataclass_settings(f"stages.{name}", _STAGES[name], stages_raw[name]) for name in _STAGES if name in stages_raw}
+    stages = {name: dataclass_settings(f"stages.{name}", _STAGES[name], stages_raw[name]) for name in _STAGES if name in stages_raw}
 
-    generation = _check_keys("generation", raw.get("generation") or {}, ("max_new_tokens", "batch_size"))
-    skillpack = dict(_check_keys("skillpack", raw.get("skillpack") or {}, _SKILLPACK_KEYS))
+    generation = check_keys("generation", raw.get("generation") or {}, ("max_new_tokens", "batch_size"))
+    skillpack = dict(check_keys("skillpack", raw.get("skillpack") or {}, _SKILLPACK_KEYS))
     if skillpack.get("calibration", "task") not in _CALIBRATION:
         raise HfGraftError(f"recipe: skillpack.calibration must be one of {', '.join(_CALIBRATION)}, got {skillpack['calibration']!r}.")
-    from .skillpack import SkillPackConfig
+    from ..skillpack import SkillPackConfig
 
     try:
         SkillPackConfig(**{k: v for k, v in skillpack.items() if k not in ("calibration", "calibration_length")})
@@ -296,7 +177,7 @@ def load_recipe(source: str | os.PathLike | dict, *, output_dir: str | None = No
 
     evaluation = raw.get("evaluation", {})
     if evaluation is not False and evaluation is not None:
-        _check_keys("evaluation", evaluation, ("metric", "references"))
+        check_keys("evaluation", evaluation, ("metric", "references"))
         evaluation = {"metric": "exact_match", "references": "task" if eval_examples else "teacher", **evaluation}
         if evaluation["metric"] not in _TEXT_METRICS:
             raise HfGraftError(f"recipe: evaluation.metric must be one of {', '.join(_TEXT_METRICS)}, got {evaluation['metric']!r}.")
@@ -313,7 +194,7 @@ def load_recipe(source: str | os.PathLike | dict, *, output_dir: str | None = No
                 f"recipe: models.{spec.role}.finetune needs prompts with answers (prompts.task, or answer_column)."
             )
         if spec.reference is not None:
-            _check_reference(spec)
+            check_reference(spec)
     recipe = Recipe(
         output_dir=str(output_dir),
         models=models,
@@ -340,7 +221,7 @@ def _check_shared_tokenizer(recipe: Recipe) -> None:
     if teacher.tiny is not None and target.tiny is not None:
         same = teacher.vocab_size == target.vocab_size
     else:
-        same = _tokenizer(teacher).get_vocab() == _tokenizer(target).get_vocab()
+        same = tokenizer_of(teacher).get_vocab() == tokenizer_of(target).get_vocab()
     if not same:
         raise HfGraftError(
             "recipe: stages.logits needs a teacher and a target with one vocabulary, and these tokenizers differ. "
@@ -348,118 +229,9 @@ def _check_shared_tokenizer(recipe: Recipe) -> None:
         )
 
 
-@functools.cache
-def _corpus_tokenizer(vocab_size: int):
-    from .data import corpus_tokenizer
-
-    return corpus_tokenizer(vocab_size)
-
-
-def _tokenizer(spec: ModelSpec):
-    from transformers import AutoTokenizer
-
-    if spec.tiny is not None:
-        return _corpus_tokenizer(spec.vocab_size)
-    tokenizer = AutoTokenizer.from_pretrained(spec.reference)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-# Running ---------------------------------------------------------------------------------------
-
-
-class _Job:
-    """The state of one recipe run: where it writes, which process it is, how it reports."""
-
-    def __init__(self, recipe, progress: bool, steps: list[str]):
-        from accelerate import PartialState
-
-        self.recipe = recipe
-        self.out = Path(recipe.output_dir)
-        self.state = PartialState()
-        self.progress = progress and self.state.is_main_process
-        self.steps = steps
-
-    def say(self, step: str, message: str) -> None:
-        if self.progress:
-            index = self.steps.index(step) + 1
-            print(f"[{index}/{len(self.steps)}] {step}: {message}", flush=True)
-
-    def done(self, directory: Path, record: dict) -> bool:
-        """Whether ``directory`` holds a finished step made from ``record``; refuses one made otherwise."""
-        marker = directory / MARKER
-        if not marker.is_file():
-            return False
-        saved = json.loads(marker.read_text(encoding="utf-8"))
-        if saved.get("record") != json.loads(json.dumps(record)):
-            raise HfGraftError(
-                f"{directory} was written by a different recipe (or an earlier version of this one). "
-                "Choose another output_dir, or delete that folder to redo the step."
-            )
-        return True
-
-    def finish(self, directory: Path, record: dict, **extra) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(directory / MARKER, {"record": record, **extra})
-
-    @contextlib.contextmanager
-    def main_first(self):
-        """The main process runs the block first (and writes its outputs); then the others."""
-        with self.state.main_process_first():
-            yield
-
-
-def _build_tiny(job: _Job, spec: ModelSpec):
-    """Build (and pretrain / fine-tune) a tiny model as its entry says."""
-    import torch
-
-    from .causal_lm import Schedule, build_causal_lm, encode_text, finetune, pretrain, tiny_config
-    from .data import pydoc_corpus
-
-    tokenizer = _corpus_tokenizer(spec.vocab_size)
-    model = build_causal_lm(tiny_config(tokenizer, spec.family, **spec.tiny), seed=spec.seed)
-    if spec.pretrain:
-        settings = dict(spec.pretrain)
-        seq_len = settings.pop("seq_len", 64)
-        text = encode_text(tokenizer, pydoc_corpus().train)
-        pretrain(model, text, Schedule(**{"batch_size": 16, "learning_rate": 3e-3, **settings}), seq_len=seq_len, progress=job.progress)
-    if spec.finetune:
-        schedule = Schedule(**{"batch_size": 32, "learning_rate": 3e-3, **spec.finetune})
-        finetune(model, tokenizer, job.recipe.task_train, schedule, progress=job.progress)
-    torch.manual_seed(job.recipe.seed)
-    return model.eval(), tokenizer
-
-
-def _load(directory_or_id):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(directory_or_id).eval()
-    tokenizer = AutoTokenizer.from_pretrained(directory_or_id)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
-def _model(job: _Job, spec: ModelSpec):
-    """A recipe model: loaded from its reference, or built once and then loaded from the output dir."""
-    if spec.reference is not None:
-        return _load(spec.reference)
-    directory = job.out / "models" / spec.role
-    record = spec.describe() | {"task": job.recipe.raw["prompts"] if spec.finetune else None}
-    with job.main_first():
-        if not job.done(directory, record):
-            job.say("models", f"building the tiny {spec.role}")
-            model, tokenizer = _build_tiny(job, spec)
-            model.save_pretrained(directory)
-            tokenizer.save_pretrained(directory)
-            job.finish(directory, record)
-    return _load(directory)
-
-
-def _answers(job: _Job, name: str, model, tokenizer, prompts: list[str], record: dict, step: str) -> list[Example]:
+def _answers(job: Job, name: str, model, tokenizer, prompts: list[str], record: dict, step: str) -> list[Example]:
     """Greedy answers of ``model``, computed once by the main process and kept as JSON."""
-    from .distill import model_answers
+    from ..distill import model_answers
 
     directory = job.out / name
     with job.main_first():
@@ -477,7 +249,7 @@ def _answers(job: _Job, name: str, model, tokenizer, prompts: list[str], record:
     return [tuple(pair) for pair in json.loads((directory / MARKER).read_text(encoding="utf-8"))["answers"]]
 
 
-def _max_new_tokens(job: _Job, tokenizer) -> int:
+def _max_new_tokens(job: Job, tokenizer) -> int:
     """The recipe's ``generation.max_new_tokens``; by default one past the longest known answer, else 32."""
     if "max_new_tokens" in job.recipe.generation:
         return job.recipe.generation["max_new_tokens"]
@@ -487,7 +259,7 @@ def _max_new_tokens(job: _Job, tokenizer) -> int:
     return max(len(tokenizer(answer, add_special_tokens=False)["input_ids"]) for answer in known) + 1
 
 
-def _stage_record(job: _Job, name: str, before: dict) -> dict:
+def _stage_record(job: Job, name: str, before: dict) -> dict:
     settings = job.recipe.stages[name]
     return {"stage": name, "settings": dataclasses.asdict(settings), "before": before}
 
@@ -503,15 +275,15 @@ def _described(settings) -> str:
                      else f"{name.replace('_', ' ')} {getattr(settings, name)}" for name in shown)
 
 
-def _run_stage(job: _Job, name: str, student, tokenizer, teacher, answers, record: dict):
+def _run_stage(job: Job, name: str, student, tokenizer, teacher, answers, record: dict):
     """Train ``student`` with stage ``name`` unless a finished run of it is saved; return the model."""
-    from .distill import distill_logits, dpo, preference_pairs, sft
+    from ..distill import distill_logits, dpo, preference_pairs, sft
 
     directory = job.out / "stages" / name
     settings = job.recipe.stages[name]
     if job.done(directory, record):
         job.say(name, f"done earlier, loading {directory / 'model'}")
-        return _load(directory / "model")[0]
+        return load_model(directory / "model")[0]
     job.say(name, _described(settings))
     losses = []
     if name == "sft":
@@ -536,14 +308,14 @@ def _run_stage(job: _Job, name: str, student, tokenizer, teacher, answers, recor
     return student
 
 
-def _calibration(job: _Job, tokenizer, answers):
-    from .causal_lm import task_batch
+def _calibration(job: Job, tokenizer, answers):
+    from ..causal_lm import task_batch
 
     kind = job.recipe.skillpack.get("calibration", "task")
     if kind == "task":  # the distillation examples, only their answers supervised
         return [task_batch(tokenizer, answers[start : start + 32]) for start in range(0, len(answers), 32)]
     if kind == "pydoc":
-        from .skillpack.extraction.calibration_data import calibration_batches, calibration_texts
+        from ..skillpack.extraction.calibration_data import calibration_batches, calibration_texts
 
         samples = job.recipe.skillpack.get("calibration_samples") or 64
         return calibration_batches(tokenizer, calibration_texts("pydoc"), samples, job.recipe.skillpack.get("calibration_length", 128))
@@ -552,8 +324,8 @@ def _calibration(job: _Job, tokenizer, answers):
 
 def _score(model, tokenizer, examples: list[Example], metric: str) -> float:
     """``metric`` (an hf-graft evaluate module) of ``model``'s greedy answers against ``examples``' answers."""
-    from . import metrics
-    from .causal_lm import greedy_answers
+    from .. import metrics
+    from ..causal_lm import greedy_answers
 
     longest = max(len(tokenizer(answer, add_special_tokens=False)["input_ids"]) for _, answer in examples)
     predictions = greedy_answers(model, tokenizer, [p for p, _ in examples], max_new_tokens=longest + 1)
@@ -565,23 +337,16 @@ def _score(model, tokenizer, examples: list[Example], metric: str) -> float:
     return float(module.compute(**inputs)[metric])
 
 
-def run_recipe(source: str | os.PathLike | dict | Recipe, *, output_dir: str | None = None, progress: bool = True) -> dict:
-    """Run a recipe end to end (see the module docstring) and return its report.
-
-    A ``kind: layer_graft`` recipe runs :func:`hf_graft.layers.recipe.run_graft_recipe` instead.
+def run(recipe: Recipe, *, progress: bool = True) -> dict:
+    """Run a checked distillation recipe end to end (see the module docstring) and return its report.
 
     The report (also written to ``<output_dir>/report.json``) holds every stage's losses, the
     SkillPack's measured size and error, the base / tuned / pack scores and the retention.
     """
-    from .layers.recipe import GraftRecipe, run_graft_recipe
-
-    recipe = source if isinstance(source, (Recipe, GraftRecipe)) else load_recipe(source, output_dir=output_dir)
-    if isinstance(recipe, GraftRecipe):
-        return run_graft_recipe(recipe, progress=progress)
-    job = _Job(recipe, progress, ["models", "teacher answers", *recipe.stages, "skillpack"])
+    job = Job(recipe, progress, ["models", "teacher answers", *recipe.stages, "skillpack"])
     job.say("models", ", ".join(f"{role}: {spec.reference or 'tiny'}" for role, spec in recipe.models.items()))
-    teacher, teacher_tokenizer = _model(job, recipe.models["teacher"])
-    student, tokenizer = _model(job, recipe.models["target"])
+    teacher, teacher_tokenizer = recipe_model(job, recipe.models["teacher"], recipe.task_train, recipe.raw["prompts"])
+    student, tokenizer = recipe_model(job, recipe.models["target"], recipe.task_train, recipe.raw["prompts"])
 
     record = {"teacher": recipe.models["teacher"].describe(), "prompts": recipe.prompts, "generation": recipe.generation}
     answers = _answers(job, "teacher_answers", teacher, teacher_tokenizer, recipe.prompts, record, "teacher answers")
@@ -607,15 +372,16 @@ def run_recipe(source: str | os.PathLike | dict | Recipe, *, output_dir: str | N
     return report
 
 
-def _skillpack(job: _Job, tuned, tokenizer, teacher, teacher_tokenizer, answers) -> dict:
+def _skillpack(job: Job, tuned, tokenizer, teacher, teacher_tokenizer, answers) -> dict:
     """Extract, evaluate, save and push the SkillPack; return its part of the report."""
     import torch
 
-    from .reporting import markdown_table
-    from .skillpack import SkillPackConfig, extract_skillpack, record_evaluation
+    from ..reporting import markdown_table
+    from ..skillpack import SkillPackConfig, extract_skillpack, record_evaluation
 
     recipe = job.recipe
-    base = _model(job, recipe.models["base"])[0] if "base" in recipe.models else _model(job, recipe.models["target"])[0]
+    base_spec = recipe.models.get("base", recipe.models["target"])  # the delta's base: the target as loaded by default
+    base = recipe_model(job, base_spec, recipe.task_train, recipe.raw["prompts"])[0]
     settings = {k: v for k, v in recipe.skillpack.items() if k not in ("calibration", "calibration_length")}
     calibration = _calibration(job, tokenizer, answers)
     if calibration is not None:
