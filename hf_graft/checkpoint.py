@@ -34,7 +34,7 @@ import torch
 from .errors import HfGraftError
 from .safetensors_io import atomic_write_text, fsync_directory, load_tensors, save_tensors
 
-__all__ = ["load_training_state", "save_training_state"]
+__all__ = ["load_training_state", "save_from_main", "save_training_state"]
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -108,6 +108,21 @@ def save_training_state(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+def save_from_main(accelerator, directory, model, optimizer, scheduler=None, state: dict[str, Any] | None = None) -> None:
+    """:func:`save_training_state` in an ``accelerate`` run: every process waits, the main one writes
+    the unwrapped model, optimizer and scheduler, and every process waits again."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_training_state(
+            directory,
+            accelerator.unwrap_model(model),
+            getattr(optimizer, "optimizer", optimizer),
+            getattr(scheduler, "scheduler", scheduler),
+            state=state,
+        )
+    accelerator.wait_for_everyone()
 
 
 def load_training_state(

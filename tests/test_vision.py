@@ -177,16 +177,16 @@ def test_training_resumes_bit_exactly_after_a_kill(tmp_path, monkeypatch):
 
     straight, history = run(tmp_path / "straight")
 
-    save = training.save_training_state
+    save = training.save_from_main
 
     def save_then_die(*args, **kwargs):
         save(*args, **kwargs)
         raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
 
-    monkeypatch.setattr(training, "save_training_state", save_then_die)
+    monkeypatch.setattr(training, "save_from_main", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "resumed")
-    monkeypatch.setattr(training, "save_training_state", save)
+    monkeypatch.setattr(training, "save_from_main", save)
     resumed, resumed_history = run(tmp_path / "resumed")
     assert resumed_history == history
     for key, value in straight.state_dict().items():

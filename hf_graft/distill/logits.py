@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..causal_lm import Schedule
-from ..checkpoint import load_training_state, save_training_state
+from ..checkpoint import load_training_state, save_from_main
 from ..data import Example
 from ..errors import HfGraftError
 
@@ -234,25 +234,10 @@ def distill_logits(
                 state["step"] == settings.steps
                 or (settings.checkpoint_every and state["step"] % settings.checkpoint_every == 0)
             ):
-                _save(accelerator, checkpoint, student, optimizer, scheduler, state)
+                save_from_main(accelerator, checkpoint, student, optimizer, scheduler, state)
             if on_step is not None:
                 on_step(state["step"], loss)
             if state["step"] == settings.steps:
                 break
     bar.close()
     return LogitResult(model=accelerator.unwrap_model(student).eval(), losses=list(state["losses"]))
-
-
-def _save(accelerator: Accelerator, checkpoint: str, student, optimizer, scheduler, state: dict) -> None:
-    """Write the checkpoint from the main process while the others wait."""
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_training_state(
-            checkpoint,
-            accelerator.unwrap_model(student),
-            optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-            scheduler,
-            state=state,
-        )
-    accelerator.wait_for_everyone()
-

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .. import metrics
-from ..checkpoint import load_training_state, save_training_state
+from ..checkpoint import load_training_state, save_from_main
 from ..errors import HfGraftError
 
 
@@ -216,14 +216,6 @@ def train_classifier(
             f"{description} epoch {epoch + 1}/{args.epochs}: loss {record['train_loss']:.4f}  "
             f"val acc {record['val_accuracy']:.4f}  val loss {record['val_loss']:.4f}"
         )
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            save_training_state(
-                checkpoint_dir,
-                accelerator.unwrap_model(model),
-                optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                scheduler.scheduler if hasattr(scheduler, "scheduler") else scheduler,
-                state={"epoch": epoch + 1, "history": history, "args": asdict(args)},
-            )
-        accelerator.wait_for_everyone()
+        save_from_main(accelerator, checkpoint_dir, model, optimizer, scheduler,
+                       state={"epoch": epoch + 1, "history": history, "args": asdict(args)})
     return history
