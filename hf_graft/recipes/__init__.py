@@ -21,9 +21,13 @@ import os
 from typing import Any
 
 from ..errors import HfGraftError
+from ..lazy import lazy_exports
 from .common import ModelSpec, read_yaml
 
-__all__ = ["KINDS", "ModelSpec", "load_recipe", "run_recipe"]
+__all__ = ["KINDS", "GraftRecipe", "ModelSpec", "Recipe", "VisionGraftRecipe", "load_recipe", "run_recipe"]
+
+# The recipe classes, each imported with its kind's module on first use.
+__getattr__, __dir__ = lazy_exports(__name__, {"Recipe": "distill", "GraftRecipe": "layer_graft", "VisionGraftRecipe": "vision_graft"})
 
 #: Recipe kinds and the module of each.
 KINDS = {"distill": "distill", "layer_graft": "layer_graft", "vision_graft": "vision_graft"}
