@@ -14,8 +14,12 @@
      files copied) and ``load`` (``from_pretrained`` of the base in bf16).
    ``--skip-in-memory`` leaves out the run that loads both models (it needs ~4x the checkpoint
    bytes of RAM); ``--apply-only`` runs the merges alone, on the pack an earlier run left.
-3. Throughput of the per-matrix work on one MLP matrix of the shape: randomized SVD and GPTQ at
-   4 bits, on the CPU and, when present, the GPU.
+   ``--layers N`` writes the pair with N decoder blocks, every tensor at the shape's own size (the
+   memory of a run is set by its largest tensors; its time grows with the blocks). Each run's
+   progress bars, with their time per block, go to ``<run>.log`` beside its output.
+3. Throughput of the per-matrix work on one MLP matrix of the shape: randomized SVD, GPTQ at
+   4 bits, a merge's product and measuring every candidate format, on the CPU and, when present,
+   the GPU.
 
 Writes ``scale.json``, ``scale.md`` and ``scale.png`` (memory over time per run) to ``--out``.
 
@@ -23,6 +27,7 @@ Writes ``scale.json``, ``scale.md`` and ``scale.png`` (memory over time per run)
     python scripts/bench_scale.py --out bench_results/scale                        # Llama-3.2-1B shape
     python scripts/bench_scale.py --shape llama-3-8b --skip-in-memory --out bench_results/scale-8b
     python scripts/bench_scale.py --apply-only --out bench_results/scale                   # merge runs only
+    python scripts/bench_scale.py --shape llama-3-8b --layers 2 --skip-in-memory --out bench_results/scale-8b-2-blocks
 """
 
 import os
@@ -55,13 +60,18 @@ TOP_DIRECTIONS = 64  # power-law part of each delta
 TAIL_SHARE = 0.3  # share of each delta's energy in its full-rank tail
 
 
-def write_pair(shape: str, folder: str) -> dict:
-    """The base and tuned checkpoints of ``shape`` under ``folder`` (kept: a rerun reuses them)."""
+def shape_config(shape: str, layers: Optional[int]) -> dict:
+    """The config fields of ``shape``, with ``layers`` decoder blocks instead of its own number if given."""
+    return {**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})}
+
+
+def write_pair(fields: dict, folder: str) -> dict:
+    """The base and tuned checkpoints of a Llama config's ``fields`` under ``folder`` (kept: a rerun reuses them)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from hf_graft.sharded import INDEX_NAME, write_shard
 
-    config = LlamaConfig(**SHAPES[shape], torch_dtype="bfloat16")
+    config = LlamaConfig(**fields, torch_dtype="bfloat16")
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     layout = [(name, tuple(p.shape)) for name, p in skeleton.state_dict().items() if not (config.tie_word_embeddings and name == "lm_head.weight")]
@@ -173,7 +183,8 @@ def measured_run(mode: str, paths: dict, out: str, ratio: float) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, __file__, "--worker", mode, "--paths", json.dumps(paths), "--worker-out", out, "--ratio", str(ratio)]
     start = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    log = open(f"{out}.log", "w")  # the progress bars, with each stage's time per block
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
     process, trace, peak = psutil.Process(child.pid), [], 0
     while child.poll() is None:
         try:
@@ -184,6 +195,7 @@ def measured_run(mode: str, paths: dict, out: str, ratio: float) -> dict:
         trace.append((round(time.perf_counter() - start, 2), rss / 2**30))
         time.sleep(0.1)
     output = child.stdout.read()
+    log.close()
     if child.returncode:
         raise SystemExit(f"{mode} run failed (exit {child.returncode})")
     result = json.loads(output.strip().splitlines()[-1])
@@ -200,10 +212,13 @@ def product_flop(pack: str) -> float:
 
 
 def throughput(shape: str) -> list:
-    """Seconds per matrix for randomized SVD and 4-bit GPTQ on one MLP matrix of the shape."""
+    """Seconds per matrix for randomized SVD, 4-bit GPTQ and a merge's product on one MLP matrix of the shape,
+    and for measuring every candidate format of it (what streaming extraction does per matrix)."""
     from hf_graft.skillpack.compression.calibrate import quantize_calibrated
     from hf_graft.skillpack.compression.lowrank import lowrank_factors
     from hf_graft.skillpack.compression.objective import ModuleStatistics
+    from hf_graft.skillpack.extraction.packing import measure
+    from hf_graft.skillpack import SkillPackConfig
 
     dims = (SHAPES[shape]["intermediate_size"], SHAPES[shape]["hidden_size"])
     rows = []
@@ -213,10 +228,15 @@ def throughput(shape: str) -> list:
         stats = ModuleStatistics.identity(dims, device=device)
         rank = min(dims) // 4
         left, right = torch.randn(dims[0], rank, device=device), torch.randn(rank, dims[1], device=device)
+        delta = _tensor_pair(dims, torch.Generator().manual_seed(0), is_norm=False)
+        delta = (delta[1].float() - delta[0].float()).to(device)
+        candidates = lambda: measure("model.layers.0.mlp.down_proj.weight", delta, None, SkillPackConfig(target_ratio=16), conv1d=False)
         for name, work in (("randomized SVD, 10% energy", lambda: lowrank_factors(matrix, energy=0.1)),
                            ("GPTQ 4-bit", lambda: quantize_calibrated(matrix, 4, 128, stats)),
-                           (f"float32 product at rank {rank} (merge)", lambda: left @ right)):
-            work()  # warm up
+                           (f"float32 product at rank {rank} (merge)", lambda: left @ right),
+                           ("every candidate format of a synthetic delta", candidates)):
+            if work is not candidates:
+                work()  # warm up (measuring the candidates takes minutes on a CPU: once)
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -235,6 +255,7 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b")
     parser.add_argument("--out", default="bench_results/scale")
     parser.add_argument("--ratio", type=float, default=16.0)
+    parser.add_argument("--layers", type=int, help="decoder blocks of the pair (default: the shape's own); the tensors keep the shape's sizes")
     parser.add_argument("--skip-in-memory", action="store_true", help="leave out the run that loads both models")
     parser.add_argument("--apply-only", action="store_true", help="only the apply, copy and load runs, on the pack a previous run left in --out")
     parser.add_argument("--calibrated", action="store_true", help="add calibrated extractions (in memory, block by block) and the packs' KL")
@@ -249,8 +270,11 @@ def main() -> None:
     from hf_graft.sharded import Checkpoint
 
     os.makedirs(args.out, exist_ok=True)
-    print(f"writing the {args.shape} pair", flush=True)
-    paths = {**write_pair(args.shape, os.path.join(args.out, "checkpoints")), "vocab": SHAPES[args.shape]["vocab_size"]}
+    fields = shape_config(args.shape, args.layers)
+    label = args.shape if not args.layers else f"{args.shape}, {fields['num_hidden_layers']} of {SHAPES[args.shape]['num_hidden_layers']} blocks"
+    print(f"writing the {label} pair", flush=True)
+    folder = os.path.join(args.out, "checkpoints" if not args.layers else f"checkpoints-{args.layers}-blocks")
+    paths = {**write_pair(fields, folder), "vocab": fields["vocab_size"]}
     checkpoint_gib = sum(Checkpoint(paths[s]).file_bytes() for s in ("base", "tuned")) / 2**30
     runs = []
     modes = [] if args.apply_only else ["streaming"] if args.skip_in_memory else ["in-memory", "streaming"]
@@ -279,21 +303,26 @@ def main() -> None:
         quality_run = measured_run("quality", {**paths, "packs": packs}, os.path.join(args.out, "quality"), args.ratio)
         quality = [{"pack": name, "kl_to_tuned": kl} for name, kl in quality_run["kl"].items()]
     by_mode = {run["mode"]: run for run in runs}
+    def over(mode: str, other: str) -> Optional[float]:  # None where a run is missing or too short to time
+        if mode not in by_mode or not by_mode.get(other, {}).get("seconds"):
+            return None
+        return round(by_mode[mode]["seconds"] / by_mode[other]["seconds"], 3)
+
     ratios = {
-        "streaming_over_in_memory_time": round(by_mode["streaming"]["seconds"] / by_mode["in-memory"]["seconds"], 3) if "in-memory" in by_mode and "streaming" in by_mode else None,
-        "apply_over_copy_time": round(by_mode["apply"]["seconds"] / by_mode["copy"]["seconds"], 3),
-        "apply_over_load_time": round(by_mode["apply"]["seconds"] / by_mode["load"]["seconds"], 3),
+        "streaming_over_in_memory_time": over("streaming", "in-memory"),
+        "apply_over_copy_time": over("apply", "copy"),
+        "apply_over_load_time": over("apply", "load"),
         "apply_product_tflop": round(product_flop(applied["pack"]) / 1e12, 3),
     }
     if "block-by-block" in by_mode and "in-memory-calibrated" in by_mode:
-        ratios["block_by_block_over_in_memory_calibrated_time"] = round(by_mode["block-by-block"]["seconds"] / by_mode["in-memory-calibrated"]["seconds"], 3)
+        ratios["block_by_block_over_in_memory_calibrated_time"] = over("block-by-block", "in-memory-calibrated")
     work = throughput(args.shape)
-    data = {"shape": args.shape, "config": SHAPES[args.shape], "checkpoint_gib_both": round(checkpoint_gib, 2), "ratio": args.ratio,
+    data = {"shape": label, "config": fields, "checkpoint_gib_both": round(checkpoint_gib, 2), "ratio": args.ratio,
             "bit_identical": same, "ratios": ratios, "runs": runs, "quality": quality, "throughput": work, "threads": torch.get_num_threads(),
             "calibration": {"sequences": CALIBRATION_SEQUENCES, "length": CALIBRATION_LENGTH, "distill_steps": DISTILL_STEPS} if quality else None}
     table = [{k: v for k, v in run.items() if k != "trace"} for run in runs]
     markdown = (
-        f"# SkillPacks at scale: {args.shape} ({checkpoint_gib:.2f} GiB of bf16 checkpoints, base + tuned)\n\n"
+        f"# SkillPacks at scale: {label} ({checkpoint_gib:.2f} GiB of bf16 checkpoints, base + tuned)\n\n"
         f"Packs at {args.ratio:g}x, {torch.get_num_threads()} CPU threads. Peak RSS of the whole process. In-memory and streaming "
         f"packs are data-free; calibrated ones see {CALIBRATION_SEQUENCES} random sequences of {CALIBRATION_LENGTH} tokens "
         f"({DISTILL_STEPS} distillation steps: end to end in memory, per block block by block).\n\n"
@@ -313,7 +342,7 @@ def main() -> None:
             ax.plot(*zip(*run["trace"]), label=f"{run['mode']} (peak {run['peak_rss_gib']:.2f} GiB)")
     ax.set_xlabel("seconds")
     ax.set_ylabel("resident memory (GiB)")
-    ax.set_title(f"SkillPack extraction and merge, {args.shape} shape")
+    ax.set_title(f"SkillPack extraction and merge, {label} shape")
     ax.legend()
     save_figure(fig, os.path.join(args.out, "scale.png"))
     print(markdown)

@@ -17,7 +17,7 @@ from hf_graft.skillpack.compression.allocation import OMIT, CandidateLadder, all
 from hf_graft.skillpack.compression.calibrate import compress_with_statistics
 from hf_graft.skillpack.compression.formats import CompressedDelta, compress_delta, normalize_spec, payload_size, segment_layout
 from hf_graft.skillpack.compression.objective import ModuleStatistics
-from hf_graft.skillpack.compression.lowrank import lowrank_factors, rank_for_energy
+from hf_graft.skillpack.compression.lowrank import lowrank_factors, rank_for_energy, thin_svd
 from hf_graft.skillpack.compression.prune import SparseDelta, prune, sparse_format, sparse_nbytes
 from hf_graft.skillpack.compression.quantize import (
     DEFAULT_SCHEME,
@@ -243,6 +243,31 @@ def test_randomized_svd_matches_full_error_and_is_faster():
     assert randomized.rank == full.rank
     assert randomized.relative_error == pytest.approx(full.relative_error, rel=0.01)
     assert slow >= 3 * fast, f"randomized {fast:.3f}s vs full {slow:.3f}s"
+
+
+@pytest.mark.parametrize("shape", [(96, 300), (300, 96)])
+def test_thin_svd_is_at_least_as_exact_as_float32_lapack(shape):
+    matrix = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    u, s, vh = thin_svd(matrix)
+    k = min(shape)
+    assert u.shape == (shape[0], k) and s.shape == (k,) and vh.shape == (k, shape[1])
+    assert u.dtype == s.dtype == vh.dtype == torch.float32
+    assert torch.all(s[:-1] >= s[1:])
+    exact = torch.linalg.svdvals(matrix.double())
+    lapack = torch.linalg.svdvals(matrix).double()
+    assert float((s.double() - exact).abs().max()) <= max(float((lapack - exact).abs().max()), 1e-6)
+    assert torch.allclose((u * s) @ vh, matrix, atol=1e-5)
+    assert torch.allclose(u.T @ u, torch.eye(k), atol=1e-5) and torch.allclose(vh @ vh.T, torch.eye(k), atol=1e-5)
+
+
+def test_thin_svd_of_a_rank_deficient_and_a_zero_matrix():
+    low = torch.randn(40, 3, generator=torch.Generator().manual_seed(4)) @ torch.randn(3, 70, generator=torch.Generator().manual_seed(5))
+    u, s, vh = thin_svd(low)
+    assert float(s[3:].max()) < 1e-4 * float(s[0])
+    assert torch.allclose((u[:, :3] * s[:3]) @ vh[:3], low, atol=1e-4)
+    assert torch.isfinite(vh).all() and float(vh.norm(dim=1).max()) <= 1 + 1e-5
+    u, s, vh = thin_svd(torch.zeros(5, 8))
+    assert torch.equal(s, torch.zeros(5)) and torch.equal(vh, torch.zeros(5, 8)) and u.shape == (5, 5)
 
 
 def test_randomized_svd_gives_way_to_the_exact_one_for_a_large_share_of_the_rank():

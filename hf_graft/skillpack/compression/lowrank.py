@@ -13,7 +13,8 @@ the matrix (:data:`SKETCH_SHARE`), the exact SVD is cheaper and is taken instead
 rank-for-90% is a few hundred this is over ten times faster than ``torch.linalg.svd``. The sketch
 slightly underestimates the smallest kept singular values, so on a slowly decaying spectrum the
 rank can come out about 1% above the exact one (with a correspondingly smaller error).
-``"full"`` runs ``torch.linalg.svd`` and is exact.
+``"full"`` is the exact thin SVD (:func:`thin_svd`, through the float64 Gram matrix: 3x faster than
+``torch.linalg.svd`` on a ``4096 x 14336`` delta on 2 CPU cores, 22 s against 71 s).
 
 Factors are returned balanced, ``B = U sqrt(S)`` and ``A = sqrt(S) V^T``, so ``dW ~= B @ A``, a layer
 computes ``x @ A.T @ B.T`` directly, and both factors have columns (rows of ``A``) of equal norm
@@ -33,12 +34,15 @@ from ...errors import HfGraftError
 from ...validation import check_fraction, check_int
 from .objective import squared_norm
 
-__all__ = ["LowRankFactors", "lowrank_factors", "rank_for_energy"]
+__all__ = ["LowRankFactors", "lowrank_factors", "rank_for_energy", "thin_svd"]
+
+#: Columns of the delta turned to float64 at a time by :func:`thin_svd` (bounds its temporaries).
+GRAM_CHUNK_COLUMNS = 2048
 
 #: The randomized method gives way to the exact SVD once its sketch would hold more than this
 #: share of the smaller side's columns (and more than :data:`SKETCH_FLOOR`): beyond it the sketch
-#: and its power iterations cost more than ``torch.linalg.svd`` (18 s against 7 s for a
-#: 8192 x 2048 delta whose 95% energy needs rank 1763, on 2 CPU cores).
+#: and its power iterations cost more than the exact SVD (18 s against 7 s with ``torch.linalg.svd``
+#: for a 8192 x 2048 delta whose 95% energy needs rank 1763, on 2 CPU cores).
 SKETCH_SHARE = 0.25
 SKETCH_FLOOR = 64
 
@@ -130,7 +134,7 @@ def lowrank_factors(
         return min(max(rank_for_energy(singular_values, total, energy), min_rank), cap)
 
     if method == "full":
-        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        u, s, vh = thin_svd(matrix)
         rank = choose(s)
     else:
         grown = _grow_sketch(matrix, total, energy, choose, min_rank, cap, oversample, power_iterations, seed)
@@ -195,6 +199,40 @@ def _grow_sketch(
         if needed <= size:
             return q, sketch
         size = min(ceiling, needed)
+
+
+def thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD ``u, s, vh`` (float32) of a 2-D float ``matrix``, singular values decreasing.
+
+    For an ``[m, n]`` matrix with ``m <= n``: ``u`` are the eigenvectors of the float64 Gram
+    matrix ``M M^T``, and each row of ``u^T M`` (float64) gives a singular value as its norm and
+    the row of ``vh`` as its direction. Values are accurate to float64 rounding of ``||M||``, finer
+    than float32's SVD; directions of tiny values are unit rows (or zero rows for a zero value), so
+    ``u @ diag(s) @ vh`` stays ``M``. A tall matrix is done through its transpose. The float64 work
+    goes :data:`GRAM_CHUNK_COLUMNS` columns at a time, so besides the results only the ``m x m``
+    Gram matrix and its eigenvectors are held.
+    """
+    if matrix.shape[0] > matrix.shape[1]:
+        u, s, vh = thin_svd(matrix.T)
+        return vh.T, s, u.T
+    rows, cols = matrix.shape
+    gram = torch.zeros(rows, rows, dtype=torch.float64, device=matrix.device)
+    for start in range(0, cols, GRAM_CHUNK_COLUMNS):
+        block = matrix[:, start : start + GRAM_CHUNK_COLUMNS].double()
+        gram.addmm_(block, block.T)
+    basis = torch.linalg.eigh(gram).eigenvectors.flip(1)  # [m, m], largest first
+    del gram
+    projected = torch.empty(rows, cols, dtype=matrix.dtype, device=matrix.device)
+    norms_sq = torch.zeros(rows, dtype=torch.float64, device=matrix.device)
+    for start in range(0, cols, GRAM_CHUNK_COLUMNS):
+        rows_block = basis.T @ matrix[:, start : start + GRAM_CHUNK_COLUMNS].double()
+        norms_sq += rows_block.square().sum(dim=1)
+        projected[:, start : start + GRAM_CHUNK_COLUMNS] = rows_block
+    values = norms_sq.sqrt()
+    order = torch.argsort(values, descending=True, stable=True)
+    values = values[order]
+    vh = projected[order].div_(torch.where(values > 0, values, 1.0).float()[:, None])
+    return basis[:, order].float(), values.float(), vh
 
 
 def _orthonormal(block: torch.Tensor, against: torch.Tensor | None) -> torch.Tensor:
