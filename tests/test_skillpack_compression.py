@@ -266,6 +266,7 @@ def test_thin_svd_of_a_rank_deficient_and_a_zero_matrix():
     assert float(s[3:].max()) < 1e-4 * float(s[0])
     assert torch.allclose((u[:, :3] * s[:3]) @ vh[:3], low, atol=1e-4)
     assert torch.isfinite(vh).all() and float(vh.norm(dim=1).max()) <= 1 + 1e-5
+    assert all(t.dtype == torch.float32 for t in thin_svd(low.bfloat16()))
     u, s, vh = thin_svd(torch.zeros(5, 8))
     assert torch.equal(s, torch.zeros(5)) and torch.equal(vh, torch.zeros(5, 8)) and u.shape == (5, 5)
 

@@ -222,7 +222,7 @@ def thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
         gram.addmm_(block, block.T)
     basis = torch.linalg.eigh(gram).eigenvectors.flip(1)  # [m, m], largest first
     del gram
-    projected = torch.empty(rows, cols, dtype=matrix.dtype, device=matrix.device)
+    projected = torch.empty(rows, cols, dtype=torch.float32, device=matrix.device)
     norms_sq = torch.zeros(rows, dtype=torch.float64, device=matrix.device)
     for start in range(0, cols, GRAM_CHUNK_COLUMNS):
         rows_block = basis.T @ matrix[:, start : start + GRAM_CHUNK_COLUMNS].double()
