@@ -271,11 +271,16 @@ def test_thin_svd_of_a_rank_deficient_and_a_zero_matrix():
     assert torch.equal(s, torch.zeros(5)) and torch.equal(vh, torch.zeros(5, 8)) and u.shape == (5, 5)
 
 
-def test_randomized_svd_gives_way_to_the_exact_one_for_a_large_share_of_the_rank():
+def test_randomized_svd_gives_way_to_the_gram_route_for_a_large_share_of_the_rank():
     delta = spectrum_matrix(600, 400, 0.999 ** torch.arange(400, dtype=torch.float32))  # 95% needs most of the rank
-    randomized, full = (lowrank_factors(delta, energy=0.95, method=method) for method in ("randomized", "full"))
-    assert full.rank > 0.25 * 400
-    assert torch.equal(randomized.a, full.a) and torch.equal(randomized.b, full.b)
+    randomized, gram, full = (lowrank_factors(delta, energy=0.95, method=method) for method in ("randomized", "gram", "full"))
+    assert full.rank > 0.25 * 400 and randomized.rank == gram.rank == full.rank
+    assert torch.equal(randomized.a, gram.a) and torch.equal(randomized.b, gram.b)
+    # The float32 Gram route keeps what the exact SVD keeps, to float32 precision.
+    assert torch.allclose(gram.singular_values, full.singular_values, rtol=1e-4)
+    assert abs(gram.relative_error - full.relative_error) < 1e-4
+    error = float(torch.linalg.norm(delta - gram.b @ gram.a)) / float(torch.linalg.norm(delta))
+    assert abs(error - full.relative_error) < 1e-4
     low = lowrank_factors(spectrum_matrix(600, 400, 0.5 ** torch.arange(400, dtype=torch.float32)), energy=0.9)
     assert low.rank < 10
 

@@ -33,9 +33,11 @@ from tqdm.auto import tqdm
 from ...errors import HfGraftError
 from ...validation import check_fraction, check_int
 from .calibrate import compress_with_statistics
-from .formats import CompressedDelta, compress_delta, payload_size, segment_layout
-from .lowrank import lowrank_factors, rank_for_energy
+from .estimate import column_errors, energy_after, grid_costs, lowrank_cost, sparse_costs
+from .formats import CompressedDelta, compress_delta, normalize_spec, payload_size, segment_layout
+from .lowrank import balanced_top, gram_eigen, lowrank_factors, rank_for_energy
 from .objective import ModuleStatistics, squared_norm
+from .prune import kept_count, sparse_format
 from .quantize import DEFAULT_GROUP_SIZE, Scheme, quantize, resolve_scheme
 
 __all__ = [
@@ -79,8 +81,13 @@ class CandidateLadder:
     keep_fractions: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
     group_size: int = DEFAULT_GROUP_SIZE
     allow_omit: bool = True
+    #: ``"predicted"``: candidate costs from one factorization and closed forms (:mod:`.estimate`);
+    #: ``"exhaustive"``: every candidate compressed and decoded (the reference the predictions are checked by).
+    search: str = "predicted"
 
     def __post_init__(self) -> None:
+        if self.search not in ("predicted", "exhaustive"):
+            raise HfGraftError(f"CandidateLadder search must be 'predicted' or 'exhaustive', got {self.search!r}.")
         for bits in self.quant_bits:
             check_int(bits, "CandidateLadder quant_bits", 1, 8)
         for size in self.quant_group_sizes:
@@ -128,30 +135,171 @@ def measure_candidates(
     sparse: bool = False,
     ladder: CandidateLadder = CandidateLadder(),
 ) -> list[Candidate]:
-    """Every candidate of ``ladder`` for the delta ``name`` (``module.part``), compressed and measured.
+    """Every candidate of ``ladder`` for the delta ``name`` (``module.part``), with its bytes and cost.
 
     A delta that is not 2-D has the single candidate ``dense_fp16``; ``sparse`` adds the pruning
     ladder (embeddings, heads). ``statistics`` ``None`` measures the Frobenius error (data-free).
+    With ``ladder.search == "predicted"`` the costs come from one factorization of the delta and
+    closed forms (:mod:`.estimate`); GPTQ runs only where the inputs are correlated. A delta whose
+    weight is used twice (tied embedding and head) is measured exhaustively.
     """
     matrix = delta.detach().float()
     if matrix.dim() != 2:
         packed = compress_delta(matrix, {"kind": "dense_fp16"})
         return [_measured(name, matrix, packed, {"kind": "dense_fp16"}, None)]
-    statistics = statistics or ModuleStatistics.identity(matrix.shape)
+    statistics = statistics or ModuleStatistics.identity(matrix.shape, device=matrix.device)
     total = statistics.cost(matrix)
     # Left out, a delta costs only its name in the config's list of omitted modules.
     candidates = [Candidate(len(json.dumps(name)) + 1, total, dict(OMIT))] if ladder.allow_omit else []
-    for spec in _specs(matrix, sparse, ladder):
+    if ladder.search == "exhaustive" or statistics.also:
+        candidates += _tried(name, matrix, statistics, _specs(matrix, sparse, ladder))
+        if ladder.energies:
+            candidates += _lowrank_candidates(name, matrix, statistics, ladder)
+    else:
+        candidates += _predicted(name, matrix, statistics, sparse, ladder)
+    if not candidates:
+        raise HfGraftError(f"No candidate format fits the delta of {name} (shape {tuple(matrix.shape)}).")
+    return candidates
+
+
+def _tried(name: str, matrix: torch.Tensor, statistics: ModuleStatistics, specs: Sequence[dict]) -> list[Candidate]:
+    """Candidates of ``specs``, each compressed for real and its error decoded and measured."""
+    candidates = []
+    for spec in specs:
         try:
             packed = compress_with_statistics(matrix, spec, statistics)
         except HfGraftError:
             continue  # e.g. a grid beyond fp16: not a candidate for this delta
         candidates.append(_measured(name, matrix, packed, spec, statistics))
-    if ladder.energies:
-        candidates += _lowrank_candidates(name, matrix, statistics, ladder)
-    if not candidates:
-        raise HfGraftError(f"No candidate format fits the delta of {name} (shape {tuple(matrix.shape)}).")
     return candidates
+
+
+def _entry_weights(statistics: ModuleStatistics) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights of the delta's rows and columns (in its own layout) in a diagonal objective."""
+    if statistics.transposed:
+        return statistics.diagonal, statistics.row_weights
+    return statistics.row_weights, statistics.diagonal
+
+
+def _predicted(name: str, matrix: torch.Tensor, statistics: ModuleStatistics, sparse: bool, ladder: CandidateLadder) -> list[Candidate]:
+    """The ladder's candidates with costs predicted (:mod:`.estimate`); only GPTQ over correlated inputs runs for real."""
+    rows, cols = matrix.shape
+    candidates: list[Candidate] = []
+    quant = [spec for spec in _specs(matrix, False, ladder) if "rank" not in spec]
+    if statistics.is_diagonal:
+        row_w, col_w = _entry_weights(statistics)
+        for size in dict.fromkeys(spec["group_size"] for spec in quant):
+            widths = [spec["bits"] for spec in quant if spec["group_size"] == size]
+            for bits, cost in _grid_costs(matrix, widths, size, row_w, col_w).items():
+                candidates.append(_sized(name, {"kind": "quant", "bits": bits, "group_size": size}, matrix.shape, cost))
+    else:
+        candidates += _tried(name, matrix, statistics, quant)
+    if sparse:
+        candidates += _sparse_candidates(name, matrix, statistics, ladder) if statistics.is_diagonal else \
+            _tried(name, matrix, statistics, [{"kind": "sparse", "keep_fraction": f} for f in ladder.keep_fractions])
+    if ladder.energies:
+        candidates += _predicted_lowrank(name, matrix, statistics, ladder)
+    residual = [spec for spec in _specs(matrix, False, ladder) if "rank" in spec]
+    one_bit = [c for c in candidates if c.spec.get("bits") == 1 and c.spec.get("group_size") == rows]
+    if residual and one_bit and one_bit[0] in _frontier(candidates):
+        # 1-bit signs with a low-rank correction refine the 1-bit delta: tried only where it competes.
+        candidates += _tried(name, matrix, statistics, residual)
+    return candidates
+
+
+def _grid_costs(matrix, widths, size, row_w, col_w) -> dict[int, float]:
+    try:
+        return grid_costs(matrix, widths, size, row_w, col_w)
+    except HfGraftError:  # a grid beyond fp16 at some width: measure the widths one by one
+        found = {}
+        for bits in widths:
+            try:
+                found.update(grid_costs(matrix, [bits], size, row_w, col_w))
+            except HfGraftError:
+                continue
+        return found
+
+
+def _sized(name: str, spec: dict, shape, cost: float, meta: dict | None = None) -> Candidate:
+    """A candidate of ``spec`` with the bytes its stored form adds to the pack."""
+    meta = meta or {**normalize_spec(spec, shape), "shape": list(shape)}
+    return Candidate(payload_size(segment_layout(meta)) + entry_overhead(name, meta), cost, dict(spec))
+
+
+def _sparse_candidates(name: str, matrix: torch.Tensor, statistics: ModuleStatistics, ladder: CandidateLadder) -> list[Candidate]:
+    """Pruning candidates: the dropped entries' scores, from one binned pass (:func:`.estimate.sparse_costs`)."""
+    row_w, col_w = _entry_weights(statistics)
+    step = max(1, (1 << 20) // matrix.shape[1])
+    blocks = (matrix[start:start + step].square().mul_(row_w[start:start + step, None]).mul_(col_w[None, :])
+              for start in range(0, len(matrix), step))
+    numel = matrix.numel()
+    fractions = list(dict.fromkeys(ladder.keep_fractions))
+    counts = [kept_count(numel, fraction) for fraction in fractions]
+    costs = sparse_costs(blocks, counts)
+    candidates = []
+    for fraction, count, cost in zip(fractions, counts, costs):
+        meta = {"kind": "sparse", "shape": list(matrix.shape), "format": sparse_format(numel, count), "count": count}
+        candidates.append(_sized(name, {"kind": "sparse", "keep_fraction": fraction}, matrix.shape, cost, meta))
+    return candidates
+
+
+def _predicted_lowrank(name: str, matrix: torch.Tensor, statistics: ModuleStatistics, ladder: CandidateLadder) -> list[Candidate]:
+    """Low-rank candidates at every (rank, scheme) of the ladder, costed in closed form from one factorization.
+
+    The factorization is of ``diag(sqrt(f)) dW L`` (``L L^T = H``; the delta itself for the
+    identity), where the objective is the squared error; each factor column's quantization error
+    at each width is predicted by :func:`.estimate.column_errors`, weighted as the objective
+    weighs that factor's rows (the Hessian's diagonal for ``A``: GPTQ then only lowers it).
+    """
+    oriented = statistics.oriented(matrix)
+    rows, cols = oriented.shape
+    identity = statistics.is_diagonal and bool((statistics.diagonal == 1).all() and (statistics.row_weights == 1).all())
+    if identity:
+        weights = root = None
+        scaled = oriented
+    else:
+        weights = statistics.row_weights.clamp_min(0)
+        weights = (weights + 0.01 * float(weights.mean().clamp_min(1e-30))).sqrt()
+        root = _root(statistics.compact_hessian)
+        scaled = oriented * weights[:, None]
+        scaled = scaled.mul_(root[None, :]) if statistics.is_diagonal else scaled @ root
+    total = squared_norm(scaled)
+    eigenvalues, eigenvectors = gram_eigen(scaled)
+    singular = eigenvalues.sqrt()
+    ranks = sorted({min(max(rank_for_energy(singular, total, e), 1), len(singular)) for e in ladder.energies})
+    ranks = [rank for rank in ranks if rank * (rows + cols) < rows * cols]  # else the factors outweigh the matrix
+    if not ranks:
+        return []
+    b, a, values = balanced_top(scaled, max(ranks), eigenvalues, eigenvectors)  # b [out, r], a = A^T [in, r]
+    del scaled, eigenvectors
+    if not identity:
+        b = b / weights[:, None]
+        a = a / root[:, None] if statistics.is_diagonal else torch.linalg.solve_triangular(root.T, a, upper=True)
+    schemes = {tuple(map(tuple, resolve_scheme(s, max(ranks)))) for s in ladder.schemes}
+    widths = sorted({bits for scheme in schemes for bits, _ in scheme})
+    errors = {}
+    for bits in widths:
+        try:
+            errors[bits] = (
+                column_errors(b, [bits], ladder.group_size, None if identity else weights.square())[bits],
+                column_errors(a, [bits], ladder.group_size, None if identity else statistics.diagonal)[bits],
+            )
+        except HfGraftError:
+            continue  # a grid beyond fp16: no scheme with this width
+    after = energy_after(eigenvalues, total)
+    results: dict[str, Candidate] = {}
+    for scheme in schemes:
+        if any(bits not in errors for bits, _ in scheme):
+            continue
+        for rank in ranks:
+            resolved = [list(block) for block in resolve_scheme(scheme, rank)]
+            spec = {"kind": "lowrank", "rank": rank, "group_size": ladder.group_size, "scheme": resolved}
+            key = json.dumps(spec, sort_keys=True)
+            if key not in results:
+                errors_b = {bits: pair[0] for bits, pair in errors.items()}
+                errors_a = {bits: pair[1] for bits, pair in errors.items()}
+                results[key] = _sized(name, spec, matrix.shape, lowrank_cost(after, values, errors_b, errors_a, resolved))
+    return list(results.values())
 
 
 def _measured(name, matrix, packed: CompressedDelta, spec, statistics) -> Candidate:

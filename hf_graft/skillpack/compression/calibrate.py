@@ -309,7 +309,7 @@ def compress_delta_calibrated(
 
     ``hessian`` is ``E[x x^T]`` of the module's inputs (:func:`input_hessians`), ``[in, in]``, or its
     diagonal ``[in]`` when the inputs are uncorrelated (data-free, embeddings: then GPTQ has
-    nothing to compensate on ``A`` and is fitted rounding). ``delta`` is in the
+    nothing to compensate on ``A`` and is fitted rounding, and both factors are rounded on fitted grids). ``delta`` is in the
     weight's own layout: ``[out, in]``, or ``[in, out]`` with ``fan_in_fan_out`` (GPT-2's Conv1D).
     ``row_weights`` (``[out]``, the output sensitivities of :mod:`.objective`) make the truncated
     SVD keep the directions the loss reacts to. The result is stored exactly like
@@ -330,7 +330,8 @@ def compress_delta_calibrated(
     bits = torch.tensor([width for width, columns in scheme for _ in range(columns)], device=delta.device)
     hessian = hessian.float()
     weights = _output_weights(row_weights, out_features, matrix.device)
-    if hessian.dim() == 1:
+    diagonal = hessian.dim() == 1
+    if diagonal:
         root = _damped_root(hessian, damping)
         factors = lowrank_factors(weights[:, None] * matrix * root[None, :], energy=1.0, min_rank=rank, max_rank=rank, method=method)
         a_factor = quantize_factor((factors.a / root[None, :]).T, scheme, group_size, clip=True)
@@ -346,10 +347,14 @@ def compress_delta_calibrated(
         projected, target = a_q @ hessian @ a_q.T, matrix @ hessian @ a_q.T
     ridge = damping * float(torch.diagonal(projected).mean().clamp_min(1e-30)) * torch.eye(rank, device=hessian.device)
     b = torch.linalg.solve(projected + ridge, target.T).T
-    b_quantizer = _ColumnQuantizer(bits, group_size, out_features)
-    gptq(b, projected, b_quantizer, block_size=group_size, damping=damping)
-
-    b_factor = _factor(b_quantizer.codes, b_quantizer.scales, b_quantizer.zeros, scheme, group_size)
+    if diagonal:
+        # Uncorrelated inputs leave A_q's rows nearly orthogonal, and GPTQ of B over them nearly fitted
+        # rounding (0.4% lower error on a 4096 x 1024 delta, at 4x the time): B is rounded on fitted grids.
+        b_factor = quantize_factor(b, scheme, group_size, clip=True)
+    else:
+        b_quantizer = _ColumnQuantizer(bits, group_size, out_features)
+        gptq(b, projected, b_quantizer, block_size=group_size, damping=damping)
+        b_factor = _factor(b_quantizer.codes, b_quantizer.scales, b_quantizer.zeros, scheme, group_size)
     if fan_in_fan_out:  # delta = (B A)^T = A^T B^T: the factors swap roles
         return CompressedDelta("lowrank", tuple(delta.shape), a=b_factor, b=a_factor)
     return CompressedDelta("lowrank", tuple(delta.shape), a=a_factor, b=b_factor)

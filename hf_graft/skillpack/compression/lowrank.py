@@ -9,10 +9,15 @@ The default ``"randomized"`` method never computes the full SVD: a randomized ra
 Martinsson & Tropp, 2011, with power iterations) grows an orthonormal sketch ``Q`` of the column
 space in blocks until the energy captured in it reaches the target with ``oversample`` spare
 columns, then takes the exact SVD of the small ``Q^T dW``; when the rank asked for is a large share of
-the matrix (:data:`SKETCH_SHARE`), the exact SVD is cheaper and is taken instead. For a ``4096 x 4096`` delta whose
+the matrix (:data:`SKETCH_SHARE`), ``"gram"`` is cheaper and is taken instead. For a ``4096 x 4096`` delta whose
 rank-for-90% is a few hundred this is over ten times faster than ``torch.linalg.svd``. The sketch
 slightly underestimates the smallest kept singular values, so on a slowly decaying spectrum the
 rank can come out about 1% above the exact one (with a correspondingly smaller error).
+``"gram"`` takes the eigenvectors of the float32 Gram matrix over the smaller side
+(:func:`gram_eigen`) and projects the delta on the kept ones: one pass of ``m^2 n`` products and a
+small eigensolver, 0.15 s for a ``4096 x 1024`` delta on 2 CPU cores against 0.46 s for
+``torch.linalg.svd``. Directions are as exact as float32 allows for singular values above about
+``3e-4`` of the largest, which every kept direction of a compressed delta is.
 ``"full"`` is the exact thin SVD (:func:`thin_svd`, through the float64 Gram matrix: 3x faster than
 ``torch.linalg.svd`` on a ``4096 x 14336`` delta on 2 CPU cores, 22 s against 71 s).
 
@@ -34,7 +39,7 @@ from ...errors import HfGraftError
 from ...validation import check_fraction, check_int
 from .objective import squared_norm
 
-__all__ = ["LowRankFactors", "lowrank_factors", "rank_for_energy", "thin_svd"]
+__all__ = ["LowRankFactors", "balanced_top", "gram_eigen", "lowrank_factors", "rank_for_energy", "thin_svd"]
 
 #: Columns of the delta turned to float64 at a time by :func:`thin_svd` (bounds its temporaries).
 GRAM_CHUNK_COLUMNS = 2048
@@ -100,7 +105,7 @@ def lowrank_factors(
     energy: float = 0.9,
     max_rank: int | None = None,
     min_rank: int = 1,
-    method: Literal["randomized", "full"] = "randomized",
+    method: Literal["randomized", "full", "gram"] = "randomized",
     oversample: int = 8,
     power_iterations: int = 2,
     seed: int = 0,
@@ -120,8 +125,8 @@ def lowrank_factors(
     check_int(min_rank, f"min_rank (at most min{tuple(delta.shape)})", 1, limit)
     if max_rank is not None:
         check_int(max_rank, f"max_rank (at least min_rank={min_rank})", min_rank)
-    if method not in ("randomized", "full"):
-        raise HfGraftError(f"method must be 'randomized' or 'full', got {method!r}.")
+    if method not in ("randomized", "full", "gram"):
+        raise HfGraftError(f"method must be 'randomized', 'full' or 'gram', got {method!r}.")
     check_int(oversample, "oversample", 0)
     check_int(power_iterations, "power_iterations", 0)
     matrix = delta.detach().float()
@@ -133,13 +138,18 @@ def lowrank_factors(
     def choose(singular_values: torch.Tensor) -> int:
         return min(max(rank_for_energy(singular_values, total, energy), min_rank), cap)
 
+    if method == "gram":
+        eigenvalues, eigenvectors = gram_eigen(matrix)
+        rank = choose(eigenvalues.sqrt().float())
+        b, a, values = balanced_top(matrix, rank, eigenvalues, eigenvectors)
+        return LowRankFactors(a=a.T.contiguous(), b=b, singular_values=values, total_energy=total)
     if method == "full":
         u, s, vh = thin_svd(matrix)
         rank = choose(s)
     else:
         grown = _grow_sketch(matrix, total, energy, choose, min_rank, cap, oversample, power_iterations, seed)
-        if grown is None:  # the rank is a large share of the matrix: the exact SVD is cheaper
-            return lowrank_factors(matrix, energy=energy, max_rank=max_rank, min_rank=min_rank, method="full")
+        if grown is None:  # the rank is a large share of the matrix: the Gram matrix's eigenvectors are cheaper
+            return lowrank_factors(matrix, energy=energy, max_rank=max_rank, min_rank=min_rank, method="gram")
         q, sketch = grown
         u_small, s, vh = _wide_svd(sketch)
         del sketch
@@ -255,3 +265,35 @@ def _wide_svd(sketch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     basis, triangle = torch.linalg.qr(sketch.T)
     u, s, vh = torch.linalg.svd(triangle.T)
     return u, s, vh @ basis.T
+
+
+def balanced_top(matrix: torch.Tensor, rank: int, eigenvalues: torch.Tensor, eigenvectors: torch.Tensor):
+    """The top ``rank`` balanced factors ``(b [out, rank], a^T [in, rank], s [rank])`` of ``matrix``, from the
+    eigen-decomposition of its Gram matrix over its smaller side (:func:`gram_eigen`)."""
+    rows, cols = matrix.shape
+    values = eigenvalues[:rank].clamp_min(0).sqrt().float()
+    vectors = eigenvectors[:, :rank]
+    other = matrix.T @ vectors if rows <= cols else matrix @ vectors  # the other side, times s
+    root = values.sqrt()
+    divisor = torch.where(values > 0, values, torch.ones_like(values))
+    other = other.div_(divisor).mul_(root)
+    near = vectors * root
+    return (near, other, values) if rows <= cols else (other, near, values)
+
+
+def gram_eigen(matrix: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (decreasing, float64, the squared singular values) and eigenvectors (float32) of the
+    float32 Gram matrix of ``matrix`` over its smaller side, built ``chunk`` rows or columns at a time."""
+    rows, cols = matrix.shape
+    side = min(rows, cols)
+    gram = torch.zeros(side, side, device=matrix.device)
+    if rows <= cols:
+        for start in range(0, cols, chunk):
+            block = matrix[:, start : start + chunk]
+            gram.addmm_(block, block.T)
+    else:
+        for start in range(0, rows, chunk):
+            block = matrix[start : start + chunk]
+            gram.addmm_(block.T, block)
+    values, vectors = torch.linalg.eigh(gram)
+    return values.flip(0).double().clamp_min_(0.0), vectors.flip(1)
