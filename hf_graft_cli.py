@@ -101,11 +101,9 @@ def _skillpack_parser(sub) -> None:
     extract.add_argument("--distill-steps", type=int, default=200, help="scale distillation steps (default 200, 0: none)")
     extract.add_argument("--calibration-length", type=int, default=256, help="tokens per sequence (default 256)")
     extract.add_argument("--calibration-column", default="text", help="text column of a Hub dataset")
-    extract.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype the models are loaded in (calibrated packs)")
+    extract.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype the models are loaded in (a LoRA --tuned)")
     extract.add_argument(
-        "--block-by-block", action="store_true",
-        help="calibrate without loading either model: read the checkpoints one decoder block at a time "
-        "(for models larger than memory; resumable)",
+        "--tokenizer", help="tokenizer of the calibration text (folder or Hub id; default: the one saved beside --base)",
     )
     extract.add_argument("--device", default="auto", help="where compression runs: auto (the GPU when there is one), cpu, cuda[:N]")
     extract.add_argument("--push-to-hub", metavar="REPO_ID", help="push the pack when done")

@@ -69,8 +69,8 @@ def test_extract_calibrated_inspect_apply(models, tmp_path, capsys):
     assert (merged_dir / "tokenizer.json").exists()
 
 
-def test_extract_block_by_block_never_loads_a_model(models, tmp_path, capsys, monkeypatch):
-    """--block-by-block: a calibrated pack from the checkpoint files, the models never built on a real device."""
+def test_the_plain_extract_never_loads_a_model(models, tmp_path, capsys, monkeypatch):
+    """A calibrated pack from two checkpoint folders: made one decoder block at a time, no model ever loaded."""
     import transformers
 
     def refuse(*args, **kwargs):
@@ -78,15 +78,29 @@ def test_extract_block_by_block_never_loads_a_model(models, tmp_path, capsys, mo
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
     argv = ["skillpack", "extract", "--base", str(models["base"]), "--tuned", str(models["tuned"]), "--out", str(tmp_path / "pack"),
-            "--ratio", "3", "--calibration-samples", "6", "--calibration-length", "32", "--distill-steps", "5", "--block-by-block"]
+            "--ratio", "3", "--calibration-samples", "6", "--calibration-length", "32", "--distill-steps", "5"]
     assert main(argv) == 0
     assert "x smaller than the bf16 delta" in capsys.readouterr().out
     pack = sp.read_skillpack(tmp_path / "pack")
     assert pack.config.calibration_samples == 6 and pack.config.measured["distill_loss"] is not None
     assert pack.config.measured["compression_ratio"] >= 3
-    argv[argv.index("--tuned") + 1] = str(models["lora"])
-    assert main([*argv[:7], str(tmp_path / "other"), *argv[8:]]) == 2
-    assert "--block-by-block reads two checkpoints" in capsys.readouterr().err
+
+
+def test_extract_from_folders_without_a_tokenizer_says_what_to_pass(models, tmp_path, capsys):
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(models["base"] / name, bare / name)
+    argv = ["skillpack", "extract", "--base", str(bare), "--tuned", str(models["tuned"]), "--out", str(tmp_path / "pack"),
+            "--ratio", "3", "--calibration-samples", "6", "--calibration-length", "32", "--distill-steps", "0"]
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and f"No usable tokenizer in {bare}" in error[0]
+    assert "--tokenizer" in error[0] and "--calibration none" in error[0]
+    assert main([*argv, "--tokenizer", str(models["base"])]) == 0
+    assert sp.read_skillpack(tmp_path / "pack").config.calibration_samples == 6
 
 
 def test_extract_from_lora_then_export_lora(models, tmp_path, capsys):

@@ -1,13 +1,14 @@
 """``hf-graft skillpack ...``: the SkillPack commands, one per Python entry point.
 
-    hf-graft skillpack extract --base B --tuned T --out DIR [--ratio 16] [--calibration DATA] [--block-by-block]
+    hf-graft skillpack extract --base B --tuned T --out DIR [--ratio 16] [--calibration DATA] [--tokenizer TOK]
     hf-graft skillpack inspect PACK [--json]
     hf-graft skillpack apply PACK --base B --out DIR
     hf-graft skillpack export-lora PACK --out DIR [--base B]
     hf-graft skillpack push PACK REPO_ID
 
 ``PACK`` is a SkillPack folder or Hub repo id; ``B`` and ``T`` are model folders or Hub ids, and
-``T`` may also be a LoRA adapter on ``B``.
+``T`` may also be a LoRA adapter on ``B``. Two checkpoints are never loaded whole: a data-free pack
+is made tensor by tensor, a calibrated one with the model run one decoder block at a time.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import os
 import shutil
 import tempfile
 
-from ..errors import BaseModelMismatchError, HfGraftError
+from ..errors import BaseModelMismatchError, HfGraftError, is_network_error
+from ..references import checked_reference
 
 #: Relative error above which an exported LoRA module counts as lossy.
 LOSSY_ERROR = 0.1
@@ -66,16 +68,15 @@ def _extract(args) -> None:
         target_ratio=None if args.bytes else args.ratio, byte_budget=args.bytes, distill_steps=args.distill_steps,
         calibration_samples=args.calibration_samples,
     )
-    from_files = not _is_lora(args.tuned) and (args.calibration == "none" or args.block_by_block)
-    if from_files:  # read tensor by tensor (data-free) or block by block (calibrated): load nothing
-        batches = None if args.calibration == "none" else _calibration(args, args.base)
+    if not _is_lora(args.tuned):  # read tensor by tensor (data-free) or block by block (calibrated): load nothing
+        checked_reference(args.base)
+        checked_reference(args.tuned)
+        batches = None if args.calibration == "none" else _calibration(args, args.tokenizer or args.base)
         pack = extract_skillpack(args.base, args.tuned, config, calibration=batches, output_dir=args.out, device=args.device)
         measured = pack.config.measured
         if os.environ.get("RANK", "0") != "0":  # under accelerate launch: the main process reports
             return
     else:
-        if args.block_by_block:
-            raise HfGraftError("--block-by-block reads two checkpoints; a LoRA adapter is extracted with the models loaded.")
         pack = _extract_loaded(args, config)
         measured = pack.peft_config["default"].measured
     print(
@@ -88,12 +89,12 @@ def _extract(args) -> None:
 
 
 def _extract_loaded(args, config):
-    """A calibrated pack (or one from a LoRA adapter), extracted on the loaded models and saved."""
+    """A pack of a LoRA adapter's deltas, extracted on the loaded base and saved."""
     from . import extract_skillpack
 
     base = _load_model(args.base, args.dtype)
-    tuned = args.tuned if _is_lora(args.tuned) else _load_model(args.tuned, args.dtype)
-    batches = None if args.calibration == "none" else _calibration(args, args.tuned if not isinstance(tuned, str) else args.base)
+    tuned = args.tuned
+    batches = None if args.calibration == "none" else _calibration(args, args.tokenizer or args.base)
     pack = extract_skillpack(base, tuned, config, calibration=batches, copy_base=False, device=args.device)
     pack.save_pretrained(args.out)
     return pack
@@ -105,7 +106,15 @@ def _calibration(args, tokenizer_source: str) -> list:
 
     from .extraction.calibration_data import calibration_batches, calibration_texts
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    except (OSError, ValueError, ImportError) as error:
+        if is_network_error(error):
+            raise
+        raise HfGraftError(
+            f"No usable tokenizer in {tokenizer_source} for the calibration text ({type(error).__name__}): pass "
+            "--tokenizer NAME_OR_FOLDER, save the tokenizer files beside the checkpoint, or --calibration none for a data-free pack."
+        ) from None
     texts = calibration_texts(args.calibration, args.calibration_column)
     return calibration_batches(tokenizer, texts, args.calibration_samples, args.calibration_length)
 

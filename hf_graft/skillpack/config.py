@@ -58,6 +58,11 @@ class SkillPackConfig(PeftConfig):
             ``"all"``: direct 1-4 bit quantization, signs with a low-rank correction, low rank,
             sparse, or the module left out; ``"lowrank"``: low rank, sparse and fp16 only
             (GraftLLM's original search space).
+        candidate_search (`str`, defaults to `"predicted"`):
+            How each module's candidate formats are costed: ``"predicted"``, from one factorization
+            of the delta and closed forms, with only the chosen format compressed for real (and GPTQ
+            run only over correlated inputs); ``"exhaustive"``, every candidate compressed and
+            decoded (several times slower; the reference the predictions are checked against).
         compensation (`bool`, defaults to `True`):
             Compress decoder blocks in order, each measured on the model with the earlier blocks'
             compressed deltas applied, so errors are compensated rather than compounded.
@@ -94,6 +99,7 @@ class SkillPackConfig(PeftConfig):
     distill_learning_rate: float = field(default=1e-2, metadata={"help": "Adam rate, relative to each tensor's size"})
     objective: str = field(default="output", metadata={"help": "'output': what errors cost the model; 'weight': Frobenius"})
     formats: str = field(default="all", metadata={"help": "'all' formats, or 'lowrank' (SVD, sparse, fp16) only"})
+    candidate_search: str = field(default="predicted", metadata={"help": "'predicted' (closed forms) or 'exhaustive'"})
     compensation: bool = field(default=True, metadata={"help": "compress blocks in order on the partly compressed model"})
     sparse_modules: list = field(default_factory=lambda: list(EMBEDDING_MODULES))
     target_modules: Optional[list] = field(
@@ -233,6 +239,7 @@ FIELD_RULES = {
     "distill_learning_rate": (lambda v: is_number(v) and v > 0, "a positive number"),
     "objective": (_is_choice("output", "weight"), "'output' or 'weight'"),
     "formats": (_is_choice("all", "lowrank"), "'all' or 'lowrank'"),
+    "candidate_search": (_is_choice("predicted", "exhaustive"), "'predicted' or 'exhaustive'"),
     "compensation": (lambda v: isinstance(v, bool), "true or false"),
     "inference_mode": (lambda v: isinstance(v, bool), "true or false"),
     "check_base_fingerprint": (lambda v: isinstance(v, bool), "true or false"),

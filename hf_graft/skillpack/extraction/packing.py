@@ -3,8 +3,9 @@
 Extraction from loaded models (:mod:`.loaded`) and from checkpoint files (:mod:`.checkpoints`)
 both go through these steps, one delta at a time, so a pack made either way is the same file:
 
-1. :func:`measure` compresses each delta in every candidate format and keeps only the sizes and
-   costs (:mod:`..compression.allocation`), plus the delta's squared norm for the recorded error.
+1. :func:`measure` costs each delta in every candidate format, predicted from one factorization
+   (:mod:`..compression.estimate`) or compressed for real (``candidate_search="exhaustive"``), and
+   keeps only the sizes and costs (:mod:`..compression.allocation`), plus the delta's squared norm.
 2. :func:`choose` picks one format per delta so the saved files fit the budget.
 3. :func:`compress` stores each chosen delta; :func:`assemble` records the figures (bytes, ratio,
    errors) in the config, counting the files' bytes exactly as they will be saved.
@@ -66,7 +67,8 @@ def resolve_device(device: Union[str, torch.device]) -> torch.device:
 
 def ladder_of(config: SkillPackConfig) -> CandidateLadder:
     """The candidate formats ``config.formats`` allows."""
-    return CandidateLadder() if config.formats == "all" else CandidateLadder(quant_bits=(), allow_omit=False)
+    search = config.candidate_search
+    return CandidateLadder(search=search) if config.formats == "all" else CandidateLadder(quant_bits=(), allow_omit=False, search=search)
 
 
 def is_sparse(key: str, config: SkillPackConfig) -> bool:
