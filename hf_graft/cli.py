@@ -128,9 +128,3 @@ def run(args) -> int:
         )
         return 2
     return 0
-
-
-if __name__ == "__main__":  # python -m hf_graft.cli ..., e.g. under accelerate launch
-    from hf_graft_cli import main
-
-    sys.exit(main())

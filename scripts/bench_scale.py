@@ -12,8 +12,17 @@
    - ``streaming``: ``extract_skillpack(base_dir, tuned_dir, output_dir=...)``, nothing loaded;
    - ``apply``: ``merge_into_checkpoint`` shard by shard, against ``copy`` (the checkpoint's
      files copied) and ``load`` (``from_pretrained`` of the base in bf16).
-   ``--skip-in-memory`` leaves out the run that loads both models (it needs ~4x the checkpoint
-   bytes of RAM); ``--apply-only`` runs the merges alone, on the pack an earlier run left.
+   - ``mergekit``: ``mergekit-extract-lora`` (the tool users already have; its own venv, found
+     with ``--mergekit`` or on ``PATH``, a skip line where absent) at the largest rank whose
+     adapter is no larger than the streaming pack, ``--embed-lora``;
+   - ``streaming-exhaustive`` (``--ablation``): the same pack with every candidate compressed for
+     real instead of predicted (``candidate_search="exhaustive"``);
+   - ``forward-backward`` (with ``--calibrated``): one forward and backward pass of the tuned
+     model over the calibration set, the part of a calibrated pack no method can skip.
+   Each worker reports its resident memory after its imports, so working memory (peak minus
+   that) is reported beside the peak. ``--skip-in-memory`` leaves out the run that loads both
+   models (it needs ~4x the checkpoint bytes of RAM); ``--apply-only`` runs the merges alone, on
+   the pack an earlier run left.
    ``--layers N`` writes the pair with N decoder blocks, every tensor at the shape's own size (the
    memory of a run is set by its largest tensors; its time grows with the blocks). Each run's
    progress bars, with their time per block, go to ``<run>.log`` beside its output.
@@ -21,9 +30,10 @@
    4 bits, a merge's product and measuring every candidate format, on the CPU and, when present,
    the GPU.
 
+Every pack's KL to the tuned model (mergekit's LoRA included) is measured on held-out sequences.
 Writes ``scale.json``, ``scale.md`` and ``scale.png`` (memory over time per run) to ``--out``.
 
-    python scripts/bench_scale.py --shape small --out bench_results/scale-small    # minutes
+    python scripts/bench_scale.py --shape small --skip-in-memory --calibrated --ablation --mergekit /path/to/venv/bin/mergekit-extract-lora --out bench_results/scale-small
     python scripts/bench_scale.py --out bench_results/scale                        # Llama-3.2-1B shape
     python scripts/bench_scale.py --shape llama-3-8b --skip-in-memory --out bench_results/scale-8b
     python scripts/bench_scale.py --apply-only --out bench_results/scale                   # merge runs only
@@ -71,7 +81,7 @@ def write_pair(fields: dict, folder: str) -> dict:
 
     from hf_graft.sharded import INDEX_NAME, write_shard
 
-    config = LlamaConfig(**fields, torch_dtype="bfloat16")
+    config = LlamaConfig(**fields, torch_dtype="bfloat16", architectures=["LlamaForCausalLM"])  # mergekit reads it
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     layout = [(name, tuple(p.shape)) for name, p in skeleton.state_dict().items() if not (config.tie_word_embeddings and name == "lm_head.weight")]
@@ -86,6 +96,8 @@ def write_pair(fields: dict, folder: str) -> dict:
     shards.append(current)
     paths = {side: os.path.join(folder, side) for side in ("base", "tuned")}
     if all(os.path.isfile(os.path.join(path, INDEX_NAME)) for path in paths.values()):
+        for path in paths.values():
+            config.save_pretrained(path)
         return paths
     for path in paths.values():
         os.makedirs(path, exist_ok=True)
@@ -130,21 +142,33 @@ def token_batches(vocab: int, sequences: int, seed: int) -> list:
 
 def worker(mode: str, paths: dict, out: str, ratio: float) -> dict:
     """One measured run, in this (child) process."""
+    import psutil
+
     import hf_graft.skillpack as sp
     from hf_graft.skillpack.checkpoint_merge import merge_into_checkpoint
+    from hf_graft.skillpack.extraction import checkpoints  # noqa: F401  (imports counted before the work starts)
+    from transformers import AutoModelForCausalLM
 
-    calibrated = mode in ("in-memory-calibrated", "block-by-block")
-    config = sp.SkillPackConfig(target_ratio=ratio, calibration_samples=CALIBRATION_SEQUENCES, distill_steps=DISTILL_STEPS)
+    imported = psutil.Process().memory_info().rss
+    calibrated = mode in ("in-memory-calibrated", "block-by-block", "forward-backward")
+    search = "exhaustive" if mode == "streaming-exhaustive" else "predicted"
+    config = sp.SkillPackConfig(target_ratio=ratio, calibration_samples=CALIBRATION_SEQUENCES, distill_steps=DISTILL_STEPS,
+                                candidate_search=search)
     calibration = token_batches(paths["vocab"], CALIBRATION_SEQUENCES, 0) if calibrated else None
     start = time.perf_counter()
+    extra = {}
     if mode in ("in-memory", "in-memory-calibrated"):
-        from transformers import AutoModelForCausalLM
-
         dtype = torch.float32 if calibrated else torch.bfloat16  # backward passes need float32
         base, tuned = (AutoModelForCausalLM.from_pretrained(paths[s], dtype=dtype) for s in ("base", "tuned"))
         sp.extract_skillpack(base, tuned, config, calibration=calibration, copy_base=False).save_pretrained(out)
-    elif mode in ("streaming", "block-by-block"):
+    elif mode in ("streaming", "streaming-exhaustive", "block-by-block"):
         sp.extract_skillpack(paths["base"], paths["tuned"], config, calibration=calibration, output_dir=out, device="cpu")
+    elif mode == "forward-backward":
+        tuned = AutoModelForCausalLM.from_pretrained(paths["tuned"], dtype=torch.float32)
+        extra["load_seconds"] = round(time.perf_counter() - start, 1)
+        start = time.perf_counter()
+        for ids in calibration:
+            tuned(input_ids=ids, labels=ids).loss.backward()
     elif mode == "quality":
         return {"seconds": time.perf_counter() - start, "kl": {name: pack_kl(paths, pack) for name, pack in paths["packs"].items()}}
     elif mode == "apply":
@@ -152,10 +176,8 @@ def worker(mode: str, paths: dict, out: str, ratio: float) -> dict:
     elif mode == "copy":
         shutil.copytree(paths["base"], out)
     elif mode == "load":
-        from transformers import AutoModelForCausalLM
-
         AutoModelForCausalLM.from_pretrained(paths["base"], dtype=torch.bfloat16)
-    return {"seconds": time.perf_counter() - start}
+    return {"seconds": time.perf_counter() - start, "rss_after_imports": imported, **extra}
 
 
 def pack_kl(paths: dict, pack: Optional[str]) -> float:
@@ -176,15 +198,20 @@ def pack_kl(paths: dict, pack: Optional[str]) -> float:
     return round(kl / sum(ids.numel() for ids in held_out), 5)
 
 
-def measured_run(mode: str, paths: dict, out: str, ratio: float) -> dict:
-    """Run ``mode`` in a child process; its wall time, peak RSS and RSS over time."""
+def measured_run(mode: str, paths: dict, out: str, ratio: float, command: Optional[list] = None) -> dict:
+    """Run ``mode`` in a child process (a worker of this script, or ``command``); its wall time, peak RSS and RSS over time.
+
+    A worker reports its own time (from after its imports) and its RSS after imports; a ``command``
+    (another tool) is timed whole, from start to exit."""
     import psutil
 
     shutil.rmtree(out, ignore_errors=True)
-    command = [sys.executable, __file__, "--worker", mode, "--paths", json.dumps(paths), "--worker-out", out, "--ratio", str(ratio)]
+    worker_run = command is None
+    if worker_run:
+        command = [sys.executable, __file__, "--worker", mode, "--paths", json.dumps(paths), "--worker-out", out, "--ratio", str(ratio)]
     start = time.perf_counter()
     log = open(f"{out}.log", "w")  # the progress bars, with each stage's time per block
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
+    child = subprocess.Popen(command, stdout=subprocess.PIPE if worker_run else log, stderr=log, text=True)
     process, trace, peak = psutil.Process(child.pid), [], 0
     while child.poll() is None:
         try:
@@ -194,14 +221,39 @@ def measured_run(mode: str, paths: dict, out: str, ratio: float) -> dict:
         peak = max(peak, rss)
         trace.append((round(time.perf_counter() - start, 2), rss / 2**30))
         time.sleep(0.1)
-    output = child.stdout.read()
+    wall = time.perf_counter() - start
+    output = child.stdout.read() if worker_run else ""
     log.close()
     if child.returncode:
-        raise SystemExit(f"{mode} run failed (exit {child.returncode})")
-    result = json.loads(output.strip().splitlines()[-1])
-    print(f"  {mode}: {result['seconds']:.1f} s, peak RSS {peak / 2**30:.2f} GiB", flush=True)
+        raise SystemExit(f"{mode} run failed (exit {child.returncode}); see {out}.log")
+    result = json.loads(output.strip().splitlines()[-1]) if worker_run else {"seconds": wall}
+    imported = result.pop("rss_after_imports", None)
+    working = f", working memory {(peak - imported) / 2**30:.2f} GiB" if imported else ""
+    print(f"  {mode}: {result['seconds']:.1f} s (process {wall:.1f} s), peak RSS {peak / 2**30:.2f} GiB{working}", flush=True)
     extra = {key: value for key, value in result.items() if key != "seconds"}
-    return {"mode": mode, "seconds": round(result["seconds"], 1), "peak_rss_gib": round(peak / 2**30, 3), "trace": trace, **extra}
+    return {"mode": mode, "seconds": round(result["seconds"], 1), "process_seconds": round(wall, 1), "peak_rss_gib": round(peak / 2**30, 3),
+            "working_gib": round((peak - imported) / 2**30, 3) if imported else None, "trace": trace, **extra}
+
+
+def folder_bytes(folder: str) -> int:
+    """Bytes of an adapter: its weights and its config."""
+    return sum(os.path.getsize(os.path.join(folder, name)) for name in ("adapter_model.safetensors", "adapter_config.json"))
+
+
+def mergekit_rank(fields: dict, budget: int) -> int:
+    """The largest rank whose ``mergekit-extract-lora --embed-lora`` adapter is no larger than ``budget`` bytes:
+    bf16 factors of every projection, the embedding and the head (extracted even when tied), norms saved whole."""
+    hidden, inner, layers = fields["hidden_size"], fields["intermediate_size"], fields["num_hidden_layers"]
+    kv = hidden // fields["num_attention_heads"] * fields["num_key_value_heads"]
+    per_layer = 2 * (hidden + hidden) + 2 * (hidden + kv) + 3 * (hidden + inner)
+    per_rank = 2 * (layers * per_layer + 2 * (fields["vocab_size"] + hidden))
+    fixed = 2 * hidden * (2 * layers + 1) + 200 * (7 * 2 * layers + 6) + 2048  # norms, header entries, config
+    return max(1, (budget - fixed) // per_rank)
+
+
+def find_mergekit(given: Optional[str]) -> Optional[str]:
+    found = given or shutil.which("mergekit-extract-lora")
+    return found if found and os.path.isfile(found) else None
 
 
 def product_flop(pack: str) -> float:
@@ -258,7 +310,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, help="decoder blocks of the pair (default: the shape's own); the tensors keep the shape's sizes")
     parser.add_argument("--skip-in-memory", action="store_true", help="leave out the run that loads both models")
     parser.add_argument("--apply-only", action="store_true", help="only the apply, copy and load runs, on the pack a previous run left in --out")
-    parser.add_argument("--calibrated", action="store_true", help="add calibrated extractions (in memory, block by block) and the packs' KL")
+    parser.add_argument("--calibrated", action="store_true", help="add calibrated extractions (in memory, block by block) and one forward and backward pass")
+    parser.add_argument("--ablation", action="store_true", help="add the streaming pack with every candidate compressed for real (slow)")
+    parser.add_argument("--mergekit", help="path of mergekit-extract-lora (default: the one on PATH); its own venv")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -278,12 +332,30 @@ def main() -> None:
     checkpoint_gib = sum(Checkpoint(paths[s]).file_bytes() for s in ("base", "tuned")) / 2**30
     runs = []
     modes = [] if args.apply_only else ["streaming"] if args.skip_in_memory else ["in-memory", "streaming"]
+    if args.ablation and not args.apply_only:
+        modes.append("streaming-exhaustive")
     if args.calibrated and not args.apply_only:
-        modes += ["block-by-block"] if args.skip_in_memory else ["in-memory-calibrated", "block-by-block"]
+        modes += ["block-by-block", "forward-backward"] if args.skip_in_memory else ["in-memory-calibrated", "block-by-block", "forward-backward"]
     if args.apply_only and not os.path.isfile(os.path.join(args.out, "pack-streaming", "adapter_config.json")):
         raise SystemExit(f"--apply-only needs the pack of an earlier run in {args.out}/pack-streaming.")
     for mode in modes:
         runs.append(measured_run(mode, paths, os.path.join(args.out, f"pack-{mode}"), args.ratio))
+    mergekit = find_mergekit(args.mergekit)
+    packs = {"base alone": None, **{m: os.path.join(args.out, f"pack-{m}") for m in modes if m != "forward-backward"}}
+    if args.apply_only:
+        pass
+    elif mergekit is None:
+        print("  mergekit: skipped (mergekit-extract-lora not found; pip install mergekit in its own venv and pass --mergekit PATH)")
+    else:
+        rank = mergekit_rank(fields, folder_bytes(packs["streaming"]))
+        out = os.path.join(args.out, "pack-mergekit")
+        command = [mergekit, "--model", paths["tuned"], "--base-model", paths["base"], "--out-path", out,
+                   "--max-rank", str(rank), "--embed-lora", "--quiet"]
+        runs.append({**measured_run("mergekit", paths, out, args.ratio, command=command), "rank": rank})
+        packs["mergekit"] = out
+    for run in runs:
+        if run["mode"] in packs and packs[run["mode"]]:
+            run["adapter_bytes"] = folder_bytes(packs[run["mode"]])
     if "in-memory" in modes:
         same = all(
             open(os.path.join(args.out, f"pack-{m}", name), "rb").read() == open(os.path.join(args.out, "pack-streaming", name), "rb").read()
@@ -298,27 +370,55 @@ def main() -> None:
     for mode in ("apply", "copy"):
         shutil.rmtree(os.path.join(args.out, f"out-{mode}"), ignore_errors=True)
     quality = None
-    if args.calibrated and not args.apply_only:
-        packs = {"base alone": None, **{m: os.path.join(args.out, f"pack-{m}") for m in modes}}
+    if not args.apply_only and checkpoint_gib < 6:  # the tuned model and the base in float32, side by side
         quality_run = measured_run("quality", {**paths, "packs": packs}, os.path.join(args.out, "quality"), args.ratio)
-        quality = [{"pack": name, "kl_to_tuned": kl} for name, kl in quality_run["kl"].items()]
+        quality = [{"pack": name, "kl_to_tuned": kl, "bytes": folder_bytes(pack) if pack else 0} for name, pack in quality_run["kl"].items()]
+        kl = {row["pack"]: row["kl_to_tuned"] for row in quality}
+        for run in runs:
+            if run["mode"] in kl:
+                run["kl_to_tuned"] = kl[run["mode"]]
+        print(f"  KL to the tuned model: {kl}", flush=True)
+    chosen = {}
+    if "streaming-exhaustive" in modes:
+        specs = {m: json.load(open(os.path.join(args.out, f"pack-{m}", "adapter_config.json")))["module_specs"] for m in ("streaming", "streaming-exhaustive")}
+        changed = sorted(name for name in specs["streaming"] if specs["streaming"][name] != specs["streaming-exhaustive"].get(name))
+        chosen = {"modules": len(specs["streaming"]), "formats_changed": len(changed), "changed": changed[:10]}
     by_mode = {run["mode"]: run for run in runs}
     def over(mode: str, other: str) -> Optional[float]:  # None where a run is missing or too short to time
         if mode not in by_mode or not by_mode.get(other, {}).get("seconds"):
             return None
         return round(by_mode[mode]["seconds"] / by_mode[other]["seconds"], 3)
 
+    def peak_over(mode: str, other: str) -> Optional[float]:
+        if mode not in by_mode or other not in by_mode:
+            return None
+        return round(by_mode[mode]["peak_rss_gib"] / by_mode[other]["peak_rss_gib"], 3)
+
+    def kl_over(mode: str, other: str) -> Optional[float]:
+        found = [by_mode.get(m, {}).get("kl_to_tuned") for m in (mode, other)]
+        return round(found[0] / found[1], 3) if None not in found and found[1] else None
+
     ratios = {
         "streaming_over_in_memory_time": over("streaming", "in-memory"),
+        "streaming_over_mergekit_time": over("streaming", "mergekit"),
+        "streaming_over_mergekit_peak_rss": peak_over("streaming", "mergekit"),
+        "streaming_over_mergekit_kl": kl_over("streaming", "mergekit"),
+        "exhaustive_over_predicted_time": over("streaming-exhaustive", "streaming"),
+        "block_by_block_over_mergekit_peak_rss": peak_over("block-by-block", "mergekit"),
         "apply_over_copy_time": over("apply", "copy"),
         "apply_over_load_time": over("apply", "load"),
         "apply_product_tflop": round(product_flop(applied["pack"]) / 1e12, 3),
     }
+    if "block-by-block" in by_mode and "forward-backward" in by_mode:
+        floor = by_mode["streaming"]["seconds"] + by_mode["forward-backward"]["seconds"]
+        ratios["block_by_block_over_data_free_plus_forward_backward_time"] = round(by_mode["block-by-block"]["seconds"] / floor, 3)
     if "block-by-block" in by_mode and "in-memory-calibrated" in by_mode:
         ratios["block_by_block_over_in_memory_calibrated_time"] = over("block-by-block", "in-memory-calibrated")
+    ratios = {key: value for key, value in ratios.items() if value is not None}
     work = throughput(args.shape)
     data = {"shape": label, "config": fields, "checkpoint_gib_both": round(checkpoint_gib, 2), "ratio": args.ratio,
-            "bit_identical": same, "ratios": ratios, "runs": runs, "quality": quality, "throughput": work, "threads": torch.get_num_threads(),
+            "bit_identical": same, "ratios": ratios, "runs": runs, "quality": quality, "predicted_vs_exhaustive": chosen or None,
+            "throughput": work, "threads": torch.get_num_threads(),
             "calibration": {"sequences": CALIBRATION_SEQUENCES, "length": CALIBRATION_LENGTH, "distill_steps": DISTILL_STEPS} if quality else None}
     table = [{k: v for k, v in run.items() if k != "trace"} for run in runs]
     markdown = (
@@ -326,7 +426,12 @@ def main() -> None:
         f"Packs at {args.ratio:g}x, {torch.get_num_threads()} CPU threads. Peak RSS of the whole process. In-memory and streaming "
         f"packs are data-free; calibrated ones see {CALIBRATION_SEQUENCES} random sequences of {CALIBRATION_LENGTH} tokens "
         f"({DISTILL_STEPS} distillation steps: end to end in memory, per block block by block).\n\n"
+        f"`mergekit` is `mergekit-extract-lora --embed-lora` at the largest rank no larger than the streaming pack "
+        f"(`adapter_bytes`: weights + config). `seconds` is the work after imports for hf-graft's runs, the whole process for "
+        f"mergekit's (`process_seconds` is every run's whole process); `working_gib` is peak RSS minus the RSS after imports.\n\n"
         f"{markdown_table(table)}\n\nStreaming pack bit-identical to the in-memory pack: {same}\n\n"
+        + (f"## Predicted against exhaustive candidate search\n\nFormats that differ: {chosen['formats_changed']} of {chosen['modules']} "
+           f"modules {chosen['changed']}; exhaustive / predicted time: {ratios.get('exhaustive_over_predicted_time')}.\n\n" if chosen else "")
         + (f"## How close each pack is to the tuned model\n\nKL(tuned || base + pack) per token on 16 held-out random sequences.\n\n{markdown_table(quality)}\n\n" if quality else "")
         + f"{markdown_table([{'ratio': k, 'value': v} for k, v in ratios.items()])}\n\n## Per-matrix work\n\n{markdown_table(work)}\n"
     )

@@ -132,3 +132,9 @@ def test_shipped_model_code_imports_only_its_own_folder():
     for module in MODULES:
         if module.startswith("hf_graft.models."):
             assert all(target.startswith("hf_graft.models") for target in _edges()[module]), module
+
+
+def test_the_package_never_imports_the_command_line_module():
+    """``hf_graft_cli`` lists the commands and imports ``hf_graft.cli`` to run them; nothing imports it back."""
+    importers = sorted(module for module in MODULES if any(target == "hf_graft_cli" for target, _, _ in _imports(module)))
+    assert importers == []
