@@ -91,3 +91,37 @@ def test_a_bad_search_is_refused():
 
     with pytest.raises(HfGraftError, match="search must be 'predicted' or 'exhaustive'"):
         CandidateLadder(search="fast")
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_gptq_costs_are_predicted_from_its_own_error_accounting(transposed):
+    """Correlated inputs: GPTQ's error is predicted (rounding errors weighted by 1 / U_jj^2), never run."""
+    generator = torch.Generator().manual_seed(4)
+    inputs = torch.randn(2048, 128, generator=generator) @ (torch.eye(128) + 0.3 * torch.randn(128, 128, generator=generator) / 11.3)
+    inputs = inputs * torch.exp(0.7 * torch.randn(128, generator=generator))
+    statistics = ModuleStatistics((inputs.T @ inputs) / len(inputs), torch.rand(256, generator=generator) + 0.2, transposed=transposed)
+    delta = fine_tune_delta(256, 128, seed=5)
+    delta = delta.T.contiguous() if transposed else delta
+    tried = measure_candidates("m.weight", delta, statistics, ladder=CandidateLadder(search="exhaustive"))
+    predicted = measure_candidates("m.weight", delta, statistics, ladder=CandidateLadder(search="predicted"))
+    real = {repr(sorted(c.spec.items())): c for c in tried}
+    quant = [c for c in predicted if c.spec["kind"] == "quant" and "rank" not in c.spec]
+    assert len(quant) == len([c for c in tried if c.spec["kind"] == "quant" and "rank" not in c.spec]) >= 4
+    for guess in quant:
+        assert guess.cost == pytest.approx(real[repr(sorted(guess.spec.items()))].cost, rel=0.08)
+
+
+def test_the_basis_kept_by_measuring_compresses_the_chosen_rank_as_a_new_factorization_does():
+    from hf_graft.skillpack.compression.calibrate import compress_with_statistics
+
+    delta = fine_tune_delta(384, 256)
+    kept = []
+    candidates = measure_candidates("m.weight", delta, None, keep_basis=kept.append)
+    assert len(kept) == 1 and kept[0].shape[0] == 256
+    spec = next(c.spec for c in candidates if c.spec["kind"] == "lowrank" and c.spec["rank"] > 20)
+    statistics = ModuleStatistics.identity(delta.shape)
+    again, reused = (compress_with_statistics(delta, spec, statistics, basis=basis) for basis in (None, kept[0]))
+    errors = [float((packed.delta() - delta).square().sum()) for packed in (again, reused)]
+    assert errors[1] == pytest.approx(errors[0], rel=0.03)  # the new factorization is a randomized one
+    with pytest.raises(Exception, match="does not hold rank"):
+        compress_with_statistics(delta, {**spec, "rank": kept[0].shape[1] + 1, "scheme": [[2, None]]}, statistics, basis=kept[0])

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ...errors import HfGraftError
 from ...validation import check_fraction, check_int
-from .calibrate import compress_with_statistics
+from .calibrate import compress_with_statistics, gptq_weights
 from .estimate import column_errors, energy_after, grid_costs, lowrank_cost, sparse_costs
 from .formats import CompressedDelta, compress_delta, normalize_spec, payload_size, segment_layout
 from .lowrank import balanced_top, gram_eigen, lowrank_factors, rank_for_energy
@@ -134,14 +134,18 @@ def measure_candidates(
     *,
     sparse: bool = False,
     ladder: CandidateLadder = CandidateLadder(),
+    keep_basis: Callable[[torch.Tensor], None] | None = None,
 ) -> list[Candidate]:
     """Every candidate of ``ladder`` for the delta ``name`` (``module.part``), with its bytes and cost.
 
     A delta that is not 2-D has the single candidate ``dense_fp16``; ``sparse`` adds the pruning
     ladder (embeddings, heads). ``statistics`` ``None`` measures the Frobenius error (data-free).
     With ``ladder.search == "predicted"`` the costs come from one factorization of the delta and
-    closed forms (:mod:`.estimate`); GPTQ runs only where the inputs are correlated. A delta whose
-    weight is used twice (tied embedding and head) is measured exhaustively.
+    closed forms (:mod:`.estimate`), GPTQ's as its own error accounting predicts it. A delta whose
+    weight is used twice (tied embedding and head) is measured exhaustively. Under the identity
+    objective ``keep_basis`` receives the singular directions the low-rank candidates were made of,
+    so the chosen one is compressed without factoring the delta again (``basis=`` of
+    :func:`~.calibrate.compress_with_statistics`).
     """
     matrix = delta.detach().float()
     if matrix.dim() != 2:
@@ -156,7 +160,7 @@ def measure_candidates(
         if ladder.energies:
             candidates += _lowrank_candidates(name, matrix, statistics, ladder)
     else:
-        candidates += _predicted(name, matrix, statistics, sparse, ladder)
+        candidates += _predicted(name, matrix, statistics, sparse, ladder, keep_basis)
     if not candidates:
         raise HfGraftError(f"No candidate format fits the delta of {name} (shape {tuple(matrix.shape)}).")
     return candidates
@@ -181,30 +185,42 @@ def _entry_weights(statistics: ModuleStatistics) -> tuple[torch.Tensor, torch.Te
     return statistics.row_weights, statistics.diagonal
 
 
-def _predicted(name: str, matrix: torch.Tensor, statistics: ModuleStatistics, sparse: bool, ladder: CandidateLadder) -> list[Candidate]:
-    """The ladder's candidates with costs predicted (:mod:`.estimate`); only GPTQ over correlated inputs runs for real."""
+def _predicted(name: str, matrix: torch.Tensor, statistics: ModuleStatistics, sparse: bool, ladder: CandidateLadder,
+               keep_basis: Callable[[torch.Tensor], None] | None = None) -> list[Candidate]:
+    """The ladder's candidates with costs predicted (:mod:`.estimate`): GPTQ's included, as rounding errors
+    weighted by what its compensation leaves of each input's second moment."""
     rows, cols = matrix.shape
     candidates: list[Candidate] = []
     quant = [spec for spec in _specs(matrix, False, ladder) if "rank" not in spec]
-    if statistics.is_diagonal:
-        row_w, col_w = _entry_weights(statistics)
-        for size in dict.fromkeys(spec["group_size"] for spec in quant):
-            widths = [spec["bits"] for spec in quant if spec["group_size"] == size]
-            for bits, cost in _grid_costs(matrix, widths, size, row_w, col_w).items():
-                candidates.append(_sized(name, {"kind": "quant", "bits": bits, "group_size": size}, matrix.shape, cost))
-    else:
-        candidates += _tried(name, matrix, statistics, quant)
+    for size in dict.fromkeys(spec["group_size"] for spec in quant):
+        widths = [spec["bits"] for spec in quant if spec["group_size"] == size]
+        for bits, cost in _quant_costs(matrix, widths, size, statistics).items():
+            candidates.append(_sized(name, {"kind": "quant", "bits": bits, "group_size": size}, matrix.shape, cost))
     if sparse:
         candidates += _sparse_candidates(name, matrix, statistics, ladder) if statistics.is_diagonal else \
             _tried(name, matrix, statistics, [{"kind": "sparse", "keep_fraction": f} for f in ladder.keep_fractions])
     if ladder.energies:
-        candidates += _predicted_lowrank(name, matrix, statistics, ladder)
+        candidates += _predicted_lowrank(name, matrix, statistics, ladder, keep_basis)
     residual = [spec for spec in _specs(matrix, False, ladder) if "rank" in spec]
     one_bit = [c for c in candidates if c.spec.get("bits") == 1 and c.spec.get("group_size") == rows]
     if residual and one_bit and one_bit[0] in _frontier(candidates):
         # 1-bit signs with a low-rank correction refine the 1-bit delta: tried only where it competes.
         candidates += _tried(name, matrix, statistics, residual)
     return candidates
+
+
+def _quant_costs(matrix: torch.Tensor, widths: list[int], size: int, statistics: ModuleStatistics) -> dict[int, float]:
+    """Predicted costs of quantizing ``matrix`` to each width in groups of ``size`` rows: round to nearest
+    on fitted grids where the inputs are uncorrelated, GPTQ (:func:`~.calibrate.gptq_weights`) where not."""
+    if statistics.is_diagonal:
+        return _grid_costs(matrix, widths, size, *_entry_weights(statistics))
+    signal = squared_norm(matrix)
+    shares = {bits: cost / signal if signal else 0.0 for bits, cost in _grid_costs(matrix, widths, size, None, None).items()}
+    costs = {}
+    for bits, weights in gptq_weights(statistics.hessian, shares).items():
+        effective = dataclasses.replace(statistics, hessian=weights)
+        costs.update(_grid_costs(matrix, [bits], size, *_entry_weights(effective)))
+    return costs
 
 
 def _grid_costs(matrix, widths, size, row_w, col_w) -> dict[int, float]:
@@ -243,7 +259,8 @@ def _sparse_candidates(name: str, matrix: torch.Tensor, statistics: ModuleStatis
     return candidates
 
 
-def _predicted_lowrank(name: str, matrix: torch.Tensor, statistics: ModuleStatistics, ladder: CandidateLadder) -> list[Candidate]:
+def _predicted_lowrank(name: str, matrix: torch.Tensor, statistics: ModuleStatistics, ladder: CandidateLadder,
+                       keep_basis: Callable[[torch.Tensor], None] | None = None) -> list[Candidate]:
     """Low-rank candidates at every (rank, scheme) of the ladder, costed in closed form from one factorization.
 
     The factorization is of ``diag(sqrt(f)) dW L`` (``L L^T = H``; the delta itself for the
@@ -270,8 +287,12 @@ def _predicted_lowrank(name: str, matrix: torch.Tensor, statistics: ModuleStatis
     ranks = [rank for rank in ranks if rank * (rows + cols) < rows * cols]  # else the factors outweigh the matrix
     if not ranks:
         return []
-    b, a, values = balanced_top(scaled, max(ranks), eigenvalues, eigenvectors)  # b [out, r], a = A^T [in, r]
-    del scaled, eigenvectors
+    basis = eigenvectors[:, : max(ranks)].clone()
+    del eigenvectors
+    b, a, values = balanced_top(scaled, basis)  # b [out, r], a = A^T [in, r]
+    del scaled
+    if identity and keep_basis is not None:
+        keep_basis(basis)
     if not identity:
         b = b / weights[:, None]
         a = a / root[:, None] if statistics.is_diagonal else torch.linalg.solve_triangular(root.T, a, upper=True)

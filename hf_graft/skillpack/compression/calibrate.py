@@ -34,11 +34,11 @@ from ...errors import HfGraftError
 from .bitpack import pack_bits
 from .formats import CompressedDelta, compress_delta, normalize_spec
 from .prune import prune
-from .lowrank import lowrank_factors
+from .lowrank import balanced_top, lowrank_factors
 from .objective import ModuleStatistics
 from .quantize import MixedPrecisionFactor, QuantizedMatrix, encode, fitted_grid, quantize, quantize_factor, resolve_scheme
 
-__all__ = ["compress_delta_calibrated", "compress_with_statistics", "gptq", "input_hessians", "quantize_calibrated"]
+__all__ = ["compress_delta_calibrated", "compress_with_statistics", "gptq", "gptq_weights", "input_hessians", "quantize_calibrated"]
 
 #: Added to the Hessian's diagonal, as a share of its mean (GPTQ's ``percdamp``).
 DEFAULT_DAMPING = 0.01
@@ -145,6 +145,32 @@ def gptq(
     return result.float()
 
 
+def gptq_weights(hessian: torch.Tensor, shares: Mapping[int, float], damping: float = DEFAULT_DAMPING) -> dict[int, torch.Tensor]:
+    """Per width ``b`` of ``shares``: ``[in]``, what the rounding errors of each input column cost once
+    GPTQ has run, relative to what round to nearest makes of the column's original values.
+
+    GPTQ's own accounting charges quantizing column ``j`` ``e_j^2 / U_jj^2`` (``U``: the upper Cholesky
+    factor of the damped ``H^-1``), where ``e_j`` rounds the column as updated by the compensations of
+    the columns before it, ``w_j - sum_{k<j} e_k U_kj / U_kk``. Those updates widen the column, and its
+    grid with it: with rounding errors a share ``s`` (``shares[b]``: squared rounding error over squared
+    values) of what is rounded, each column's error grows by ``g_j = 1 + s sum_{k<j} g_k (U_kj / U_kk)^2``
+    (a unit lower-triangular system). The weight of column ``j`` is ``g_j / U_jj^2``; for a diagonal
+    ``H`` it is ``H`` itself.
+    """
+    if hessian.dim() == 1:
+        return {bits: hessian.float() for bits in shares}
+    upper = _inverse_cholesky(hessian.double(), damping)
+    diagonal = upper.diagonal()
+    spread = (upper / diagonal[:, None]).square_().triu_(1).T  # [j, k]: (U_kj / U_kk)^2 for k < j
+    ones = torch.ones(len(upper), 1, dtype=torch.float64, device=upper.device)
+    identity = torch.eye(len(upper), dtype=torch.float64, device=upper.device)
+    found = {}
+    for bits, share in shares.items():
+        growth = torch.linalg.solve_triangular(identity - share * spread, ones, upper=False, unitriangular=True)[:, 0]
+        found[bits] = (growth / diagonal.square()).float()
+    return found
+
+
 def _inverse_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor:
     """The upper Cholesky factor of ``H^-1``, ``H`` damped as :func:`_damped_cholesky` does."""
     return torch.linalg.cholesky(torch.cholesky_inverse(_damped_cholesky(hessian, damping)), upper=True)
@@ -233,21 +259,24 @@ def _factor(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, sche
 
 
 def compress_with_statistics(
-    delta: torch.Tensor, spec: Mapping[str, Any], statistics: ModuleStatistics, *, damping: float = DEFAULT_DAMPING
+    delta: torch.Tensor, spec: Mapping[str, Any], statistics: ModuleStatistics, *, damping: float = DEFAULT_DAMPING,
+    basis: Optional[torch.Tensor] = None,
 ) -> CompressedDelta:
     """Compress a 2-D ``delta`` as ``spec`` says, minimising its cost under ``statistics`` (:mod:`.objective`).
 
     ``quant`` runs GPTQ over the module's inputs, then fits its low-rank correction (if any) to
     what is left the same way; ``lowrank`` is :func:`compress_delta_calibrated`; ``sparse`` keeps
     the entries whose loss costs most (``f_i H_jj dW_ij^2``, the diagonal of the objective);
-    ``dense_fp16`` is the delta in fp16.
+    ``dense_fp16`` is the delta in fp16. ``basis``: the singular directions a low-rank spec's
+    factors are taken on (kept by :func:`~.allocation.measure_candidates` under the identity
+    objective) instead of factoring the delta again.
     """
     spec = normalize_spec(spec, delta.shape)
     matrix = delta.detach().float()
     if spec["kind"] == "lowrank":
         return compress_delta_calibrated(
             matrix, spec, statistics.compact_hessian, fan_in_fan_out=statistics.transposed,
-            row_weights=statistics.row_weights, damping=damping,
+            row_weights=statistics.row_weights, damping=damping, basis=basis,
         )
     if spec["kind"] == "sparse":
         oriented = statistics.oriented(matrix)
@@ -304,6 +333,7 @@ def compress_delta_calibrated(
     row_weights: Optional[torch.Tensor] = None,
     method: str = "randomized",
     damping: float = DEFAULT_DAMPING,
+    basis: Optional[torch.Tensor] = None,
 ) -> CompressedDelta:
     """Compress a ``lowrank`` spec's delta with quantization error compensated through ``hessian``.
 
@@ -313,7 +343,9 @@ def compress_delta_calibrated(
     weight's own layout: ``[out, in]``, or ``[in, out]`` with ``fan_in_fan_out`` (GPT-2's Conv1D).
     ``row_weights`` (``[out]``, the output sensitivities of :mod:`.objective`) make the truncated
     SVD keep the directions the loss reacts to. The result is stored exactly like
-    :func:`~.compress.compress_delta`'s.
+    :func:`~.compress.compress_delta`'s. ``basis`` (``[min(out, in), r >= rank]``, with a
+    diagonal ``hessian`` and uniform weights): the singular directions of the delta over its smaller
+    side (:func:`~.lowrank.gram_eigen`), already known, so it is not factored again.
     """
     spec = normalize_spec(spec, delta.shape)
     if spec["kind"] != "lowrank":
@@ -333,8 +365,15 @@ def compress_delta_calibrated(
     diagonal = hessian.dim() == 1
     if diagonal:
         root = _damped_root(hessian, damping)
-        factors = lowrank_factors(weights[:, None] * matrix * root[None, :], energy=1.0, min_rank=rank, max_rank=rank, method=method)
-        a_factor = quantize_factor((factors.a / root[None, :]).T, scheme, group_size, clip=True)
+        scaled = weights[:, None] * matrix * root[None, :]
+        if basis is None:
+            factor_a = lowrank_factors(scaled, energy=1.0, min_rank=rank, max_rank=rank, method=method).a
+        else:  # B is refitted below: only A's directions are needed
+            if basis.shape[0] != min(scaled.shape) or basis.shape[1] < rank:
+                raise HfGraftError(f"A basis of shape {tuple(basis.shape)} does not hold rank {rank} of a {tuple(scaled.shape)} delta.")
+            factor_a = balanced_top(scaled, basis[:, :rank].to(scaled.device))[1].T
+        del scaled
+        a_factor = quantize_factor((factor_a / root[None, :]).T, scheme, group_size, clip=True)
         a_q = a_factor.dequantize().T  # [rank, in]
         projected, target = (a_q * hessian[None, :]) @ a_q.T, (matrix * hessian[None, :]) @ a_q.T
     else:

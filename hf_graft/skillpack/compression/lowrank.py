@@ -141,7 +141,7 @@ def lowrank_factors(
     if method == "gram":
         eigenvalues, eigenvectors = gram_eigen(matrix)
         rank = choose(eigenvalues.sqrt().float())
-        b, a, values = balanced_top(matrix, rank, eigenvalues, eigenvectors)
+        b, a, values = balanced_top(matrix, eigenvectors[:, :rank])
         return LowRankFactors(a=a.T.contiguous(), b=b, singular_values=values, total_energy=total)
     if method == "full":
         u, s, vh = thin_svd(matrix)
@@ -267,16 +267,19 @@ def _wide_svd(sketch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return u, s, vh @ basis.T
 
 
-def balanced_top(matrix: torch.Tensor, rank: int, eigenvalues: torch.Tensor, eigenvectors: torch.Tensor):
-    """The top ``rank`` balanced factors ``(b [out, rank], a^T [in, rank], s [rank])`` of ``matrix``, from the
-    eigen-decomposition of its Gram matrix over its smaller side (:func:`gram_eigen`)."""
+def balanced_top(matrix: torch.Tensor, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Balanced factors ``(b [out, r], a^T [in, r], s [r])`` of ``matrix`` on ``r`` of its singular directions.
+
+    ``vectors`` are ``r`` orthonormal eigenvectors of the Gram matrix over the smaller side
+    (:func:`gram_eigen`): the left singular vectors of a wide matrix, the right ones of a tall one.
+    The other side is ``matrix`` projected on them, whose column norms are the singular values, so
+    the same vectors serve any multiple of ``matrix`` (a delta and its uniformly weighted form).
+    """
     rows, cols = matrix.shape
-    values = eigenvalues[:rank].clamp_min(0).sqrt().float()
-    vectors = eigenvectors[:, :rank]
     other = matrix.T @ vectors if rows <= cols else matrix @ vectors  # the other side, times s
+    values = torch.linalg.vector_norm(other, dim=0)
     root = values.sqrt()
-    divisor = torch.where(values > 0, values, torch.ones_like(values))
-    other = other.div_(divisor).mul_(root)
+    other = other.div_(torch.where(values > 0, values, torch.ones_like(values))).mul_(root)
     near = vectors * root
     return (near, other, values) if rows <= cols else (other, near, values)
 

@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import MutableMapping
 from typing import Any, Optional, Union
 
 import torch
@@ -196,7 +197,7 @@ def extract_from_checkpoints(
         for key in group:
             delta, journal.samples[key] = deltas.delta(key, device), deltas.sample(key)
             if delta.any_nonzero() if isinstance(delta, DeltaRows) else torch.count_nonzero(delta):
-                journal.measured[key] = measure(key, delta, None, config, conv1d=conv1d(key))
+                journal.measured[key] = measure(key, delta, None, config, conv1d=conv1d(key), bases=journal.bases)
             journal.seen.add(key)
             del delta
             release_freed_memory()
@@ -218,7 +219,7 @@ def extract_from_checkpoints(
         block, errors = {}, {}
         for key in group:
             delta = deltas.delta(key, device)
-            block[key] = packed = compress(key, delta, kept[key], None, conv1d=conv1d(key))
+            block[key] = packed = compress(key, delta, kept[key], None, conv1d=conv1d(key), basis=journal.bases.get(key))
             errors[key] = delta_error_sq(delta, packed, conv1d=conv1d(key))
             del delta
             release_freed_memory()
@@ -307,12 +308,14 @@ class Journal:
         self.stages: dict[str, set[int]] = {}  # block-by-block calibration: the stages of each phase done
         self.distill_losses: dict[int, list[float]] = {}  # and each block's distillation losses
         self.output_dir = self.folder = None
+        self.bases: MutableMapping[str, torch.Tensor] = {}  # singular directions measuring found, to compress on
         if output_dir is None:
             return
         self.output_dir = os.path.abspath(os.fspath(output_dir))
         if os.path.isfile(self.output_dir) or (os.path.isdir(self.output_dir) and os.listdir(self.output_dir)):
             raise HfGraftError(f"{output_dir} already exists and is not empty; give a new folder for the SkillPack.")
         self.folder = self.output_dir + ".partial"
+        self.bases = BasisFiles(self.folder)
         if rank == 0:
             os.makedirs(self.folder, exist_ok=True)
         wait()
@@ -433,6 +436,44 @@ class Journal:
                 os.rmdir(self.output_dir)  # empty: checked when the journal was opened
             os.replace(self.folder, self.output_dir)
         self.wait()
+
+
+class BasisFiles(MutableMapping):
+    """Singular directions of measured deltas, one safetensors file each in the journal's folder
+    (``basis-<module.part>.safetensors``), so any process compressing a delta reuses them, and a
+    resumed run too; a file that is missing or does not hold one float32 matrix is not a basis."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.folder, f"basis-{key}.safetensors")
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        try:
+            tensors, _ = load_tensors(self._path(key))
+        except (OSError, HfGraftError):
+            raise KeyError(key) from None
+        basis = tensors.get("basis")
+        if basis is None or basis.dim() != 2 or basis.dtype != torch.float32:
+            raise KeyError(key)
+        return basis
+
+    def __setitem__(self, key: str, basis: torch.Tensor) -> None:
+        save_tensors({"basis": basis.float()}, self._path(key))
+
+    def __delitem__(self, key: str) -> None:
+        try:
+            os.unlink(self._path(key))
+        except FileNotFoundError:
+            raise KeyError(key) from None
+
+    def __iter__(self):
+        prefix, suffix = "basis-", ".safetensors"
+        return (name[len(prefix):-len(suffix)] for name in sorted(os.listdir(self.folder)) if name.startswith(prefix) and name.endswith(suffix))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def _block_name(index: int) -> str:

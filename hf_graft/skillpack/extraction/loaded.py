@@ -231,14 +231,15 @@ def extract_skillpack(
         stats = statistics.get(key.rsplit(".", 1)[0])
         return flat[key].to(device), (stats.to(device) if stats is not None else None)
 
+    bases = {}  # the singular directions of data-free low-rank candidates, reused to compress
     measured = {
-        key: measure(key, *on_device(key), config, conv1d=key.rsplit(".", 1)[0] in conv1d)
+        key: measure(key, *on_device(key), config, conv1d=key.rsplit(".", 1)[0] in conv1d, bases=bases)
         for key in tqdm(flat, desc="Measuring SkillPack candidates", disable=not progress)
     }
     kept = choose(measured, config, bf16_bytes, type(clean_base))
     compressed = _compress_in_order(
         flat, kept, modules, inner_modules, calibration_model, statistics, statistics_of, conv1d,
-        compensate=config.compensation and batches is not None, device=device,
+        compensate=config.compensation and batches is not None, device=device, bases=bases,
     )
     distill_losses = []
     if batches is not None and config.distill_steps:
@@ -255,7 +256,7 @@ def extract_skillpack(
     return attach(host, pack, adapter_name)
 
 
-def _compress_in_order(flat, specs, modules, inner_modules, calibration_model, statistics, statistics_of, conv1d, *, compensate, device):
+def _compress_in_order(flat, specs, modules, inner_modules, calibration_model, statistics, statistics_of, conv1d, *, compensate, device, bases):
     """Compress every chosen delta, decoder block by decoder block in forward order.
 
     With ``compensate``, each block's statistics are measured again on the tuned model in which
@@ -277,7 +278,8 @@ def _compress_in_order(flat, specs, modules, inner_modules, calibration_model, s
                     if key in specs:
                         stats = current.get(name)
                         stats = stats.to(device) if stats is not None else None
-                        compressed[key] = packed = compress(key, flat[key].to(device), specs[key], stats, conv1d=name in conv1d)
+                        compressed[key] = packed = compress(key, flat[key].to(device), specs[key], stats, conv1d=name in conv1d,
+                                                            basis=bases.pop(key, None))
                         if compensate:
                             changed.append(_apply_compressed(inner_modules[name], part, flat[key], packed))
     finally:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -82,27 +82,34 @@ def _statistics(key: str, delta: torch.Tensor, statistics: Optional[ModuleStatis
     return statistics if key.endswith(".weight") else None
 
 
-def measure(key: str, delta: Delta, statistics: Optional[ModuleStatistics], config: SkillPackConfig, *, conv1d: bool) -> Measurement:
+def measure(key: str, delta: Delta, statistics: Optional[ModuleStatistics], config: SkillPackConfig, *, conv1d: bool,
+            bases: Optional[MutableMapping[str, torch.Tensor]] = None) -> Measurement:
     """Every candidate of the delta ``key`` under ``statistics`` (``None``: the Frobenius error).
 
     A large delta (:func:`~.rowwise.is_large`) is measured by row blocks, and may be given as
-    :class:`~.rowwise.DeltaRows`."""
+    :class:`~.rowwise.DeltaRows`. ``bases`` receives, under ``key``, the singular directions the
+    low-rank candidates were made of (data-free packs), for :func:`compress` to reuse."""
     stats = _statistics(key, delta, statistics, conv1d)
     if is_large(delta.shape, conv1d):
         rows = DeltaRows.of(delta)
         candidates = measure_rows(key, rows, stats, sparse=is_sparse(key, config), ladder=ladder_of(config))
         return Measurement(candidates, rows.norm_sq())
-    candidates = measure_candidates(key, delta, stats, sparse=is_sparse(key, config), ladder=ladder_of(config))
+    keep = None if bases is None else (lambda basis: bases.__setitem__(key, basis))
+    candidates = measure_candidates(key, delta, stats, sparse=is_sparse(key, config), ladder=ladder_of(config), keep_basis=keep)
     return Measurement(candidates, squared_norm(delta))
 
 
-def compress(key: str, delta: Delta, spec: dict, statistics: Optional[ModuleStatistics], *, conv1d: bool) -> CompressedDelta:
-    """The delta ``key`` stored as ``spec`` (GPTQ under ``statistics`` for 2-D deltas), on the CPU."""
+def compress(key: str, delta: Delta, spec: dict, statistics: Optional[ModuleStatistics], *, conv1d: bool,
+             basis: Optional[torch.Tensor] = None) -> CompressedDelta:
+    """The delta ``key`` stored as ``spec`` (GPTQ under ``statistics`` for 2-D deltas), on the CPU;
+    a low-rank spec on ``basis`` when :func:`measure` kept one."""
     stats = _statistics(key, delta, statistics, conv1d)
     if is_large(delta.shape, conv1d):
         packed = compress_rows(DeltaRows.of(delta), spec, stats)
+    elif delta.dim() == 2:
+        packed = compress_with_statistics(delta, spec, stats, basis=basis if spec["kind"] == "lowrank" else None)
     else:
-        packed = compress_with_statistics(delta, spec, stats) if delta.dim() == 2 else compress_delta(delta, spec)
+        packed = compress_delta(delta, spec)
     return to_cpu(packed, key.rsplit(".", 1)[1])
 
 
