@@ -47,6 +47,7 @@ __all__ = [
     "allocate",
     "entry_overhead",
     "measure_candidates",
+    "predicted_quant_costs",
     "select",
 ]
 
@@ -141,8 +142,9 @@ def measure_candidates(
     A delta that is not 2-D has the single candidate ``dense_fp16``; ``sparse`` adds the pruning
     ladder (embeddings, heads). ``statistics`` ``None`` measures the Frobenius error (data-free).
     With ``ladder.search == "predicted"`` the costs come from one factorization of the delta and
-    closed forms (:mod:`.estimate`), GPTQ's as its own error accounting predicts it. A delta whose
-    weight is used twice (tied embedding and head) is measured exhaustively. Under the identity
+    closed forms (:mod:`.estimate`), GPTQ's as its own error accounting predicts it; a weight used
+    twice (tied embedding and head) adds the second use's cost, through its Hessian's diagonal
+    (low-rank costs in proportion to the delta's own). Under the identity
     objective ``keep_basis`` receives the singular directions the low-rank candidates were made of,
     so the chosen one is compressed without factoring the delta again (``basis=`` of
     :func:`~.calibrate.compress_with_statistics`).
@@ -155,7 +157,7 @@ def measure_candidates(
     total = statistics.cost(matrix)
     # Left out, a delta costs only its name in the config's list of omitted modules.
     candidates = [Candidate(len(json.dumps(name)) + 1, total, dict(OMIT))] if ladder.allow_omit else []
-    if ladder.search == "exhaustive" or statistics.also:
+    if ladder.search == "exhaustive" or (statistics.also and statistics.transposed):
         candidates += _tried(name, matrix, statistics, _specs(matrix, sparse, ladder))
         if ladder.energies:
             candidates += _lowrank_candidates(name, matrix, statistics, ladder)
@@ -191,16 +193,25 @@ def _predicted(name: str, matrix: torch.Tensor, statistics: ModuleStatistics, sp
     weighted by what its compensation leaves of each input's second moment."""
     rows, cols = matrix.shape
     candidates: list[Candidate] = []
-    quant = [spec for spec in _specs(matrix, False, ladder) if "rank" not in spec]
-    for size in dict.fromkeys(spec["group_size"] for spec in quant):
-        widths = [spec["bits"] for spec in quant if spec["group_size"] == size]
-        for bits, cost in _quant_costs(matrix, widths, size, statistics).items():
-            candidates.append(_sized(name, {"kind": "quant", "bits": bits, "group_size": size}, matrix.shape, cost))
-    if sparse:
-        candidates += _sparse_candidates(name, matrix, statistics, ladder) if statistics.is_diagonal else \
-            _tried(name, matrix, statistics, [{"kind": "sparse", "keep_fraction": f} for f in ladder.keep_fractions])
+    own = dataclasses.replace(statistics, also=())
+    # Further uses of a tied weight: errors spread over its inputs cost their second moments.
+    others = [dataclasses.replace(other, hessian=other.diagonal, also=()) for other in statistics.also]
+    quant = [(spec["group_size"], spec["bits"]) for spec in _specs(matrix, False, ladder) if "rank" not in spec]
+    costs = predicted_quant_costs(matrix, quant, own)
+    for other in others:
+        extra = predicted_quant_costs(matrix, quant, other)
+        costs = {key: cost + extra[key] for key, cost in costs.items() if key in extra}
+    for (size, bits), cost in costs.items():
+        candidates.append(_sized(name, {"kind": "quant", "bits": bits, "group_size": size}, matrix.shape, cost))
+    if sparse:  # the dropped entries are spread over the inputs: each objective's diagonal weighs them
+        candidates += _sparse_candidates(name, matrix, [dataclasses.replace(own, hessian=own.diagonal), *others], ladder)
     if ladder.energies:
-        candidates += _predicted_lowrank(name, matrix, statistics, ladder, keep_basis)
+        lowrank = _predicted_lowrank(name, matrix, own, ladder, keep_basis if not others else None)
+        if others:
+            alone = own.cost(matrix)
+            share = 1.0 + sum(other.cost(matrix) for other in others) / alone if alone else 1.0
+            lowrank = [dataclasses.replace(candidate, cost=candidate.cost * share) for candidate in lowrank]
+        candidates += lowrank
     residual = [spec for spec in _specs(matrix, False, ladder) if "rank" in spec]
     one_bit = [c for c in candidates if c.spec.get("bits") == 1 and c.spec.get("group_size") == rows]
     if residual and one_bit and one_bit[0] in _frontier(candidates):
@@ -209,17 +220,24 @@ def _predicted(name: str, matrix: torch.Tensor, statistics: ModuleStatistics, sp
     return candidates
 
 
-def _quant_costs(matrix: torch.Tensor, widths: list[int], size: int, statistics: ModuleStatistics) -> dict[int, float]:
-    """Predicted costs of quantizing ``matrix`` to each width in groups of ``size`` rows: round to nearest
-    on fitted grids where the inputs are uncorrelated, GPTQ (:func:`~.calibrate.gptq_weights`) where not."""
+def predicted_quant_costs(
+    matrix: torch.Tensor, formats: Sequence[tuple[int, int]], statistics: ModuleStatistics, *, upper: torch.Tensor | None = None
+) -> dict[tuple[int, int], float]:
+    """Predicted costs of quantizing ``matrix`` in each ``(group_size, bits)`` format: round to nearest on
+    fitted grids where the inputs are uncorrelated, GPTQ (:func:`~.calibrate.gptq_weights`) where not.
+    A format whose grids would leave the fp16 range is left out. ``upper``: GPTQ's factor
+    (:func:`~.calibrate.gptq_upper`) when already known, e.g. for the row blocks of one matrix."""
+    sizes = {size: [bits for s, bits in formats if s == size] for size, _ in formats}
     if statistics.is_diagonal:
-        return _grid_costs(matrix, widths, size, *_entry_weights(statistics))
+        weights = _entry_weights(statistics)
+        return {(size, bits): cost for size, widths in sizes.items() for bits, cost in _grid_costs(matrix, widths, size, *weights).items()}
     signal = squared_norm(matrix)
-    shares = {bits: cost / signal if signal else 0.0 for bits, cost in _grid_costs(matrix, widths, size, None, None).items()}
+    shares = {(size, bits): cost / signal if signal else 0.0
+              for size, widths in sizes.items() for bits, cost in _grid_costs(matrix, widths, size, None, None).items()}
     costs = {}
-    for bits, weights in gptq_weights(statistics.hessian, shares).items():
+    for (size, bits), weights in gptq_weights(statistics.hessian, shares, upper=upper).items():
         effective = dataclasses.replace(statistics, hessian=weights)
-        costs.update(_grid_costs(matrix, [bits], size, *_entry_weights(effective)))
+        costs.update({(size, b): cost for b, cost in _grid_costs(matrix, [bits], size, *_entry_weights(effective)).items()})
     return costs
 
 
@@ -242,16 +260,20 @@ def _sized(name: str, spec: dict, shape, cost: float, meta: dict | None = None) 
     return Candidate(payload_size(segment_layout(meta)) + entry_overhead(name, meta), cost, dict(spec))
 
 
-def _sparse_candidates(name: str, matrix: torch.Tensor, statistics: ModuleStatistics, ladder: CandidateLadder) -> list[Candidate]:
-    """Pruning candidates: the dropped entries' scores, from one binned pass (:func:`.estimate.sparse_costs`)."""
-    row_w, col_w = _entry_weights(statistics)
+def _sparse_candidates(name: str, matrix: torch.Tensor, objectives: Sequence[ModuleStatistics], ladder: CandidateLadder) -> list[Candidate]:
+    """Pruning candidates: the dropped entries' scores under the diagonal ``objectives`` (summed), from
+    one binned pass (:func:`.estimate.sparse_costs`)."""
+    weights = [_entry_weights(objective) for objective in objectives]
     step = max(1, (1 << 20) // matrix.shape[1])
-    blocks = (matrix[start:start + step].square().mul_(row_w[start:start + step, None]).mul_(col_w[None, :])
-              for start in range(0, len(matrix), step))
+
+    def scores(start: int) -> torch.Tensor:
+        squares = matrix[start:start + step].square()
+        return sum(squares * row_w[start:start + step, None] * col_w[None, :] for row_w, col_w in weights)
+
     numel = matrix.numel()
     fractions = list(dict.fromkeys(ladder.keep_fractions))
     counts = [kept_count(numel, fraction) for fraction in fractions]
-    costs = sparse_costs(blocks, counts)
+    costs = sparse_costs((scores(start) for start in range(0, len(matrix), step)), counts)
     candidates = []
     for fraction, count, cost in zip(fractions, counts, costs):
         meta = {"kind": "sparse", "shape": list(matrix.shape), "format": sparse_format(numel, count), "count": count}

@@ -38,7 +38,7 @@ from .lowrank import balanced_top, lowrank_factors
 from .objective import ModuleStatistics
 from .quantize import MixedPrecisionFactor, QuantizedMatrix, encode, fitted_grid, quantize, quantize_factor, resolve_scheme
 
-__all__ = ["compress_delta_calibrated", "compress_with_statistics", "gptq", "gptq_weights", "input_hessians", "quantize_calibrated"]
+__all__ = ["compress_delta_calibrated", "compress_with_statistics", "gptq", "gptq_upper", "gptq_weights", "input_hessians", "quantize_calibrated"]
 
 #: Added to the Hessian's diagonal, as a share of its mean (GPTQ's ``percdamp``).
 DEFAULT_DAMPING = 0.01
@@ -145,30 +145,37 @@ def gptq(
     return result.float()
 
 
-def gptq_weights(hessian: torch.Tensor, shares: Mapping[int, float], damping: float = DEFAULT_DAMPING) -> dict[int, torch.Tensor]:
-    """Per width ``b`` of ``shares``: ``[in]``, what the rounding errors of each input column cost once
+def gptq_weights(
+    hessian: torch.Tensor, shares: Mapping[Any, float], damping: float = DEFAULT_DAMPING, *, upper: Optional[torch.Tensor] = None
+) -> dict[Any, torch.Tensor]:
+    """Per format of ``shares`` (e.g. ``(group_size, bits)``): ``[in]``, what the rounding errors of each input column cost once
     GPTQ has run, relative to what round to nearest makes of the column's original values.
 
     GPTQ's own accounting charges quantizing column ``j`` ``e_j^2 / U_jj^2`` (``U``: the upper Cholesky
     factor of the damped ``H^-1``), where ``e_j`` rounds the column as updated by the compensations of
     the columns before it, ``w_j - sum_{k<j} e_k U_kj / U_kk``. Those updates widen the column, and its
-    grid with it: with rounding errors a share ``s`` (``shares[b]``: squared rounding error over squared
+    grid with it: with rounding errors a share ``s`` (the format's share: squared rounding error over squared
     values) of what is rounded, each column's error grows by ``g_j = 1 + s sum_{k<j} g_k (U_kj / U_kk)^2``
     (a unit lower-triangular system). The weight of column ``j`` is ``g_j / U_jj^2``; for a diagonal
-    ``H`` it is ``H`` itself.
+    ``H`` it is ``H`` itself. ``upper``: ``U`` when already known (:func:`gptq_upper`).
     """
     if hessian.dim() == 1:
-        return {bits: hessian.float() for bits in shares}
-    upper = _inverse_cholesky(hessian.double(), damping)
+        return {key: hessian.float() for key in shares}
+    upper = gptq_upper(hessian, damping) if upper is None else upper
     diagonal = upper.diagonal()
     spread = (upper / diagonal[:, None]).square_().triu_(1).T  # [j, k]: (U_kj / U_kk)^2 for k < j
     ones = torch.ones(len(upper), 1, dtype=torch.float64, device=upper.device)
     identity = torch.eye(len(upper), dtype=torch.float64, device=upper.device)
     found = {}
-    for bits, share in shares.items():
+    for key, share in shares.items():
         growth = torch.linalg.solve_triangular(identity - share * spread, ones, upper=False, unitriangular=True)[:, 0]
-        found[bits] = (growth / diagonal.square()).float()
+        found[key] = (growth / diagonal.square()).float()
     return found
+
+
+def gptq_upper(hessian: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
+    """The float64 upper Cholesky factor of the damped ``H^-1`` GPTQ compensates errors through."""
+    return _inverse_cholesky(hessian.double(), damping)
 
 
 def _inverse_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor:

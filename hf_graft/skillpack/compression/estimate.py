@@ -35,7 +35,7 @@ import torch
 
 from .quantize import fitted_grid
 
-__all__ = ["SAMPLE_COLUMNS", "column_errors", "energy_after", "grid_costs", "lowrank_cost", "sparse_costs"]
+__all__ = ["SAMPLE_COLUMNS", "ScoreBins", "column_errors", "energy_after", "grid_costs", "lowrank_cost", "sparse_costs"]
 
 #: Columns of a matrix on which grids are fitted for real, per width (all of them when fewer).
 SAMPLE_COLUMNS = 64
@@ -114,37 +114,48 @@ def _fitted_errors(grouped: torch.Tensor, weights: torch.Tensor, bits: int) -> t
     return decoded.sub_(grouped).square_().mul_(weights).sum(dim=(0, 1)).double()
 
 
-def sparse_costs(score_blocks: Iterable[torch.Tensor], counts: Iterable[int]) -> list[float]:
-    """For each ``k`` in ``counts``: the sum of all the non-negative scores but the ``k`` largest.
+class ScoreBins:
+    """Non-negative scores binned by their top 16 bits (counts and sums), added a block at a time."""
 
-    ``score_blocks`` yields the scores a block at a time (one pass, temporaries of a block's size):
-    they are binned by their top 16 bits (counts and sums), and the ``k``-th score's bin is counted
-    at its mean (bins are 1/128 of an octave wide).
-    """
-    count = torch.zeros(_HIGH_BINS, dtype=torch.float64)
-    summed = torch.zeros(_HIGH_BINS, dtype=torch.float64)
-    numel = 0
-    for block in score_blocks:
+    def __init__(self):
+        self.count = torch.zeros(_HIGH_BINS, dtype=torch.float64)
+        self.summed = torch.zeros(_HIGH_BINS, dtype=torch.float64)
+        self.numel = 0
+
+    def add(self, block: torch.Tensor) -> None:
         flat = block.detach().float().reshape(-1).abs()
         for part in flat.split(SCORE_BLOCK_ENTRIES):
             high = (part.view(torch.int32) >> 16).long()
-            count += torch.bincount(high, minlength=_HIGH_BINS).double().cpu()
-            summed += torch.bincount(high, weights=part.double(), minlength=_HIGH_BINS).cpu()
-        numel += flat.numel()
-    total = float(summed.sum())
-    count_above = count.flip(0).cumsum(0).flip(0)  # scores in bins >= b
-    sum_above = summed.flip(0).cumsum(0).flip(0)
-    costs = []
-    for k in counts:
-        if k <= 0 or k >= numel:
-            costs.append(total if k <= 0 else 0.0)
-            continue
-        bin_ = int(torch.nonzero(count_above >= k).max())
-        above = float(count_above[bin_ + 1]) if bin_ + 1 < _HIGH_BINS else 0.0
-        above_sum = float(sum_above[bin_ + 1]) if bin_ + 1 < _HIGH_BINS else 0.0
-        mean = float(summed[bin_] / count[bin_])
-        costs.append(max(0.0, total - above_sum - (k - above) * mean))
-    return costs
+            self.count += torch.bincount(high, minlength=_HIGH_BINS).double().cpu()
+            self.summed += torch.bincount(high, weights=part.double(), minlength=_HIGH_BINS).cpu()
+        self.numel += flat.numel()
+
+    def costs(self, counts: Iterable[int]) -> list[float]:
+        """For each ``k``: the sum of all the scores but the ``k`` largest (the ``k``-th score's bin
+        counted at its mean; bins are 1/128 of an octave wide)."""
+        total = float(self.summed.sum())
+        count_above = self.count.flip(0).cumsum(0).flip(0)  # scores in bins >= b
+        sum_above = self.summed.flip(0).cumsum(0).flip(0)
+        found = []
+        for k in counts:
+            if k <= 0 or k >= self.numel:
+                found.append(total if k <= 0 else 0.0)
+                continue
+            bin_ = int(torch.nonzero(count_above >= k).max())
+            above = float(count_above[bin_ + 1]) if bin_ + 1 < _HIGH_BINS else 0.0
+            above_sum = float(sum_above[bin_ + 1]) if bin_ + 1 < _HIGH_BINS else 0.0
+            mean = float(self.summed[bin_] / self.count[bin_])
+            found.append(max(0.0, total - above_sum - (k - above) * mean))
+        return found
+
+
+def sparse_costs(score_blocks: Iterable[torch.Tensor], counts: Iterable[int]) -> list[float]:
+    """For each ``k`` in ``counts``: the sum of all the non-negative scores but the ``k`` largest,
+    from one pass over ``score_blocks`` (:class:`ScoreBins`; temporaries of a block's size)."""
+    bins = ScoreBins()
+    for block in score_blocks:
+        bins.add(block)
+    return bins.costs(counts)
 
 
 def energy_after(eigenvalues: torch.Tensor, total: float) -> torch.Tensor:

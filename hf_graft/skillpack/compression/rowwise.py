@@ -14,6 +14,9 @@ candidate formats are those that split by rows:
 - leaving the delta out.
 
 Low rank and one grid per whole column need the whole matrix and are not offered for these.
+With the ladder's ``search="predicted"`` the candidates' costs are predicted block by block
+(:mod:`.estimate`: grid errors from a sampled search, pruning costs from binned scores) instead
+of compressed and decoded.
 Costs split by rows too (:meth:`~.objective.ModuleStatistics.rows`). Extraction from loaded
 models takes this path for the same deltas, so packs made from models and from checkpoint
 files are the same file.
@@ -30,9 +33,10 @@ from typing import Any, Optional, Union
 import torch
 
 from ...errors import HfGraftError
-from .allocation import OMIT, Candidate, CandidateLadder, entry_overhead
+from .allocation import OMIT, Candidate, CandidateLadder, entry_overhead, predicted_quant_costs
 from .bitpack import pack_bits
-from .calibrate import compress_with_statistics, quantize_calibrated
+from .calibrate import compress_with_statistics, gptq_upper, quantize_calibrated
+from .estimate import ScoreBins
 from .formats import CompressedDelta, normalize_spec, payload_size, segment_layout
 from .objective import ModuleStatistics, squared_norm
 from .prune import SparseDelta, kept_count, sparse_format
@@ -104,23 +108,34 @@ def measure_rows(
     quant = [(bits, size) for bits in ladder.quant_bits for size in sizes]
     fractions = list(dict.fromkeys(ladder.keep_fractions)) if sparse else []
     align = math.lcm(8, *sizes)
+    predicted = ladder.search == "predicted"
     total, costs = 0.0, [0.0] * len(quant)
-    histogram = _CoarseHistogram() if fractions else None
+    histogram = _CoarseHistogram() if fractions and not predicted else None
+    score_bins = ScoreBins() if fractions and predicted else None
+    upper = gptq_upper(statistics.hessian) if predicted and not statistics.is_diagonal else None
     for start, block in rows.blocks(align):
         stats = statistics.rows(start, start + len(block))
         total += stats.cost(block)
-        for index, (bits, size) in enumerate(quant):
-            if costs[index] is None:
-                continue
-            try:
-                decoded = _quantized(block, bits, size, stats).dequantize()
-            except HfGraftError:
-                costs[index] = None  # e.g. a grid beyond fp16: not a candidate for this delta
-                continue
-            costs[index] += stats.cost(decoded.sub_(block))
-            del decoded
+        if predicted:  # every format from one pass per group size (:mod:`.estimate`)
+            found = predicted_quant_costs(block, [(size, bits) for bits, size in quant], stats, upper=upper)
+            for index, (bits, size) in enumerate(quant):
+                if costs[index] is not None:
+                    costs[index] = costs[index] + found[size, bits] if (size, bits) in found else None
+        else:
+            for index, (bits, size) in enumerate(quant):
+                if costs[index] is None:
+                    continue
+                try:
+                    decoded = _quantized(block, bits, size, stats).dequantize()
+                except HfGraftError:
+                    costs[index] = None  # e.g. a grid beyond fp16: not a candidate for this delta
+                    continue
+                costs[index] += stats.cost(decoded.sub_(block))
+                del decoded
         if histogram is not None:
             histogram.add(_score_bits(block, stats))
+        if score_bins is not None:
+            score_bins.add(_score_bits(block, stats).view(torch.float32))
     candidates = [Candidate(len(json.dumps(name)) + 1, total, dict(OMIT))] if ladder.allow_omit else []
     for (bits, size), cost in zip(quant, costs):
         if cost is not None:
@@ -129,8 +144,11 @@ def measure_rows(
     if fractions:
         numel = total_rows * cols
         counts = [kept_count(numel, fraction) for fraction in fractions]
-        cuts = _cuts(rows, statistics, counts, align, histogram)
-        for fraction, count, cost in zip(fractions, counts, _sparse_costs(rows, statistics, cuts, align)):
+        if predicted:
+            found = score_bins.costs(counts)
+        else:
+            found = _sparse_costs(rows, statistics, _cuts(rows, statistics, counts, align, histogram), align)
+        for fraction, count, cost in zip(fractions, counts, found):
             if cost is not None:
                 meta = {"kind": "sparse", "shape": [total_rows, cols], "format": sparse_format(numel, count), "count": count}
                 candidates.append(_candidate(name, {"kind": "sparse", "keep_fraction": fraction}, meta, cost))
