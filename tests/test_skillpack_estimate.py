@@ -125,3 +125,26 @@ def test_the_basis_kept_by_measuring_compresses_the_chosen_rank_as_a_new_factori
     assert errors[1] == pytest.approx(errors[0], rel=0.03)  # the new factorization is a randomized one
     with pytest.raises(Exception, match="does not hold rank"):
         compress_with_statistics(delta, {**spec, "rank": kept[0].shape[1] + 1, "scheme": [[2, None]]}, statistics, basis=kept[0])
+
+
+def test_a_tied_embedding_adds_the_heads_cost_to_every_prediction():
+    """Tied embedding and head: the head's dense statistics, the embedding's diagonal ones as a second use."""
+    generator = torch.Generator().manual_seed(6)
+    delta = fine_tune_delta(400, 96, seed=7)
+    inputs = torch.randn(1024, 96, generator=generator) @ (torch.eye(96) + 0.2 * torch.randn(96, 96, generator=generator) / 9.8)
+    head = ModuleStatistics((inputs.T @ inputs) / len(inputs), torch.rand(400, generator=generator) + 0.2)
+    embedding = ModuleStatistics(torch.rand(96, generator=generator) + 0.5, torch.rand(400, generator=generator) * 3)
+    tied = ModuleStatistics(head.hessian, head.row_weights, also=(embedding,))
+    name = "model.embed_tokens.weight"
+    tried = measure_candidates(name, delta, tied, sparse=True, ladder=CandidateLadder(search="exhaustive"))
+    predicted = measure_candidates(name, delta, tied, sparse=True, ladder=CandidateLadder(search="predicted"))
+    real = {repr(sorted(c.spec.items())): c for c in tried}
+    compared = {"quant": 0, "sparse": 0, "lowrank": 0}
+    for guess in predicted:
+        match = real.get(repr(sorted(guess.spec.items())))
+        if match is None or guess.spec["kind"] == "omit":
+            continue
+        compared[guess.spec["kind"]] += 1
+        tolerance = {"quant": 0.1, "sparse": 0.1, "lowrank": 0.2}[guess.spec["kind"]]
+        assert guess.cost == pytest.approx(match.cost, rel=tolerance), guess.spec
+    assert min(compared.values()) >= 4

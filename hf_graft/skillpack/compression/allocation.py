@@ -261,14 +261,16 @@ def _sized(name: str, spec: dict, shape, cost: float, meta: dict | None = None) 
 
 
 def _sparse_candidates(name: str, matrix: torch.Tensor, objectives: Sequence[ModuleStatistics], ladder: CandidateLadder) -> list[Candidate]:
-    """Pruning candidates: the dropped entries' scores under the diagonal ``objectives`` (summed), from
-    one binned pass (:func:`.estimate.sparse_costs`)."""
+    """Pruning candidates: the dropped entries' scores under the diagonal ``objectives`` (summed), the
+    entries ranked by the first one's (as :func:`~.calibrate.compress_with_statistics` prunes), from one
+    binned pass (:func:`.estimate.sparse_costs`)."""
     weights = [_entry_weights(objective) for objective in objectives]
     step = max(1, (1 << 20) // matrix.shape[1])
 
-    def scores(start: int) -> torch.Tensor:
+    def scores(start: int):
         squares = matrix[start:start + step].square()
-        return sum(squares * row_w[start:start + step, None] * col_w[None, :] for row_w, col_w in weights)
+        each = [squares * row_w[start:start + step, None] * col_w[None, :] for row_w, col_w in weights]
+        return each[0] if len(each) == 1 else (each[0], sum(each))
 
     numel = matrix.numel()
     fractions = list(dict.fromkeys(ladder.keep_fractions))

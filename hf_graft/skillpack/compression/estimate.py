@@ -122,17 +122,19 @@ class ScoreBins:
         self.summed = torch.zeros(_HIGH_BINS, dtype=torch.float64)
         self.numel = 0
 
-    def add(self, block: torch.Tensor) -> None:
+    def add(self, block: torch.Tensor, values: Optional[torch.Tensor] = None) -> None:
+        """Bin ``block``'s scores; sum ``values`` (the scores themselves by default) into their bins."""
         flat = block.detach().float().reshape(-1).abs()
-        for part in flat.split(SCORE_BLOCK_ENTRIES):
+        summed = flat if values is None else values.detach().float().reshape(-1)
+        for part, value in zip(flat.split(SCORE_BLOCK_ENTRIES), summed.split(SCORE_BLOCK_ENTRIES)):
             high = (part.view(torch.int32) >> 16).long()
             self.count += torch.bincount(high, minlength=_HIGH_BINS).double().cpu()
-            self.summed += torch.bincount(high, weights=part.double(), minlength=_HIGH_BINS).cpu()
+            self.summed += torch.bincount(high, weights=value.double(), minlength=_HIGH_BINS).cpu()
         self.numel += flat.numel()
 
     def costs(self, counts: Iterable[int]) -> list[float]:
-        """For each ``k``: the sum of all the scores but the ``k`` largest (the ``k``-th score's bin
-        counted at its mean; bins are 1/128 of an octave wide)."""
+        """For each ``k``: the sum of the values of all the entries but those of the ``k`` largest scores
+        (the ``k``-th score's bin counted at its mean value; bins are 1/128 of an octave wide)."""
         total = float(self.summed.sum())
         count_above = self.count.flip(0).cumsum(0).flip(0)  # scores in bins >= b
         sum_above = self.summed.flip(0).cumsum(0).flip(0)
@@ -149,12 +151,13 @@ class ScoreBins:
         return found
 
 
-def sparse_costs(score_blocks: Iterable[torch.Tensor], counts: Iterable[int]) -> list[float]:
+def sparse_costs(score_blocks: Iterable, counts: Iterable[int]) -> list[float]:
     """For each ``k`` in ``counts``: the sum of all the non-negative scores but the ``k`` largest,
-    from one pass over ``score_blocks`` (:class:`ScoreBins`; temporaries of a block's size)."""
+    from one pass over ``score_blocks`` (:class:`ScoreBins`; temporaries of a block's size). A block
+    may be ``(scores, values)``: entries ranked by ``scores``, their ``values`` summed."""
     bins = ScoreBins()
     for block in score_blocks:
-        bins.add(block)
+        bins.add(*block) if isinstance(block, tuple) else bins.add(block)
     return bins.costs(counts)
 
 
