@@ -7,7 +7,6 @@ from typing import Optional
 import jinja2
 from huggingface_hub import EvalResult, ModelCardData
 
-from . import metrics
 from .safetensors_io import atomic_write_text
 
 TEMPLATES = {"grafted_vision": "vision_model_card.md.j2", "grafted_causal_lm": "causal_lm_model_card.md.j2"}
@@ -55,7 +54,9 @@ def write_model_card(model, save_directory: str, tags: Optional[list] = None, re
     model_type = config.model_type
     if model_type not in TEMPLATES:
         raise ValueError(f"No model card template for model_type {model_type!r}.")
-    size = metrics.footprint(model)
+    from .metrics import footprint  # evaluate is imported when a graft's card is written, not before
+
+    size = footprint(model)
     title = os.path.basename(repo_id) if repo_id else f"grafted-{config.donor_name or model_type}"
     data = _card_data(config, TASKS[model_type], tags, title)
     card = template_environment().get_template(TEMPLATES[model_type]).render(

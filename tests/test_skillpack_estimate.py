@@ -117,7 +117,7 @@ def test_the_basis_kept_by_measuring_compresses_the_chosen_rank_as_a_new_factori
     delta = fine_tune_delta(384, 256)
     kept = []
     candidates = measure_candidates("m.weight", delta, None, keep_basis=kept.append)
-    assert len(kept) == 1 and kept[0].shape[0] == 256
+    assert len(kept) == 1 and kept[0].shape[0] == 256  # A^T: [in, r]
     spec = next(c.spec for c in candidates if c.spec["kind"] == "lowrank" and c.spec["rank"] > 20)
     statistics = ModuleStatistics.identity(delta.shape)
     again, reused = (compress_with_statistics(delta, spec, statistics, basis=basis) for basis in (None, kept[0]))

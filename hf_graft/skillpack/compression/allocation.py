@@ -145,8 +145,8 @@ def measure_candidates(
     closed forms (:mod:`.estimate`), GPTQ's as its own error accounting predicts it; a weight used
     twice (tied embedding and head) adds the second use's cost, through its Hessian's diagonal
     (low-rank costs in proportion to the delta's own). Under the identity
-    objective ``keep_basis`` receives the singular directions the low-rank candidates were made of,
-    so the chosen one is compressed without factoring the delta again (``basis=`` of
+    objective ``keep_basis`` receives ``A^T`` (``[in, r]``) of the factors the low-rank candidates were
+    made of, so the chosen one is compressed without factoring the delta again (``basis=`` of
     :func:`~.calibrate.compress_with_statistics`).
     """
     matrix = delta.detach().float()
@@ -311,12 +311,10 @@ def _predicted_lowrank(name: str, matrix: torch.Tensor, statistics: ModuleStatis
     ranks = [rank for rank in ranks if rank * (rows + cols) < rows * cols]  # else the factors outweigh the matrix
     if not ranks:
         return []
-    basis = eigenvectors[:, : max(ranks)].clone()
-    del eigenvectors
-    b, a, values = balanced_top(scaled, basis)  # b [out, r], a = A^T [in, r]
-    del scaled
+    b, a, values = balanced_top(scaled, eigenvectors[:, : max(ranks)])  # b [out, r], a = A^T [in, r]
+    del scaled, eigenvectors
     if identity and keep_basis is not None:
-        keep_basis(basis)
+        keep_basis(a.clone())
     if not identity:
         b = b / weights[:, None]
         a = a / root[:, None] if statistics.is_diagonal else torch.linalg.solve_triangular(root.T, a, upper=True)

@@ -191,9 +191,8 @@ def extract_from_checkpoints(
     mine = lambda index: index % processes == rank  # noqa: E731
     conv1d = lambda key: key.rsplit(".", 1)[0] in deltas.conv1d  # noqa: E731
     groups = block_groups(deltas.keys)
-    for index, group in enumerate(tqdm(groups, desc="Measuring SkillPack candidates", unit="block", disable=not progress)):
-        if not mine(index) or all(key in journal.seen for key in group):
-            continue
+    todo = [group for index, group in enumerate(groups) if mine(index) and not all(key in journal.seen for key in group)]
+    for group in tqdm(todo, desc="Measuring SkillPack candidates", unit="block", disable=not progress):
         for key in group:
             delta, journal.samples[key] = deltas.delta(key, device), deltas.sample(key)
             if delta.any_nonzero() if isinstance(delta, DeltaRows) else torch.count_nonzero(delta):
@@ -213,9 +212,8 @@ def extract_from_checkpoints(
         journal.save()
     kept = journal.kept
     groups = block_groups([key for key in deltas.keys if key in kept])
-    for index, group in enumerate(tqdm(groups, desc="Compressing SkillPack deltas", unit="block", disable=not progress)):
-        if not mine(index) or index in journal.blocks:
-            continue
+    todo = [(index, group) for index, group in enumerate(groups) if mine(index) and index not in journal.blocks]
+    for index, group in tqdm(todo, desc="Compressing SkillPack deltas", unit="block", disable=not progress):
         block, errors = {}, {}
         for key in group:
             delta = deltas.delta(key, device)
@@ -308,7 +306,7 @@ class Journal:
         self.stages: dict[str, set[int]] = {}  # block-by-block calibration: the stages of each phase done
         self.distill_losses: dict[int, list[float]] = {}  # and each block's distillation losses
         self.output_dir = self.folder = None
-        self.bases: MutableMapping[str, torch.Tensor] = {}  # singular directions measuring found, to compress on
+        self.bases: MutableMapping[str, torch.Tensor] = {}  # A^T of the factors measuring made, to compress on
         if output_dir is None:
             return
         self.output_dir = os.path.abspath(os.fspath(output_dir))
@@ -439,7 +437,7 @@ class Journal:
 
 
 class BasisFiles(MutableMapping):
-    """Singular directions of measured deltas, one safetensors file each in the journal's folder
+    """The low-rank factors (``A^T``) measuring made of each delta, one safetensors file each in the journal's folder
     (``basis-<module.part>.safetensors``), so any process compressing a delta reuses them, and a
     resumed run too; a file that is missing or does not hold one float32 matrix is not a basis."""
 

@@ -231,7 +231,7 @@ def extract_skillpack(
         stats = statistics.get(key.rsplit(".", 1)[0])
         return flat[key].to(device), (stats.to(device) if stats is not None else None)
 
-    bases = {}  # the singular directions of data-free low-rank candidates, reused to compress
+    bases = {}  # A^T of the factors of data-free low-rank candidates, reused to compress
     measured = {
         key: measure(key, *on_device(key), config, conv1d=key.rsplit(".", 1)[0] in conv1d, bases=bases)
         for key in tqdm(flat, desc="Measuring SkillPack candidates", disable=not progress)

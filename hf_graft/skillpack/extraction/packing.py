@@ -87,7 +87,7 @@ def measure(key: str, delta: Delta, statistics: Optional[ModuleStatistics], conf
     """Every candidate of the delta ``key`` under ``statistics`` (``None``: the Frobenius error).
 
     A large delta (:func:`~.rowwise.is_large`) is measured by row blocks, and may be given as
-    :class:`~.rowwise.DeltaRows`. ``bases`` receives, under ``key``, the singular directions the
+    :class:`~.rowwise.DeltaRows`. ``bases`` receives, under ``key``, ``A^T`` of the factors the
     low-rank candidates were made of (data-free packs), for :func:`compress` to reuse."""
     stats = _statistics(key, delta, statistics, conv1d)
     if is_large(delta.shape, conv1d):
