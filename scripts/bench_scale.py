@@ -387,12 +387,12 @@ def main() -> None:
     quality = None
     if not args.apply_only and checkpoint_gib < 6:  # the tuned model and the base in float32, side by side
         quality_run = measured_run("quality", {**paths, "packs": packs}, os.path.join(args.out, "quality"), args.ratio)
-        quality = [{"pack": name, "kl_to_tuned": kl, "bytes": folder_bytes(pack) if pack else 0} for name, pack in quality_run["kl"].items()]
-        kl = {row["pack"]: row["kl_to_tuned"] for row in quality}
+        quality = [{"pack": name, "kl_to_tuned": value, "bytes": folder_bytes(packs[name]) if packs[name] else 0}
+                   for name, value in quality_run["kl"].items()]
         for run in runs:
-            if run["mode"] in kl:
-                run["kl_to_tuned"] = kl[run["mode"]]
-        print(f"  KL to the tuned model: {kl}", flush=True)
+            if run["mode"] in quality_run["kl"]:
+                run["kl_to_tuned"] = quality_run["kl"][run["mode"]]
+        print(f"  KL to the tuned model: {quality_run['kl']}", flush=True)
     chosen = {}
     if "streaming-exhaustive" in modes:
         specs = {m: json.load(open(os.path.join(args.out, f"pack-{m}", "adapter_config.json")))["module_specs"] for m in ("streaming", "streaming-exhaustive")}

@@ -454,8 +454,8 @@ def _root(hessian: torch.Tensor) -> torch.Tensor:
     """A square root of the (damped) Hessian, for the activation-weighted spectrum (of its diagonal for a 1-D one)."""
     if hessian.dim() == 1:
         return (hessian.double() + 0.01 * float(hessian.double().mean().clamp_min(1e-30))).sqrt().float()
-    damped = hessian.double() + 0.01 * float(torch.diagonal(hessian).double().mean().clamp_min(1e-30)) * torch.eye(len(hessian), dtype=torch.float64, device=hessian.device)
-    return torch.linalg.cholesky(damped).float()
+    damped = hessian.float() + 0.01 * float(torch.diagonal(hessian).double().mean().clamp_min(1e-30)) * torch.eye(len(hessian), device=hessian.device)
+    return torch.linalg.cholesky(damped)  # float32: the 1% damping bounds its condition
 
 
 def select(

@@ -164,8 +164,8 @@ def gptq_weights(
     upper = gptq_upper(hessian, damping) if upper is None else upper
     diagonal = upper.diagonal()
     spread = (upper / diagonal[:, None]).square_().triu_(1).T  # [j, k]: (U_kj / U_kk)^2 for k < j
-    ones = torch.ones(len(upper), 1, dtype=torch.float64, device=upper.device)
-    identity = torch.eye(len(upper), dtype=torch.float64, device=upper.device)
+    ones = torch.ones(len(upper), 1, dtype=upper.dtype, device=upper.device)
+    identity = torch.eye(len(upper), dtype=upper.dtype, device=upper.device)
     found = {}
     for key, share in shares.items():
         growth = torch.linalg.solve_triangular(identity - share * spread, ones, upper=False, unitriangular=True)[:, 0]
@@ -174,8 +174,9 @@ def gptq_weights(
 
 
 def gptq_upper(hessian: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
-    """The float64 upper Cholesky factor of the damped ``H^-1`` GPTQ compensates errors through."""
-    return _inverse_cholesky(hessian.double(), damping)
+    """The upper Cholesky factor of the damped ``H^-1`` GPTQ compensates errors through, in float32
+    (enough for predicting its errors; :func:`gptq` itself works in float64)."""
+    return _inverse_cholesky(hessian.float(), damping)
 
 
 def _inverse_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor:
