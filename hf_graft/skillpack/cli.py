@@ -19,7 +19,7 @@ import shutil
 import tempfile
 
 from ..errors import BaseModelMismatchError, HfGraftError, is_network_error
-from ..references import checked_reference
+from ..references import TOKENIZER_FILES, checked_reference
 
 #: Relative error above which an exported LoRA module counts as lossy.
 LOSSY_ERROR = 0.1
@@ -40,7 +40,7 @@ def _load_model(reference: str, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..references import checked_reference
+    from ..references import TOKENIZER_FILES, checked_reference
 
     return AutoModelForCausalLM.from_pretrained(checked_reference(reference), dtype=getattr(torch, dtype)).eval()
 
@@ -49,7 +49,7 @@ def _is_lora(reference: str) -> bool:
     path = os.path.join(reference, "adapter_config.json")
     if os.path.isdir(reference):
         return os.path.isfile(path)
-    from ..references import checked_reference
+    from ..references import TOKENIZER_FILES, checked_reference
 
     checked_reference(reference, "tuned model or LoRA adapter")
     from huggingface_hub import file_exists
@@ -106,15 +106,17 @@ def _calibration(args, tokenizer_source: str) -> list:
 
     from .extraction.calibration_data import calibration_batches, calibration_texts
 
+    advice = ("pass --tokenizer NAME_OR_FOLDER, save the tokenizer files beside the checkpoint, "
+              "or --calibration none for a data-free pack.")
+    folder = os.path.expanduser(str(tokenizer_source))
+    if os.path.isdir(folder) and not any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES):
+        raise HfGraftError(f"No usable tokenizer in {tokenizer_source} for the calibration text (no tokenizer files): {advice}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     except (OSError, ValueError, ImportError) as error:
         if is_network_error(error):
             raise
-        raise HfGraftError(
-            f"No usable tokenizer in {tokenizer_source} for the calibration text ({type(error).__name__}): pass "
-            "--tokenizer NAME_OR_FOLDER, save the tokenizer files beside the checkpoint, or --calibration none for a data-free pack."
-        ) from None
+        raise HfGraftError(f"No usable tokenizer in {tokenizer_source} for the calibration text ({type(error).__name__}): {advice}") from None
     texts = calibration_texts(args.calibration, args.calibration_column)
     return calibration_batches(tokenizer, texts, args.calibration_samples, args.calibration_length)
 
