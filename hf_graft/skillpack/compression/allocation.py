@@ -241,17 +241,26 @@ def predicted_quant_costs(
     return costs
 
 
-def _grid_costs(matrix, widths, size, row_w, col_w) -> dict[int, float]:
+def _by_width(predict, widths) -> dict:
+    """``predict(widths)``, or where a grid beyond fp16 refuses some width, the widths that fit, one by one."""
     try:
-        return grid_costs(matrix, widths, size, row_w, col_w)
-    except HfGraftError:  # a grid beyond fp16 at some width: measure the widths one by one
+        return predict(widths)
+    except HfGraftError:
         found = {}
         for bits in widths:
             try:
-                found.update(grid_costs(matrix, [bits], size, row_w, col_w))
+                found.update(predict([bits]))
             except HfGraftError:
                 continue
         return found
+
+
+def _grid_costs(matrix, widths, size, row_w, col_w) -> dict[int, float]:
+    return _by_width(lambda chosen: grid_costs(matrix, chosen, size, row_w, col_w), widths)
+
+
+def _column_errors(factor, widths, size, row_w) -> dict[int, torch.Tensor]:
+    return _by_width(lambda chosen: column_errors(factor, chosen, size, row_w), widths)
 
 
 def _sized(name: str, spec: dict, shape, cost: float, meta: dict | None = None) -> Candidate:
@@ -320,27 +329,18 @@ def _predicted_lowrank(name: str, matrix: torch.Tensor, statistics: ModuleStatis
         a = a / root[:, None] if statistics.is_diagonal else torch.linalg.solve_triangular(root.T, a, upper=True)
     schemes = {tuple(map(tuple, resolve_scheme(s, max(ranks)))) for s in ladder.schemes}
     widths = sorted({bits for scheme in schemes for bits, _ in scheme})
-    errors = {}
-    for bits in widths:
-        try:
-            errors[bits] = (
-                column_errors(b, [bits], ladder.group_size, None if identity else weights.square())[bits],
-                column_errors(a, [bits], ladder.group_size, None if identity else statistics.diagonal)[bits],
-            )
-        except HfGraftError:
-            continue  # a grid beyond fp16: no scheme with this width
+    errors_b = _column_errors(b, widths, ladder.group_size, None if identity else weights.square())
+    errors_a = _column_errors(a, widths, ladder.group_size, None if identity else statistics.diagonal)
     after = energy_after(eigenvalues, total)
     results: dict[str, Candidate] = {}
     for scheme in schemes:
-        if any(bits not in errors for bits, _ in scheme):
-            continue
+        if any(bits not in errors_b or bits not in errors_a for bits, _ in scheme):
+            continue  # a grid beyond fp16: no scheme with this width
         for rank in ranks:
             resolved = [list(block) for block in resolve_scheme(scheme, rank)]
             spec = {"kind": "lowrank", "rank": rank, "group_size": ladder.group_size, "scheme": resolved}
             key = json.dumps(spec, sort_keys=True)
             if key not in results:
-                errors_b = {bits: pair[0] for bits, pair in errors.items()}
-                errors_a = {bits: pair[1] for bits, pair in errors.items()}
                 results[key] = _sized(name, spec, matrix.shape, lowrank_cost(after, values, errors_b, errors_a, resolved))
     return list(results.values())
 
