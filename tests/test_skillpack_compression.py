@@ -569,7 +569,7 @@ from hf_graft.skillpack.compression.calibrate import _ColumnQuantizer, compress_
 
 def test_gptq_with_an_identity_hessian_is_plain_rounding():
     matrix = torch.randn(300, 6, generator=torch.Generator().manual_seed(0))
-    quantizer = _ColumnQuantizer(torch.tensor([8, 8, 4, 4, 2, 2]), 128, 300)
+    quantizer = _ColumnQuantizer(torch.tensor([8, 8, 4, 4, 2, 2]), 128, 300, span=2)
     result = gptq(matrix, torch.eye(6), quantizer, damping=0.0)
     for start, bits in ((0, 8), (2, 4), (4, 2)):
         plain = quantize(matrix[:, start : start + 2], bits, 128, clip=True)

@@ -23,6 +23,7 @@ modules to compress with forward hooks, a few modules at a time so large models 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Callable, Optional
 
@@ -35,13 +36,18 @@ from .bitpack import pack_bits
 from .formats import CompressedDelta, compress_delta, normalize_spec
 from .prune import prune
 from .lowrank import lowrank_factors
-from .objective import ModuleStatistics
+from .objective import ModuleStatistics, token_gram
 from .quantize import MixedPrecisionFactor, QuantizedMatrix, encode, fitted_grid, quantize, quantize_factor, resolve_scheme
 
 __all__ = ["compress_delta_calibrated", "compress_with_statistics", "gptq", "gptq_upper", "gptq_weights", "input_hessians", "quantize_calibrated"]
 
 #: Added to the Hessian's diagonal, as a share of its mean (GPTQ's ``percdamp``).
 DEFAULT_DAMPING = 0.01
+#: Columns GPTQ quantizes between two updates of the columns after them (its reference block size).
+GPTQ_BLOCK = 128
+#: Columns of ``B`` whose grids are fitted together, on their values as compensated when the first
+#: comes: as accurate as one column at a time (within 0.1% of the loss on a 2048 x 1024 delta).
+GRID_SPAN = 8
 
 
 def input_hessians(
@@ -75,11 +81,10 @@ def input_hessians(
         def hook(name):
             def accumulate(module, args, kwargs):
                 x = args[0] if args else next(iter(kwargs.values()))
-                flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float64).cpu()
-                if flat.shape[1] != widths[name]:
-                    raise HfGraftError(f"Calibration: {name} received inputs of width {flat.shape[1]}, not {widths[name]}.")
-                sums[name].add_(flat.T @ flat)
-                counts[name] += flat.shape[0]
+                if x.shape[-1] != widths[name]:
+                    raise HfGraftError(f"Calibration: {name} received inputs of width {x.shape[-1]}, not {widths[name]}.")
+                sums[name].add_(token_gram(x).cpu())
+                counts[name] += x.numel() // x.shape[-1]
 
             return accumulate
 
@@ -115,34 +120,35 @@ def gptq(
     hessian: torch.Tensor,
     quantize_column: Callable[[int, torch.Tensor], torch.Tensor],
     *,
-    block_size: int = 128,
+    block_size: int = GPTQ_BLOCK,
     damping: float = DEFAULT_DAMPING,
 ) -> torch.Tensor:
     """Quantize ``weight`` (``[rows, cols]``) column by column, compensating errors through ``hessian``.
 
     ``quantize_column(j, upcoming)`` gets ``upcoming = W[:, j:block_end]`` as updated so far and
-    returns the dequantized column ``j``; grids that span several columns are set from
-    ``upcoming`` when their first column comes. Returns the dequantized matrix. Columns the
-    calibration never activated (zero diagonal) are quantized without compensation.
+    returns the dequantized column ``j``; grids are set from ``upcoming`` when the first column
+    they cover comes (as GPTQ fits a group's grid). Returns the dequantized matrix. Columns the
+    calibration never activated (zero diagonal) are quantized without compensation. In float32,
+    as GPTQ's reference implementation.
     """
     rows, cols = weight.shape
     if hessian.shape != (cols, cols):
         raise HfGraftError(f"gptq: a [{rows}, {cols}] weight needs a [{cols}, {cols}] Hessian, got {tuple(hessian.shape)}.")
-    work = weight.detach().double().clone()
-    upper = _inverse_cholesky(hessian.double(), damping)
+    work = weight.detach().float().clone()
+    upper = _inverse_cholesky(hessian.float(), damping)
     result = torch.zeros_like(work)
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
         block = work[:, start:end].clone()
         errors = torch.zeros_like(block)
         for j in range(end - start):
-            column = quantize_column(start + j, block[:, j:].float()).double()
+            column = quantize_column(start + j, block[:, j:])
             result[:, start + j] = column
             error = (block[:, j] - column) / upper[start + j, start + j]
             block[:, j + 1 :] -= error[:, None] * upper[start + j, start + j + 1 : end][None, :]
             errors[:, j] = error
         work[:, end:] -= errors @ upper[start:end, end:]
-    return result.float()
+    return result
 
 
 def gptq_weights(
@@ -174,14 +180,19 @@ def gptq_weights(
 
 
 def gptq_upper(hessian: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
-    """The upper Cholesky factor of the damped ``H^-1`` GPTQ compensates errors through, in float32
-    (enough for predicting its errors; :func:`gptq` itself works in float64)."""
+    """The upper Cholesky factor of the damped ``H^-1`` GPTQ compensates errors through, in float32."""
     return _inverse_cholesky(hessian.float(), damping)
 
 
 def _inverse_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor:
-    """The upper Cholesky factor of ``H^-1``, ``H`` damped as :func:`_damped_cholesky` does."""
-    return torch.linalg.cholesky(torch.cholesky_inverse(_damped_cholesky(hessian, damping)), upper=True)
+    """The upper Cholesky factor ``U`` of ``H^-1`` (``U^T U = H^-1``), ``H`` damped as :func:`_damped_cholesky` does.
+
+    With ``J`` the reversal, ``J H J = K K^T`` gives ``H = R R^T`` for the upper ``R = J K J``, so
+    ``H^-1 = R^-T R^-1`` and ``U = R^-1``: one Cholesky factor and one triangular inverse.
+    """
+    upper = torch.flip(_damped_cholesky(torch.flip(hessian, (0, 1)), damping), (0, 1))
+    identity = torch.eye(len(hessian), dtype=hessian.dtype, device=hessian.device)
+    return torch.linalg.solve_triangular(upper, identity, upper=True)
 
 
 def _damped_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor:
@@ -226,25 +237,40 @@ class _RowGroupQuantizer:
 
 
 class _ColumnQuantizer:
-    """GPTQ column quantizer for ``B`` (``[out, rank]``): column ``j`` at ``bits[j]``, a grid per ``group_size`` rows."""
+    """GPTQ column quantizer for ``B`` (``[out, rank]``): column ``j`` at ``bits[j]``, a grid per ``group_size`` rows.
 
-    def __init__(self, bits: torch.Tensor, group_size: int, rows: int):
-        self.bits, self.group_size, self.rows = bits, group_size, rows
+    The grids of ``span`` columns (dividing GPTQ's block) are fitted together when the first of
+    them comes, on the values as compensated so far, as GPTQ fits a group's grid when its first
+    column comes.
+    """
+
+    def __init__(self, bits: torch.Tensor, group_size: int, rows: int, span: int):
+        self.bits, self.group_size, self.rows, self.span = bits, group_size, rows, span
         groups = -(-rows // group_size)
         self.codes = torch.zeros(rows, len(bits), dtype=torch.uint8, device=bits.device)
         self.scales = torch.zeros(groups, len(bits), dtype=torch.float16, device=bits.device)
         self.zeros = torch.zeros(groups, len(bits), dtype=torch.float16, device=bits.device)
+        self.expanded: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, index: int, upcoming: torch.Tensor) -> torch.Tensor:
-        column, width, groups = upcoming[:, 0], int(self.bits[index]), len(self.scales)
-        padded = torch.cat([column, column[-1:].expand(groups * self.group_size - self.rows)])
-        grouped = padded.reshape(groups, self.group_size, 1)
-        scales, zeros = (grid[:, 0] for grid in fitted_grid(grouped, width))
-        self.scales[:, index], self.zeros[:, index] = scales, zeros
-        expanded_scales = scales.repeat_interleave(self.group_size)[: self.rows]
-        expanded_zeros = zeros.repeat_interleave(self.group_size)[: self.rows]
-        self.codes[:, index] = encode(column, expanded_scales, expanded_zeros, width)
-        return self.codes[:, index].float() * expanded_scales.float() + expanded_zeros.float()
+        offset = index % self.span
+        if offset == 0:
+            self._fit(index, upcoming[:, : self.span])
+        scales, zeros = self.expanded[0][:, offset], self.expanded[1][:, offset]
+        self.codes[:, index] = encode(upcoming[:, 0], scales, zeros, int(self.bits[index]))
+        return self.codes[:, index].float() * scales + zeros
+
+    def _fit(self, start: int, values: torch.Tensor) -> None:
+        groups, count = len(self.scales), values.shape[1]
+        padded = torch.cat([values, values[-1:].expand(groups * self.group_size - self.rows, count)])
+        grouped = padded.reshape(groups, self.group_size, count)
+        bits = self.bits[start : start + count]
+        for width in bits.unique().tolist():
+            columns = (bits == width).nonzero()[:, 0]
+            scales, zeros = fitted_grid(grouped[:, :, columns], width)
+            self.scales[:, start + columns], self.zeros[:, start + columns] = scales, zeros
+        part = slice(start, start + count)
+        self.expanded = tuple(grid[:, part].float().repeat_interleave(self.group_size, dim=0)[: self.rows] for grid in (self.scales, self.zeros))
 
 
 def _factor(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, scheme, group_size: int):
@@ -323,8 +349,8 @@ def quantize_calibrated(
         gptq(weight, statistics.hessian, quantizer, block_size=group_size, damping=damping)
         codes, scales, zeros = quantizer.codes.T, quantizer.scales.T, quantizer.zeros.T
     else:
-        quantizer = _ColumnQuantizer(torch.full((cols,), bits, device=delta.device), group_size, rows)
-        gptq(weight, statistics.hessian, quantizer, damping=damping)
+        quantizer = _ColumnQuantizer(torch.full((cols,), bits, device=delta.device), group_size, rows, GRID_SPAN)
+        gptq(weight, statistics.hessian, quantizer, block_size=GPTQ_BLOCK, damping=damping)
         codes, scales, zeros = quantizer.codes, quantizer.scales, quantizer.zeros
     return QuantizedMatrix(
         packed=pack_bits(codes.contiguous(), bits), scales=scales.contiguous(), zeros=zeros.contiguous(),
@@ -399,7 +425,7 @@ def compress_delta_calibrated(
         # rounding (0.4% lower error on a 4096 x 1024 delta, at 4x the time): B is rounded on fitted grids.
         b_factor = quantize_factor(b, scheme, group_size, clip=True)
     else:
-        b_quantizer = _ColumnQuantizer(bits, group_size, out_features)
+        b_quantizer = _ColumnQuantizer(bits, group_size, out_features, math.gcd(GRID_SPAN, group_size))
         gptq(b, projected, b_quantizer, block_size=group_size, damping=damping)
         b_factor = _factor(b_quantizer.codes, b_quantizer.scales, b_quantizer.zeros, scheme, group_size)
     if fan_in_fan_out:  # delta = (B A)^T = A^T B^T: the factors swap roles
