@@ -129,6 +129,13 @@ class ModuleStatistics:
         return cls(torch.ones(cols, device=device), torch.ones(rows, device=device), transposed)
 
 
+def token_gram(inputs: torch.Tensor) -> torch.Tensor:
+    """``X^T X`` over every token of a batch of inputs (``[..., width]``): float32 products (one batch's
+    sums are short), returned in float64 so sums over many batches keep their precision."""
+    flat = inputs.detach().reshape(-1, inputs.shape[-1]).float()
+    return (flat.T @ flat).double()
+
+
 class StatisticsRecorder:
     """Gathers :class:`ModuleStatistics` of named 2-D modules through hooks, over forward and backward passes.
 
@@ -156,8 +163,7 @@ class StatisticsRecorder:
                 ids = inputs.reshape(-1)
                 self._add(name, "tokens", torch.bincount(ids.cpu(), minlength=module.num_embeddings).double())
             else:
-                flat = inputs.detach().reshape(-1, inputs.shape[-1]).double()
-                self._add(name, "inputs", (flat.T @ flat).cpu())
+                self._add(name, "inputs", token_gram(inputs).cpu())
             self.counts[name] += inputs.reshape(-1, inputs.shape[-1]).shape[0] if not isinstance(module, nn.Embedding) else inputs.numel()
             if not output.requires_grad:
                 output.requires_grad_(True)

@@ -46,7 +46,7 @@ from ...sharded import stored_name
 from ..compression.formats import CompressedDelta
 from ..config import SkillPackConfig
 from ..compression.distillation import distill_block
-from ..compression.objective import ModuleStatistics, StatisticsRecorder
+from ..compression.objective import ModuleStatistics, StatisticsRecorder, token_gram
 from .packing import Measurement, compress, delta_error_sq, measure
 from ..compression.rowwise import DeltaRows
 
@@ -238,9 +238,8 @@ class _Hessian:
         self.tokens = 0
 
     def __call__(self, module, args):
-        flat = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-        self.sum.addmm_(flat.T, flat)
-        self.tokens += flat.shape[0]
+        self.sum.add_(token_gram(args[0]))
+        self.tokens += args[0].numel() // args[0].shape[-1]
 
     def value(self, name: str) -> torch.Tensor:
         if not self.tokens:
