@@ -35,7 +35,7 @@ Writes ``scale.json``, ``scale.md`` and ``scale.png`` (memory over time per run)
 
     python scripts/bench_scale.py --shape small --skip-in-memory --calibrated --ablation --mergekit /path/to/venv/bin/mergekit-extract-lora --out bench_results/scale-small
     python scripts/bench_scale.py --out bench_results/scale                        # Llama-3.2-1B shape
-    python scripts/bench_scale.py --shape llama-3-8b --skip-in-memory --out bench_results/scale-8b
+    python scripts/bench_scale.py --shape llama-3-8b --cli-only --repeat 1 --out bench_results/scale-8b  # the plain command alone
     python scripts/bench_scale.py --apply-only --out bench_results/scale                   # merge runs only
     python scripts/bench_scale.py --shape llama-3-8b --layers 2 --skip-in-memory --out bench_results/scale-8b-2-blocks
 """
@@ -322,6 +322,7 @@ def main() -> None:
     parser.add_argument("--calibrated", action="store_true", help="add calibrated extractions (in memory, block by block) and one forward and backward pass")
     parser.add_argument("--ablation", action="store_true", help="add the streaming pack with every candidate compressed for real (slow)")
     parser.add_argument("--mergekit", help="path of mergekit-extract-lora (default: the one on PATH); its own venv")
+    parser.add_argument("--cli-only", action="store_true", help="only the plain command, data-free (and mergekit beside it): no API, merge or quality runs, for the largest shapes")
     parser.add_argument("--repeat", type=int, default=3, help="runs of the hf-graft and mergekit commands, the fastest reported (default 3)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
@@ -341,10 +342,10 @@ def main() -> None:
     paths = {**write_pair(fields, folder), "vocab": fields["vocab_size"]}
     checkpoint_gib = sum(Checkpoint(paths[s]).file_bytes() for s in ("base", "tuned")) / 2**30
     runs = []
-    modes = [] if args.apply_only else ["streaming"] if args.skip_in_memory else ["in-memory", "streaming"]
-    if args.ablation and not args.apply_only:
+    modes = [] if args.apply_only or args.cli_only else ["streaming"] if args.skip_in_memory else ["in-memory", "streaming"]
+    if args.ablation and not (args.apply_only or args.cli_only):
         modes.append("streaming-exhaustive")
-    if args.calibrated and not args.apply_only:
+    if args.calibrated and not (args.apply_only or args.cli_only):
         modes += ["block-by-block", "forward-backward"] if args.skip_in_memory else ["in-memory-calibrated", "block-by-block", "forward-backward"]
     if args.apply_only and not os.path.isfile(os.path.join(args.out, "pack-streaming", "adapter_config.json")):
         raise SystemExit(f"--apply-only needs the pack of an earlier run in {args.out}/pack-streaming.")
@@ -357,12 +358,13 @@ def main() -> None:
         command = [sys.executable, "-m", "hf_graft_cli", "skillpack", "extract", "--base", paths["base"], "--tuned", paths["tuned"],
                    "--out", out, "--calibration", "none", "--ratio", str(args.ratio), "--device", "cpu"]
         runs.append(fastest("cli", paths, out, args.ratio, command, args.repeat))
+        packs["cli"] = out
     if args.apply_only:
         pass
     elif mergekit is None:
         print("  mergekit: skipped (mergekit-extract-lora not found; pip install mergekit in its own venv and pass --mergekit PATH)")
     else:
-        rank = mergekit_rank(fields, folder_bytes(packs["streaming"]))
+        rank = mergekit_rank(fields, folder_bytes(packs["streaming" if "streaming" in packs else "cli"]))
         out = os.path.join(args.out, "pack-mergekit")
         command = [mergekit, "--model", paths["tuned"], "--base-model", paths["base"], "--out-path", out,
                    "--max-rank", str(rank), "--embed-lora", "--quiet"]
@@ -380,12 +382,12 @@ def main() -> None:
     else:
         same = None
     applied = {**paths, "pack": os.path.join(args.out, "pack-streaming")}
-    for mode in ("apply", "copy", "load"):
+    for mode in () if args.cli_only else ("apply", "copy", "load"):
         runs.append(measured_run(mode, applied, os.path.join(args.out, f"out-{mode}"), args.ratio))
     for mode in ("apply", "copy"):
         shutil.rmtree(os.path.join(args.out, f"out-{mode}"), ignore_errors=True)
     quality = None
-    if not args.apply_only and checkpoint_gib < 6:  # the tuned model and the base in float32, side by side
+    if not (args.apply_only or args.cli_only) and checkpoint_gib < 6:  # the tuned model and the base in float32, side by side
         quality_run = measured_run("quality", {**paths, "packs": packs}, os.path.join(args.out, "quality"), args.ratio)
         quality = [{"pack": name, "kl_to_tuned": value, "bytes": folder_bytes(packs[name]) if packs[name] else 0}
                    for name, value in quality_run["kl"].items()]
@@ -427,8 +429,9 @@ def main() -> None:
         "block_by_block_over_mergekit_peak_rss": peak_over("block-by-block", "mergekit"),
         "apply_over_copy_time": over("apply", "copy"),
         "apply_over_load_time": over("apply", "load"),
-        "apply_product_tflop": round(product_flop(applied["pack"]) / 1e12, 3),
     }
+    if not args.cli_only:
+        ratios["apply_product_tflop"] = round(product_flop(applied["pack"]) / 1e12, 3)
     if "block-by-block" in by_mode and "forward-backward" in by_mode:
         floor = by_mode["streaming"]["seconds"] + by_mode["forward-backward"]["seconds"]
         ratios["block_by_block_over_data_free_plus_forward_backward_time"] = round(by_mode["block-by-block"]["seconds"] / floor, 3)
