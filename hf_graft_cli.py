@@ -98,7 +98,7 @@ def _skillpack_parser(sub) -> None:
         "(paragraphs), a Hub dataset id, or 'none' for a data-free pack",
     )
     extract.add_argument("--calibration-samples", type=int, default=128, help="sequences used (default 128)")
-    extract.add_argument("--distill-steps", type=int, default=200, help="scale distillation steps (default 200, 0: none)")
+    extract.add_argument("--distill-steps", type=int, help="scale distillation steps (default: none for checkpoints, each block would take that many; 200 end to end for a LoRA --tuned)")
     extract.add_argument("--calibration-length", type=int, default=256, help="tokens per sequence (default 256)")
     extract.add_argument("--calibration-column", default="text", help="text column of a Hub dataset")
     extract.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype the models are loaded in (a LoRA --tuned)")

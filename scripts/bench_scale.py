@@ -65,7 +65,6 @@ SHAPES = {
 }
 SHARD_BYTES = 1 << 30
 CALIBRATION_SEQUENCES, CALIBRATION_LENGTH = 32, 128
-DISTILL_STEPS = 50
 TOP_DIRECTIONS = 64  # power-law part of each delta
 TAIL_SHARE = 0.3  # share of each delta's energy in its full-rank tail
 
@@ -152,7 +151,7 @@ def worker(mode: str, paths: dict, out: str, ratio: float) -> dict:
     imported = psutil.Process().memory_info().rss
     calibrated = mode in ("in-memory-calibrated", "block-by-block", "forward-backward")
     search = "exhaustive" if mode == "streaming-exhaustive" else "predicted"
-    config = sp.SkillPackConfig(target_ratio=ratio, calibration_samples=CALIBRATION_SEQUENCES, distill_steps=DISTILL_STEPS,
+    config = sp.SkillPackConfig(target_ratio=ratio, calibration_samples=CALIBRATION_SEQUENCES, distill_steps=paths.get("distill_steps"),
                                 candidate_search=search)
     calibration = token_batches(paths["vocab"], CALIBRATION_SEQUENCES, 0) if calibrated else None
     start = time.perf_counter()
@@ -323,6 +322,7 @@ def main() -> None:
     parser.add_argument("--ablation", action="store_true", help="add the streaming pack with every candidate compressed for real (slow)")
     parser.add_argument("--mergekit", help="path of mergekit-extract-lora (default: the one on PATH); its own venv")
     parser.add_argument("--cli-only", action="store_true", help="only the plain command, data-free (and mergekit beside it): no API, merge or quality runs, for the largest shapes")
+    parser.add_argument("--distill-steps", type=int, help="scale distillation steps of calibrated packs (default: the library's, 200 end to end in memory, none block by block)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of the hf-graft and mergekit commands, the fastest reported (default 3)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
@@ -339,7 +339,7 @@ def main() -> None:
     label = args.shape if not args.layers else f"{args.shape}, {fields['num_hidden_layers']} of {SHAPES[args.shape]['num_hidden_layers']} blocks"
     print(f"writing the {label} pair", flush=True)
     folder = os.path.join(args.out, "checkpoints" if not args.layers else f"checkpoints-{args.layers}-blocks")
-    paths = {**write_pair(fields, folder), "vocab": fields["vocab_size"]}
+    paths = {**write_pair(fields, folder), "vocab": fields["vocab_size"], "distill_steps": args.distill_steps}
     checkpoint_gib = sum(Checkpoint(paths[s]).file_bytes() for s in ("base", "tuned")) / 2**30
     runs = []
     modes = [] if args.apply_only or args.cli_only else ["streaming"] if args.skip_in_memory else ["in-memory", "streaming"]
@@ -442,13 +442,16 @@ def main() -> None:
     data = {"shape": label, "config": fields, "checkpoint_gib_both": round(checkpoint_gib, 2), "ratio": args.ratio,
             "bit_identical": same, "ratios": ratios, "runs": runs, "quality": quality, "predicted_vs_exhaustive": chosen or None,
             "throughput": work, "threads": torch.get_num_threads(),
-            "calibration": {"sequences": CALIBRATION_SEQUENCES, "length": CALIBRATION_LENGTH, "distill_steps": DISTILL_STEPS} if quality else None}
+            "calibration": {"sequences": CALIBRATION_SEQUENCES, "length": CALIBRATION_LENGTH, "distill_steps": args.distill_steps} if quality else None}
     table = [{k: v for k, v in run.items() if k != "trace"} for run in runs]
+    steps = args.distill_steps
+    distill = (f"{steps} distillation steps: end to end in memory, per block block by block" if steps is not None
+               else "scale distillation as the library does unset: 200 steps end to end in memory, none block by block")
     markdown = (
         f"# SkillPacks at scale: {label} ({checkpoint_gib:.2f} GiB of bf16 checkpoints, base + tuned)\n\n"
         f"Packs at {args.ratio:g}x, {torch.get_num_threads()} CPU threads. Peak RSS of the whole process. In-memory and streaming "
         f"packs are data-free; calibrated ones see {CALIBRATION_SEQUENCES} random sequences of {CALIBRATION_LENGTH} tokens "
-        f"({DISTILL_STEPS} distillation steps: end to end in memory, per block block by block).\n\n"
+        f"({distill}).\n\n"
         f"`cli` is `hf-graft skillpack extract --calibration none` and `mergekit` is `mergekit-extract-lora --embed-lora` at the "
         f"largest rank no larger than the streaming pack (`adapter_bytes`: weights + config), each the fastest of {args.repeat} runs "
         f"(`every_process_seconds`), timed whole. `seconds` is the work after imports for hf-graft's API runs (`process_seconds`: "

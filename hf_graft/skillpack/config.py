@@ -20,6 +20,9 @@ from .peft_type import SKILLPACK
 #: embeddings and output heads of the supported families (Llama/Qwen2, GPT-NeoX, GPT-2).
 EMBEDDING_MODULES = ("embed_tokens", "lm_head", "embed_in", "embed_out", "wte", "wpe")
 
+#: Scale distillation steps of a calibrated pack of loaded models when ``distill_steps`` is unset.
+END_TO_END_DISTILL_STEPS = 200
+
 
 @dataclass
 class SkillPackConfig(PeftConfig):
@@ -43,10 +46,14 @@ class SkillPackConfig(PeftConfig):
         calibration_samples (`int`, defaults to 128):
             At most this many calibration sequences are used (0: all that are given); extraction
             records how many it used, 0 for a data-free pack.
-        distill_steps (`int`, defaults to 200):
+        distill_steps (`int`, *optional*):
             Steps of scale distillation (BitDelta's, applied to every format: the stored scales,
-            zeros and fp16 values trained to match the tuned model's next-token distributions on
-            the calibration data; bytes unchanged). 0 turns it off; data-free packs have none.
+            zeros and fp16 values trained on the calibration data; bytes unchanged). Loaded models
+            are distilled end to end, to the tuned model's next-token distributions: 200 steps when
+            unset. Checkpoint folders, calibrated block by block, distil each block's outputs for
+            this many steps: none when unset (on ``bench_scale.py``'s pair, 50 steps a block
+            doubled the extraction time and left the KL to the tuned model no lower). 0 turns it
+            off; data-free packs have none. Extraction records the steps it ran.
         distill_learning_rate (`float`, defaults to 1e-2):
             Adam's learning rate for scale distillation, relative to each stored tensor's mean
             magnitude (a rate of 0.01 moves a scale by about 1% of its size per step).
@@ -95,7 +102,7 @@ class SkillPackConfig(PeftConfig):
     inference_mode: bool = field(default=True, metadata={"help": "always True: SkillPacks are frozen"})
     byte_budget: Optional[int] = field(default=None, metadata={"help": "absolute byte budget"})
     calibration_samples: int = field(default=128, metadata={"help": "calibration sequences used at most; 0 = all given"})
-    distill_steps: int = field(default=200, metadata={"help": "scale distillation steps; 0 = none"})
+    distill_steps: Optional[int] = field(default=None, metadata={"help": "scale distillation steps; 0 = none, unset = 200 end to end, none block by block"})
     distill_learning_rate: float = field(default=1e-2, metadata={"help": "Adam rate, relative to each tensor's size"})
     objective: str = field(default="output", metadata={"help": "'output': what errors cost the model; 'weight': Frobenius"})
     formats: str = field(default="all", metadata={"help": "'all' formats, or 'lowrank' (SVD, sparse, fp16) only"})
@@ -235,7 +242,7 @@ FIELD_RULES = {
     "target_ratio": (_optional(lambda v: is_number(v) and v > 1), "a number greater than 1, or null"),
     "byte_budget": (_optional(lambda v: is_int(v) and v > 0), "a positive integer, or null"),
     "calibration_samples": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
-    "distill_steps": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "distill_steps": (_optional(lambda v: is_int(v) and v >= 0), "an integer >= 0, or null"),
     "distill_learning_rate": (lambda v: is_number(v) and v > 0, "a positive number"),
     "objective": (_is_choice("output", "weight"), "'output' or 'weight'"),
     "formats": (_is_choice("all", "lowrank"), "'all' or 'lowrank'"),

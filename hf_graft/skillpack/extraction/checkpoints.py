@@ -236,15 +236,17 @@ def extract_from_checkpoints(
 
 
 def _calibration(calibration: Any, tokenizer, deltas: CheckpointDeltas, config: SkillPackConfig) -> Optional[list]:
-    """The calibration batches as dicts (``config.calibration_samples`` set to their count), or ``None``."""
+    """The calibration batches as dicts, or ``None``; ``config.calibration_samples`` is set to their count and an
+    unset ``config.distill_steps`` to 0 (blocks are not distilled unless asked)."""
     if isinstance(calibration, str):
         if calibration != "pydoc":
             raise HfGraftError(f"calibration must be 'pydoc', batches of input_ids or None, got {calibration!r}.")
         calibration = default_batches(deltas.base.folder, tokenizer, config.calibration_samples)
     if calibration is None:
-        config.calibration_samples = 0
+        config.calibration_samples, config.distill_steps = 0, 0
         return None
     batches, config.calibration_samples = limited_batches(calibration, config.calibration_samples)
+    config.distill_steps = config.distill_steps or 0
     return [dict(batch) if isinstance(batch, dict) else {"input_ids": batch} for batch in batches]
 
 

@@ -16,7 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ...errors import HfGraftError
 from .calibration_data import default_batches, limited_batches
-from ..config import SkillPackConfig
+from ..config import END_TO_END_DISTILL_STEPS, SkillPackConfig
 from ..compression.distillation import distill_scales
 from ..files import attach
 from ..model import base_fingerprint, layer_class, tied_partners
@@ -169,7 +169,8 @@ def extract_skillpack(
        ``config.byte_budget``) counting the saved files' bytes, headers and metadata included.
     3. Decoder blocks are compressed in order, GPTQ-compensated, each measured on the model with
        the earlier blocks' compressed deltas already applied (``config.compensation``).
-    4. The stored scales, zeros and fp16 values are trained for ``config.distill_steps`` steps so
+    4. The stored scales, zeros and fp16 values are trained for ``config.distill_steps`` steps (200
+       when unset) so
        the base plus the pack matches the tuned model's next-token distributions.
 
     ``calibration``: ``"pydoc"`` (default: general text from the embedded corpus, tokenized with
@@ -205,8 +206,9 @@ def extract_skillpack(
     batches = None
     if calibration is not None:
         batches, config.calibration_samples = limited_batches(calibration, config.calibration_samples)
+        config.distill_steps = END_TO_END_DISTILL_STEPS if config.distill_steps is None else config.distill_steps
     else:
-        config.calibration_samples = 0
+        config.calibration_samples, config.distill_steps = 0, 0
     config.base_model_name_or_path = config.base_model_name_or_path or getattr(clean_base, "name_or_path", None) or None
     inner = calibration_model.base_model.model if isinstance(calibration_model, PeftModel) else calibration_model
     inner_modules = dict(inner.named_modules())

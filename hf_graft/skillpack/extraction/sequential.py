@@ -17,10 +17,10 @@ memory; the hidden states between blocks are kept on disk.
 3. **Compress**, from the embeddings up, carrying two streams of hidden states: the tuned
    model's, and that of the base with every earlier block's compressed deltas. Each block's
    ``H`` is measured again on the compressed stream (earlier errors are compensated, not
-   compounded; ``f`` stays the tuned model's), its deltas are compressed with GPTQ, and their
-   stored scales, zeros and fp16 values are distilled for ``config.distill_steps`` steps so the
-   block's outputs on the compressed stream match the tuned model's
-   (:func:`~.distillation.distill_block`).
+   compounded; ``f`` stays the tuned model's) and its deltas are compressed with GPTQ. With
+   ``config.distill_steps`` (none by default) their stored scales, zeros and fp16 values are then
+   distilled for that many steps so the block's outputs on the compressed stream match the tuned
+   model's (:func:`~.distillation.distill_block`).
 
 With a journal every stage of every sweep is recorded as it finishes, beside the hidden states
 after it, so a killed run resumes at the block where it stopped and makes the same pack.
