@@ -214,6 +214,7 @@ class _RowGroupQuantizer:
 
     def __init__(self, bits: torch.Tensor, group_size: int, cols: int):
         self.bits, self.group_size = bits, group_size
+        self.top = (2 ** bits - 1).float()  # each row's largest code
         groups = -(-cols // group_size)
         self.codes = torch.zeros(len(bits), cols, dtype=torch.uint8, device=bits.device)
         self.scales = torch.zeros(len(bits), groups, dtype=torch.float16, device=bits.device)
@@ -227,13 +228,11 @@ class _RowGroupQuantizer:
                 rows = self.bits == width
                 scales, zeros = fitted_grid(span[rows].T[None], width)
                 self.scales[rows, group], self.zeros[rows, group] = scales[0], zeros[0]
-        return self._store(index, upcoming[:, 0], self.scales[:, group], self.zeros[:, group])
-
-    def _store(self, index, column, scales, zeros):
-        for width in self.bits.unique().tolist():
-            rows = self.bits == width
-            self.codes[rows, index] = encode(column[rows], scales[rows], zeros[rows], width)
-        return self.codes[:, index].float() * scales.float() + zeros.float()
+        scales, zeros = self.scales[:, group].float(), self.zeros[:, group].float()
+        divisor = torch.where(scales > 0, scales, torch.ones_like(scales))  # as :func:`encode`, each row to its width
+        codes = torch.minimum(torch.round((upcoming[:, 0] - zeros) / divisor).clamp_(min=0), self.top)
+        self.codes[:, index] = codes.to(torch.uint8)
+        return codes * scales + zeros
 
 
 class _ColumnQuantizer:
