@@ -12,7 +12,7 @@ from hf_graft.errors import HfGraftError
 from hf_graft.skillpack.compression.formats import compress_delta
 from hf_graft.skillpack.compression.distillation import distill_scales
 from hf_graft.skillpack.extraction.packing import block_groups
-from hf_graft.skillpack.compression.objective import collect_statistics
+from hf_graft.skillpack.compression.objective import SharedGrams, collect_statistics
 
 IDS = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(5))
 
@@ -63,6 +63,17 @@ def test_statistics_are_input_moments_and_output_sensitivities(pair):
     seen = torch.bincount(torch.cat([b.reshape(-1) for b in data]), minlength=64) > 0
     assert seen.any() and (~seen).any()  # the batches show some tokens and not others
     assert float(embedding.row_weights[seen].min()) > float(embedding.row_weights[~seen].max())
+
+
+def test_modules_fed_one_tensor_share_one_gram():
+    inputs = torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(0))
+    flat = inputs.reshape(-1, 4).double()
+    grams = SharedGrams()
+    first = grams(inputs)
+    assert first.dtype == torch.float64 and torch.allclose(first, flat.T @ flat, atol=1e-5)
+    assert grams(inputs) is first  # q, k and v: one product
+    inputs.mul_(2)  # changed in place: computed again
+    assert torch.allclose(grams(inputs), 4 * first, atol=1e-4)
 
 
 @pytest.mark.parametrize("ratio", [2, 3, 5])

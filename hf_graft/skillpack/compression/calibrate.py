@@ -36,7 +36,7 @@ from .bitpack import pack_bits
 from .formats import CompressedDelta, compress_delta, normalize_spec
 from .prune import prune
 from .lowrank import lowrank_factors
-from .objective import ModuleStatistics, token_gram
+from .objective import ModuleStatistics, SharedGrams
 from .quantize import MixedPrecisionFactor, QuantizedMatrix, encode, fitted_grid, quantize, quantize_factor, resolve_scheme
 
 __all__ = ["compress_delta_calibrated", "compress_with_statistics", "gptq", "gptq_upper", "gptq_weights", "input_hessians", "quantize_calibrated"]
@@ -76,14 +76,14 @@ def input_hessians(
         raise HfGraftError(f"Calibration: the model has no module {missing[0]!r}.")
     for chunk in _chunks(list(widths), widths, max_bytes):
         sums = {name: torch.zeros(widths[name], widths[name], dtype=torch.float64) for name in chunk}
-        counts = dict.fromkeys(chunk, 0)
+        counts, grams = dict.fromkeys(chunk, 0), SharedGrams()
 
         def hook(name):
             def accumulate(module, args, kwargs):
                 x = args[0] if args else next(iter(kwargs.values()))
                 if x.shape[-1] != widths[name]:
                     raise HfGraftError(f"Calibration: {name} received inputs of width {x.shape[-1]}, not {widths[name]}.")
-                sums[name].add_(token_gram(x).cpu())
+                sums[name].add_(grams(x).cpu())
                 counts[name] += x.numel() // x.shape[-1]
 
             return accumulate
@@ -96,6 +96,7 @@ def input_hessians(
         finally:
             for handle in handles:
                 handle.remove()
+            grams.clear()
         for name in chunk:
             if not counts[name]:
                 raise HfGraftError(f"Calibration: module {name!r} received no input; is it used in forward?")

@@ -136,6 +136,22 @@ def token_gram(inputs: torch.Tensor) -> torch.Tensor:
     return (flat.T @ flat).double()
 
 
+class SharedGrams:
+    """:func:`token_gram` of the last input seen, computed once for modules fed the same tensor
+    (a transformer block's q, k and v projections; gate and up): hooks call it in turn."""
+
+    def __init__(self):
+        self.inputs, self.version, self.gram = None, None, None
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        if inputs is not self.inputs or inputs._version != self.version:
+            self.inputs, self.version, self.gram = inputs, inputs._version, token_gram(inputs)
+        return self.gram
+
+    def clear(self) -> None:
+        self.inputs, self.version, self.gram = None, None, None
+
+
 class StatisticsRecorder:
     """Gathers :class:`ModuleStatistics` of named 2-D modules through hooks, over forward and backward passes.
 
@@ -151,6 +167,7 @@ class StatisticsRecorder:
                 raise HfGraftError(f"Calibration statistics are for linear and embedding modules, not {name} ({type(module).__name__}).")
         self.sums: dict[str, dict[str, torch.Tensor]] = {}
         self.counts = dict.fromkeys(self.modules, 0)
+        self.grams = SharedGrams()
 
     def _add(self, name: str, key: str, value: torch.Tensor) -> None:
         slot = self.sums.setdefault(name, {})
@@ -163,7 +180,7 @@ class StatisticsRecorder:
                 ids = inputs.reshape(-1)
                 self._add(name, "tokens", torch.bincount(ids.cpu(), minlength=module.num_embeddings).double())
             else:
-                self._add(name, "inputs", token_gram(inputs).cpu())
+                self._add(name, "inputs", self.grams(inputs).cpu())
             self.counts[name] += inputs.reshape(-1, inputs.shape[-1]).shape[0] if not isinstance(module, nn.Embedding) else inputs.numel()
             if not output.requires_grad:
                 output.requires_grad_(True)
@@ -179,6 +196,7 @@ class StatisticsRecorder:
         finally:
             for handle in handles:
                 handle.remove()
+            self.grams.clear()
 
     def statistics(self) -> dict[str, ModuleStatistics]:
         """Each module's statistics over what was recorded."""

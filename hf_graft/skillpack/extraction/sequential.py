@@ -46,7 +46,7 @@ from ...sharded import stored_name
 from ..compression.formats import CompressedDelta
 from ..config import SkillPackConfig
 from ..compression.distillation import distill_block
-from ..compression.objective import ModuleStatistics, StatisticsRecorder, token_gram
+from ..compression.objective import ModuleStatistics, SharedGrams, StatisticsRecorder
 from .packing import Measurement, compress, delta_error_sq, measure
 from ..compression.rowwise import DeltaRows
 
@@ -233,12 +233,12 @@ def _counter(counts: dict, name: str, size: int):
 class _Hessian:
     """Accumulates ``E[x x^T]`` of one module's inputs (float64) as a forward pre-hook."""
 
-    def __init__(self, width: int, device: torch.device):
+    def __init__(self, width: int, device: torch.device, grams: Optional[SharedGrams] = None):
         self.sum = torch.zeros(width, width, dtype=torch.float64, device=device)
-        self.tokens = 0
+        self.tokens, self.grams = 0, grams or SharedGrams()
 
     def __call__(self, module, args):
-        self.sum.add_(token_gram(args[0]))
+        self.sum.add_(self.grams(args[0]))
         self.tokens += args[0].numel() // args[0].shape[-1]
 
     def value(self, name: str) -> torch.Tensor:
@@ -520,11 +520,12 @@ class _Run:
         model, index = self.model, stage - 1
         block_name = [model.block_name(index)]
         model.load(block_name, self.tuned)
-        hessians = {name: _Hessian(_width(model.module(name)), self.device) for name in self._weights(stage) if f"{name}.weight" in kept}
+        grams = SharedGrams()
+        hessians = {name: _Hessian(_width(model.module(name)), self.device, grams) for name in self._weights(stage) if f"{name}.weight" in kept}
         model.run_block(index, self.calls, streams["compressed"], hessians)
         targets = model.run_block(index, self.calls, streams["tuned"])
         statistics = {name: self._with_hessian(name, h.value(name)) for name, h in hessians.items()}
-        del hessians
+        del hessians, grams
         block, errors = self._compress(keys, kept, statistics)
         losses = []
         if block and self.config.distill_steps:
