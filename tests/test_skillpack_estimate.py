@@ -111,6 +111,27 @@ def test_gptq_costs_are_predicted_from_its_own_error_accounting(transposed):
         assert guess.cost == pytest.approx(real[repr(sorted(guess.spec.items()))].cost, rel=0.08)
 
 
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_one_bit_corrections_are_predicted_as_low_rank_of_what_the_signs_leave(calibrated):
+    """1-bit signs plus a low-rank correction: the signs quantized once, the corrections costed in closed form."""
+    from hf_graft.skillpack.compression import allocation
+
+    generator = torch.Generator().manual_seed(8)
+    delta = fine_tune_delta(512, 384, seed=9)
+    inputs = torch.randn(2048, 384, generator=generator) @ (torch.eye(384) + 0.3 * torch.randn(384, 384, generator=generator) / 19.6)
+    statistics = (ModuleStatistics((inputs.T @ inputs) / len(inputs), torch.rand(512, generator=generator) + 0.5) if calibrated
+                  else ModuleStatistics.identity(delta.shape))
+    ladder = CandidateLadder()
+    specs = [spec for spec in allocation._specs(delta, False, ladder) if "rank" in spec]
+    tried = allocation._tried("m.weight", delta, statistics, specs)
+    signs = allocation.quantize_calibrated(delta, 1, 512, statistics)
+    predicted = allocation._predicted_lowrank("m.weight", delta - signs.dequantize(), statistics, ladder, fixed=specs)
+    assert [c.spec for c in predicted] == [c.spec for c in tried] and len(tried) == 2
+    for guess, real in zip(predicted, tried):
+        assert guess.nbytes == real.nbytes
+        assert guess.cost == pytest.approx(real.cost, rel=0.05)
+
+
 def test_the_basis_kept_by_measuring_compresses_the_chosen_rank_as_a_new_factorization_does():
     from hf_graft.skillpack.compression.calibrate import compress_with_statistics
 

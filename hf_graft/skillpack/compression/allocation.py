@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ...errors import HfGraftError
 from ...validation import check_fraction, check_int
-from .calibrate import compress_with_statistics, gptq_weights
+from .calibrate import compress_with_statistics, gptq_weights, quantize_calibrated
 from .estimate import column_errors, energy_after, grid_costs, lowrank_cost, sparse_costs
 from .formats import CompressedDelta, compress_delta, normalize_spec, payload_size, segment_layout
 from .lowrank import balanced_top, gram_eigen, lowrank_factors, rank_for_energy
@@ -196,6 +196,7 @@ def _predicted(name: str, matrix: torch.Tensor, statistics: ModuleStatistics, sp
     own = dataclasses.replace(statistics, also=())
     # Further uses of a tied weight: errors spread over its inputs cost their second moments.
     others = [dataclasses.replace(other, hessian=other.diagonal, also=()) for other in statistics.also]
+    alone = own.cost(matrix) if others else None
     quant = [(spec["group_size"], spec["bits"]) for spec in _specs(matrix, False, ladder) if "rank" not in spec]
     costs = predicted_quant_costs(matrix, quant, own)
     for other in others:
@@ -208,15 +209,20 @@ def _predicted(name: str, matrix: torch.Tensor, statistics: ModuleStatistics, sp
     if ladder.energies:
         lowrank = _predicted_lowrank(name, matrix, own, ladder, keep_basis if not others else None)
         if others:
-            alone = own.cost(matrix)
             share = 1.0 + sum(other.cost(matrix) for other in others) / alone if alone else 1.0
             lowrank = [dataclasses.replace(candidate, cost=candidate.cost * share) for candidate in lowrank]
         candidates += lowrank
     residual = [spec for spec in _specs(matrix, False, ladder) if "rank" in spec]
     one_bit = [c for c in candidates if c.spec.get("bits") == 1 and c.spec.get("group_size") == rows]
     if residual and one_bit and one_bit[0] in _frontier(candidates):
-        # 1-bit signs with a low-rank correction refine the 1-bit delta: tried only where it competes.
-        candidates += _tried(name, matrix, statistics, residual)
+        # 1-bit signs with a low-rank correction refine the 1-bit delta, costed only where it competes: the
+        # signs quantized once as compression quantizes them, their corrections as low rank of what is left.
+        signs = quantize_calibrated(matrix, 1, rows, statistics)
+        corrections = _predicted_lowrank(name, matrix - signs.dequantize(), own, ladder, fixed=residual)
+        if others:
+            share = 1.0 + sum(other.cost(matrix) for other in others) / alone if alone else 1.0
+            corrections = [dataclasses.replace(candidate, cost=candidate.cost * share) for candidate in corrections]
+        candidates += corrections
     return candidates
 
 
@@ -293,13 +299,15 @@ def _sparse_candidates(name: str, matrix: torch.Tensor, objectives: Sequence[Mod
 
 
 def _predicted_lowrank(name: str, matrix: torch.Tensor, statistics: ModuleStatistics, ladder: CandidateLadder,
-                       keep_basis: Callable[[torch.Tensor], None] | None = None) -> list[Candidate]:
+                       keep_basis: Callable[[torch.Tensor], None] | None = None, fixed: Sequence[dict] | None = None) -> list[Candidate]:
     """Low-rank candidates at every (rank, scheme) of the ladder, costed in closed form from one factorization.
 
     The factorization is of ``diag(sqrt(f)) dW L`` (``L L^T = H``; the delta itself for the
     identity), where the objective is the squared error; each factor column's quantization error
     at each width is predicted by :func:`.estimate.column_errors`, weighted as the objective
     weighs that factor's rows (the Hessian's diagonal for ``A``: GPTQ then only lowers it).
+    ``fixed``: specs with their own ``rank`` and ``scheme`` to cost instead of the ladder's (the
+    corrections of a 1-bit delta, ``matrix`` then being what its signs leave).
     """
     oriented = statistics.oriented(matrix)
     rows, cols = oriented.shape
@@ -316,8 +324,11 @@ def _predicted_lowrank(name: str, matrix: torch.Tensor, statistics: ModuleStatis
     total = squared_norm(scaled)
     eigenvalues, eigenvectors = gram_eigen(scaled)
     singular = eigenvalues.sqrt()
-    ranks = sorted({min(max(rank_for_energy(singular, total, e), 1), len(singular)) for e in ladder.energies})
-    ranks = [rank for rank in ranks if rank * (rows + cols) < rows * cols]  # else the factors outweigh the matrix
+    if fixed is not None:
+        ranks = sorted({spec["rank"] for spec in fixed if spec["rank"] <= len(singular)})
+    else:
+        ranks = sorted({min(max(rank_for_energy(singular, total, e), 1), len(singular)) for e in ladder.energies})
+        ranks = [rank for rank in ranks if rank * (rows + cols) < rows * cols]  # else the factors outweigh the matrix
     if not ranks:
         return []
     b, a, values = balanced_top(scaled, eigenvectors[:, : max(ranks)])  # b [out, r], a = A^T [in, r]
@@ -327,11 +338,18 @@ def _predicted_lowrank(name: str, matrix: torch.Tensor, statistics: ModuleStatis
     if not identity:
         b = b / weights[:, None]
         a = a / root[:, None] if statistics.is_diagonal else torch.linalg.solve_triangular(root.T, a, upper=True)
-    schemes = {tuple(map(tuple, resolve_scheme(s, max(ranks)))) for s in ladder.schemes}
+    schemes = {tuple(map(tuple, resolve_scheme(s, max(ranks)))) for s in ((ladder.residual_scheme,) if fixed is not None else ladder.schemes)}
     widths = sorted({bits for scheme in schemes for bits, _ in scheme})
     errors_b = _column_errors(b, widths, ladder.group_size, None if identity else weights.square())
     errors_a = _column_errors(a, widths, ladder.group_size, None if identity else statistics.diagonal)
     after = energy_after(eigenvalues, total)
+    if fixed is not None:
+        found = []
+        for spec in fixed:
+            scheme = [list(block) for block in spec["scheme"]]
+            if spec["rank"] in ranks and all(bits in errors_b and bits in errors_a for bits, _ in scheme):
+                found.append(_sized(name, spec, matrix.shape, lowrank_cost(after, values, errors_b, errors_a, scheme)))
+        return found
     results: dict[str, Candidate] = {}
     for scheme in schemes:
         if any(bits not in errors_b or bits not in errors_a for bits, _ in scheme):
