@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ...errors import HfGraftError
 from ...validation import check_fraction, check_int
-from .calibrate import compress_with_statistics, gptq_weights, quantize_calibrated
+from .calibrate import DEFAULT_DAMPING, compress_with_statistics, damped_cholesky, gptq_weights, quantize_calibrated
 from .estimate import column_errors, energy_after, grid_costs, lowrank_cost, sparse_costs
 from .formats import CompressedDelta, compress_delta, normalize_spec, payload_size, segment_layout
 from .lowrank import balanced_top, gram_eigen, lowrank_factors, rank_for_energy
@@ -472,8 +472,7 @@ def _root(hessian: torch.Tensor) -> torch.Tensor:
     """A square root of the (damped) Hessian, for the activation-weighted spectrum (of its diagonal for a 1-D one)."""
     if hessian.dim() == 1:
         return (hessian.double() + 0.01 * float(hessian.double().mean().clamp_min(1e-30))).sqrt().float()
-    damped = hessian.float() + 0.01 * float(torch.diagonal(hessian).double().mean().clamp_min(1e-30)) * torch.eye(len(hessian), device=hessian.device)
-    return torch.linalg.cholesky(damped)  # float32: the 1% damping bounds its condition
+    return damped_cholesky(hessian.float(), DEFAULT_DAMPING)  # float32: the 1% damping bounds its condition; shared with GPTQ
 
 
 def select(

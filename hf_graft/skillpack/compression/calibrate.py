@@ -24,6 +24,7 @@ modules to compress with forward hooks, a few modules at a time so large models 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Callable, Optional
 
@@ -185,19 +186,44 @@ def gptq_upper(hessian: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch
     return _inverse_cholesky(hessian.float(), damping)
 
 
+class _LastFactors:
+    """The factors of the last Hessian factored, so that measuring and compressing one module factor its
+    Hessian once (low-rank candidates, GPTQ's predictions, 1-bit signs, the chosen format). Held only while
+    that Hessian lives."""
+
+    def __init__(self):
+        self.source, self.key, self.found = None, None, {}
+
+    def get(self, hessian: torch.Tensor, damping: float, kind: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        key = (hessian._version, hessian.dtype, damping)
+        if self.source is None or self.source() is not hessian or self.key != key:
+            self.source, self.key, self.found = weakref.ref(hessian, self._forget), key, {}
+        if kind not in self.found:
+            self.found[kind] = make()
+        return self.found[kind]
+
+    def _forget(self, source: weakref.ref) -> None:
+        if source is self.source:  # not an earlier Hessian's
+            self.source, self.key, self.found = None, None, {}
+
+
+_FACTORS = _LastFactors()
+
+
 def _inverse_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor:
-    """The upper Cholesky factor ``U`` of ``H^-1`` (``U^T U = H^-1``), ``H`` damped as :func:`_damped_cholesky` does.
-
-    With ``J`` the reversal, ``J H J = K K^T`` gives ``H = R R^T`` for the upper ``R = J K J``, so
-    ``H^-1 = R^-T R^-1`` and ``U = R^-1``: one Cholesky factor and one triangular inverse.
-    """
-    upper = torch.flip(_damped_cholesky(torch.flip(hessian, (0, 1)), damping), (0, 1))
-    identity = torch.eye(len(hessian), dtype=hessian.dtype, device=hessian.device)
-    return torch.linalg.solve_triangular(upper, identity, upper=True)
+    """The upper Cholesky factor ``U`` of ``H^-1`` (``U^T U = H^-1``), ``H`` damped as :func:`damped_cholesky` does,
+    from ``H``'s own Cholesky factor (GPTQ's way: ``H^-1`` from the factor, then its upper factor)."""
+    return _FACTORS.get(
+        hessian, damping, "inverse", lambda: torch.linalg.cholesky(torch.cholesky_inverse(damped_cholesky(hessian, damping)), upper=True),
+    )
 
 
-def _damped_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor:
+def damped_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor:
     """Lower ``L`` with ``L L^T = H + d I``; unused inputs get a unit diagonal, ``d`` grows until ``H`` is definite."""
+    return _FACTORS.get(hessian, damping, "cholesky", lambda: _cholesky_with_damping(hessian, damping))
+
+
+def _cholesky_with_damping(hessian: torch.Tensor, damping: float) -> torch.Tensor:
     hessian = hessian.clone()
     diagonal = torch.diagonal(hessian)
     diagonal[diagonal <= 0] = 1.0
@@ -411,7 +437,7 @@ def compress_delta_calibrated(
         a_q = a_factor.dequantize().T  # [rank, in]
         projected, target = (a_q * hessian[None, :]) @ a_q.T, (matrix * hessian[None, :]) @ a_q.T
     else:
-        root = _damped_cholesky(hessian, damping)
+        root = damped_cholesky(hessian, damping)
         factors = lowrank_factors(weights[:, None] * matrix @ root, energy=1.0, min_rank=rank, max_rank=rank, method=method)
         a = torch.linalg.solve_triangular(root.T, factors.a.T, upper=True).T  # A L = a
         a_quantizer = _RowGroupQuantizer(bits, group_size, in_features)
@@ -434,7 +460,7 @@ def compress_delta_calibrated(
 
 
 def _damped_root(diagonal: torch.Tensor, damping: float) -> torch.Tensor:
-    """The square root of a diagonal Hessian damped as :func:`_damped_cholesky` damps a dense one."""
+    """The square root of a diagonal Hessian damped as :func:`damped_cholesky` damps a dense one."""
     diagonal = torch.where(diagonal > 0, diagonal, torch.ones_like(diagonal))
     return (diagonal + damping * float(diagonal.mean())).sqrt()
 

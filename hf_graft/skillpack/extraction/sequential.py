@@ -14,8 +14,8 @@ memory; the hidden states between blocks are kept on disk.
    are recorded exactly as :func:`~.objective.collect_statistics` records them on a loaded model,
    and every candidate format of the block's deltas is measured under them. With every block
    measured, one format per delta is chosen to fit the budget, as for loaded models.
-3. **Compress**, from the embeddings up, carrying two streams of hidden states: the tuned
-   model's, and that of the base with every earlier block's compressed deltas. Each block's
+3. **Compress**, from the embeddings up, carrying the hidden states of the base with every
+   earlier block's compressed deltas (and, to distil blocks, the tuned model's). Each block's
    ``H`` is measured again on the compressed stream (earlier errors are compensated, not
    compounded; ``f`` stays the tuned model's) and its deltas are compressed with GPTQ. With
    ``config.distill_steps`` (none by default) their stored scales, zeros and fp16 values are then
@@ -491,7 +491,9 @@ class _Run:
             keys = [key for key in self.keys_of[0] if key in kept]
             block, errors = self._compress(keys, kept, {name: self._combined(name, s) for name, s in self.statistics.items() if name in self.counts})
             compressed.update(block)
-            streams = {"tuned": [s for s, _, _ in self.calls], "compressed": [s for s, _, _ in model.embedded(self.batches, packed)]}
+            streams = {"compressed": [s for s, _, _ in model.embedded(self.batches, packed)]}
+            if self.config.distill_steps:  # the tuned model's stream, the blocks' distillation targets
+                streams["tuned"] = [s for s, _, _ in self.calls]
             self.states.save("compress", 0, streams)
             journal.save_block(0, block, errors)
         for stage in tqdm(range(1, self.last + 1), desc="Compressing SkillPack deltas", unit="block", disable=not self.progress):
@@ -523,12 +525,13 @@ class _Run:
         grams = SharedGrams()
         hessians = {name: _Hessian(_width(model.module(name)), self.device, grams) for name in self._weights(stage) if f"{name}.weight" in kept}
         model.run_block(index, self.calls, streams["compressed"], hessians)
-        targets = model.run_block(index, self.calls, streams["tuned"])
+        distilled = bool(self.config.distill_steps)
+        targets = model.run_block(index, self.calls, streams["tuned"]) if distilled else None
         statistics = {name: self._with_hessian(name, h.value(name)) for name, h in hessians.items()}
         del hessians, grams
         block, errors = self._compress(keys, kept, statistics)
         losses = []
-        if block and self.config.distill_steps:
+        if block and distilled:
             model.load(block_name, self.base)
             prefix = f"{block_name[0]}."
             trained, losses = distill_block(
@@ -541,7 +544,7 @@ class _Run:
             errors = {key: delta_error_sq(self.deltas.delta(key, self.device), value, conv1d=self.conv1d(key)) for key, value in block.items()}
         compressed.update(block)
         model.load(block_name, packed)
-        streams = {"tuned": targets, "compressed": model.run_block(index, self.calls, streams["compressed"])}
+        streams = {"compressed": model.run_block(index, self.calls, streams["compressed"]), **({"tuned": targets} if distilled else {})}
         model.drop(block_name)
         return block, errors, streams, losses
 
