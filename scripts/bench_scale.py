@@ -64,7 +64,7 @@ SHAPES = {
                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
 }
 SHARD_BYTES = 1 << 30
-CALIBRATION_SEQUENCES, CALIBRATION_LENGTH = 32, 128
+CALIBRATION = (32, 128)  # sequences, tokens each: the default of --calibration
 TOP_DIRECTIONS = 64  # power-law part of each delta
 TAIL_SHARE = 0.3  # share of each delta's energy in its full-rank tail
 
@@ -133,9 +133,9 @@ def _tensor_pair(dims, generator, *, is_norm: bool):
     return base.bfloat16(), (base + delta).bfloat16()
 
 
-def token_batches(vocab: int, sequences: int, seed: int) -> list:
+def token_batches(vocab: int, sequences: int, seed: int, length: int = CALIBRATION[1]) -> list:
     """Random token sequences (the synthetic pair has no tokenizer or text), 8 per batch."""
-    ids = torch.randint(0, vocab, (sequences, CALIBRATION_LENGTH), generator=torch.Generator().manual_seed(seed))
+    ids = torch.randint(0, vocab, (sequences, length), generator=torch.Generator().manual_seed(seed))
     return list(ids.split(8))
 
 
@@ -151,9 +151,10 @@ def worker(mode: str, paths: dict, out: str, ratio: float) -> dict:
     imported = psutil.Process().memory_info().rss
     calibrated = mode in ("in-memory-calibrated", "block-by-block", "forward-backward")
     search = "exhaustive" if mode == "streaming-exhaustive" else "predicted"
-    config = sp.SkillPackConfig(target_ratio=ratio, calibration_samples=CALIBRATION_SEQUENCES, distill_steps=paths.get("distill_steps"),
+    sequences, length = paths.get("calibration", CALIBRATION)
+    config = sp.SkillPackConfig(target_ratio=ratio, calibration_samples=sequences, distill_steps=paths.get("distill_steps"),
                                 candidate_search=search)
-    calibration = token_batches(paths["vocab"], CALIBRATION_SEQUENCES, 0) if calibrated else None
+    calibration = token_batches(paths["vocab"], sequences, 0, length) if calibrated else None
     start = time.perf_counter()
     extra = {}
     if mode in ("in-memory", "in-memory-calibrated"):
@@ -322,6 +323,8 @@ def main() -> None:
     parser.add_argument("--ablation", action="store_true", help="add the streaming pack with every candidate compressed for real (slow)")
     parser.add_argument("--mergekit", help="path of mergekit-extract-lora (default: the one on PATH); its own venv")
     parser.add_argument("--cli-only", action="store_true", help="only the plain command, data-free (and mergekit beside it): no API, merge or quality runs, for the largest shapes")
+    parser.add_argument("--calibration", type=lambda text: tuple(int(part) for part in text.split("x")), default=CALIBRATION,
+                        help="calibration sequences x tokens each (default 32x128; the plain command's own default is 128x256)")
     parser.add_argument("--distill-steps", type=int, help="scale distillation steps of calibrated packs (default: the library's, 200 end to end in memory, none block by block)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of the hf-graft and mergekit commands, the fastest reported (default 3)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -339,7 +342,8 @@ def main() -> None:
     label = args.shape if not args.layers else f"{args.shape}, {fields['num_hidden_layers']} of {SHAPES[args.shape]['num_hidden_layers']} blocks"
     print(f"writing the {label} pair", flush=True)
     folder = os.path.join(args.out, "checkpoints" if not args.layers else f"checkpoints-{args.layers}-blocks")
-    paths = {**write_pair(fields, folder), "vocab": fields["vocab_size"], "distill_steps": args.distill_steps}
+    sequences, length = args.calibration
+    paths = {**write_pair(fields, folder), "vocab": fields["vocab_size"], "distill_steps": args.distill_steps, "calibration": [sequences, length]}
     checkpoint_gib = sum(Checkpoint(paths[s]).file_bytes() for s in ("base", "tuned")) / 2**30
     runs = []
     modes = [] if args.apply_only or args.cli_only else ["streaming"] if args.skip_in_memory else ["in-memory", "streaming"]
@@ -442,7 +446,7 @@ def main() -> None:
     data = {"shape": label, "config": fields, "checkpoint_gib_both": round(checkpoint_gib, 2), "ratio": args.ratio,
             "bit_identical": same, "ratios": ratios, "runs": runs, "quality": quality, "predicted_vs_exhaustive": chosen or None,
             "throughput": work, "threads": torch.get_num_threads(),
-            "calibration": {"sequences": CALIBRATION_SEQUENCES, "length": CALIBRATION_LENGTH, "distill_steps": args.distill_steps} if quality else None}
+            "calibration": {"sequences": sequences, "length": length, "distill_steps": args.distill_steps} if quality else None}
     table = [{k: v for k, v in run.items() if k != "trace"} for run in runs]
     steps = args.distill_steps
     distill = (f"{steps} distillation steps: end to end in memory, per block block by block" if steps is not None
@@ -450,7 +454,7 @@ def main() -> None:
     markdown = (
         f"# SkillPacks at scale: {label} ({checkpoint_gib:.2f} GiB of bf16 checkpoints, base + tuned)\n\n"
         f"Packs at {args.ratio:g}x, {torch.get_num_threads()} CPU threads. Peak RSS of the whole process. In-memory and streaming "
-        f"packs are data-free; calibrated ones see {CALIBRATION_SEQUENCES} random sequences of {CALIBRATION_LENGTH} tokens "
+        f"packs are data-free; calibrated ones see {sequences} random sequences of {length} tokens "
         f"({distill}).\n\n"
         f"`cli` is `hf-graft skillpack extract --calibration none` and `mergekit` is `mergekit-extract-lora --embed-lora` at the "
         f"largest rank no larger than the streaming pack (`adapter_bytes`: weights + config), each the fastest of {args.repeat} runs "
