@@ -196,7 +196,13 @@ def _predicted(name: str, matrix: torch.Tensor, statistics: ModuleStatistics, sp
     own = dataclasses.replace(statistics, also=())
     # Further uses of a tied weight: errors spread over its inputs cost their second moments.
     others = [dataclasses.replace(other, hessian=other.diagonal, also=()) for other in statistics.also]
-    alone = own.cost(matrix) if others else None
+    alone = own.cost(matrix) if others else 0.0
+    # Low-rank costs of a tied weight: its further uses' in proportion to the delta's own.
+    share = 1.0 + sum(other.cost(matrix) for other in others) / alone if alone else 1.0
+
+    def shared(found: list[Candidate]) -> list[Candidate]:
+        return [dataclasses.replace(candidate, cost=candidate.cost * share) for candidate in found] if others else found
+
     quant = [(spec["group_size"], spec["bits"]) for spec in _specs(matrix, False, ladder) if "rank" not in spec]
     costs = predicted_quant_costs(matrix, quant, own)
     for other in others:
@@ -207,22 +213,14 @@ def _predicted(name: str, matrix: torch.Tensor, statistics: ModuleStatistics, sp
     if sparse:  # the dropped entries are spread over the inputs: each objective's diagonal weighs them
         candidates += _sparse_candidates(name, matrix, [dataclasses.replace(own, hessian=own.diagonal), *others], ladder)
     if ladder.energies:
-        lowrank = _predicted_lowrank(name, matrix, own, ladder, keep_basis if not others else None)
-        if others:
-            share = 1.0 + sum(other.cost(matrix) for other in others) / alone if alone else 1.0
-            lowrank = [dataclasses.replace(candidate, cost=candidate.cost * share) for candidate in lowrank]
-        candidates += lowrank
+        candidates += shared(_predicted_lowrank(name, matrix, own, ladder, keep_basis if not others else None))
     residual = [spec for spec in _specs(matrix, False, ladder) if "rank" in spec]
     one_bit = [c for c in candidates if c.spec.get("bits") == 1 and c.spec.get("group_size") == rows]
     if residual and one_bit and one_bit[0] in _frontier(candidates):
         # 1-bit signs with a low-rank correction refine the 1-bit delta, costed only where it competes: the
         # signs quantized once as compression quantizes them, their corrections as low rank of what is left.
         signs = quantize_calibrated(matrix, 1, rows, statistics)
-        corrections = _predicted_lowrank(name, matrix - signs.dequantize(), own, ladder, fixed=residual)
-        if others:
-            share = 1.0 + sum(other.cost(matrix) for other in others) / alone if alone else 1.0
-            corrections = [dataclasses.replace(candidate, cost=candidate.cost * share) for candidate in corrections]
-        candidates += corrections
+        candidates += shared(_predicted_lowrank(name, matrix - signs.dequantize(), own, ladder, fixed=residual))
     return candidates
 
 
