@@ -71,7 +71,7 @@ class _Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("sweep", ["_backward", "_compress_block"])
+@pytest.mark.parametrize("sweep", ["_backward", "_compress_stage"])
 def test_a_killed_block_by_block_extraction_resumes_to_the_same_pack(tmp_path, monkeypatch, sweep):
     base_dir, tuned_dir = _pair(tmp_path, "llama-tied")
     config = sp.SkillPackConfig(target_ratio=3.0, distill_steps=5, formats="lowrank")

@@ -199,8 +199,9 @@ class StatisticsRecorder:
             self.grams.clear()
 
     def statistics(self) -> dict[str, ModuleStatistics]:
-        """Each module's statistics over what was recorded."""
-        statistics = {}
+        """Each module's statistics over what was recorded; modules fed the same inputs (q, k and v)
+        share one ``hessian`` tensor, so what is derived from it can be computed once."""
+        statistics, hessians = {}, []
         for name, module in self.modules.items():
             found = self.sums.get(name, {})
             if "gradients" not in found or not self.counts[name]:
@@ -212,7 +213,11 @@ class StatisticsRecorder:
                 frequency = frequency + TOKEN_FLOOR * float(frequency.mean())
                 statistics[name] = ModuleStatistics(gradients, frequency)
             else:
-                statistics[name] = ModuleStatistics((found["inputs"] / tokens).float(), gradients, isinstance(module, Conv1D))
+                hessian = (found["inputs"] / tokens).float()
+                same = [seen for seen in hessians if seen.shape == hessian.shape and torch.equal(seen, hessian)]
+                if not same:
+                    hessians.append(hessian)
+                statistics[name] = ModuleStatistics(same[0] if same else hessian, gradients, isinstance(module, Conv1D))
         return statistics
 
 

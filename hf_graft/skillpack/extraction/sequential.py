@@ -12,15 +12,15 @@ memory; the hidden states between blocks are kept on disk.
 2. **Backward** from the next-token loss, block by block from the head down, each block run
    again on its kept inputs: each module's input second moment ``H`` and output sensitivity ``f``
    are recorded exactly as :func:`~.objective.collect_statistics` records them on a loaded model,
-   and every candidate format of the block's deltas is measured under them. With every block
-   measured, one format per delta is chosen to fit the budget, as for loaded models.
-3. **Compress**, from the embeddings up, carrying the hidden states of the base with every
-   earlier block's compressed deltas (and, to distil blocks, the tuned model's). Each block's
-   ``H`` is measured again on the compressed stream (earlier errors are compensated, not
-   compounded; ``f`` stays the tuned model's) and its deltas are compressed with GPTQ. With
-   ``config.distill_steps`` (none by default) their stored scales, zeros and fp16 values are then
-   distilled for that many steps so the block's outputs on the compressed stream match the tuned
-   model's (:func:`~.distillation.distill_block`).
+   and every candidate format of the block's deltas is measured under them. Each ``H`` is kept on
+   disk (once for modules fed the same input, such as q, k and v) in place of the block's inputs.
+   With every block measured, one format per delta is chosen to fit the budget, as for loaded
+   models.
+3. **Compress**, block after block: each delta is compressed as chosen (GPTQ under its kept ``H``),
+   no block is run again. With ``config.distill_steps`` (none by default) a block's stored
+   scales, zeros and fp16 values are then distilled for that many steps so the block's outputs
+   match the tuned block's on the tuned model's own hidden states
+   (:func:`~.distillation.distill_block`); the inputs of sweep 1 are kept for it.
 
 With a journal every stage of every sweep is recorded as it finishes, beside the hidden states
 after it, so a killed run resumes at the block where it stopped and makes the same pack.
@@ -29,6 +29,7 @@ after it, so a killed run resumes at the block where it stopped and makes the sa
 from __future__ import annotations
 
 import functools
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -46,7 +47,7 @@ from ...sharded import stored_name
 from ..compression.formats import CompressedDelta
 from ..config import SkillPackConfig
 from ..compression.distillation import distill_block
-from ..compression.objective import ModuleStatistics, SharedGrams, StatisticsRecorder
+from ..compression.objective import ModuleStatistics, StatisticsRecorder
 from .packing import Measurement, compress, delta_error_sq, measure
 from ..compression.rowwise import DeltaRows
 
@@ -184,16 +185,10 @@ class BlockwiseModel:
         finally:
             self.drop(self.before)
 
-    def run_block(self, index: int, calls: Sequence[tuple], hidden: Sequence[torch.Tensor], hessians: Optional[dict] = None) -> list:
-        """Block ``index`` (loaded) over each batch's ``hidden`` states; ``hessians`` (module
-        name -> :class:`_Hessian`) gather their modules' input second moments on the way."""
-        handles = [] if hessians is None else [self.module(name).register_forward_pre_hook(h) for name, h in hessians.items()]
-        try:
-            with torch.no_grad():
-                return [_output(self.layers[index](states, *args, **kwargs)).float() for states, (_, args, kwargs) in zip(hidden, calls)]
-        finally:
-            for handle in handles:
-                handle.remove()
+    def run_block(self, index: int, calls: Sequence[tuple], hidden: Sequence[torch.Tensor]) -> list:
+        """Block ``index`` (loaded) over each batch's ``hidden`` states."""
+        with torch.no_grad():
+            return [_output(self.layers[index](states, *args, **kwargs)).float() for states, (_, args, kwargs) in zip(hidden, calls)]
 
     def through_tail(self, states: torch.Tensor) -> torch.Tensor:
         """``states`` after the last block through the tail (loaded): the head's inputs."""
@@ -228,23 +223,6 @@ def _counter(counts: dict, name: str, size: int):
         ids = args[0].reshape(-1).cpu()
         counts[name] = counts.get(name, 0) + torch.bincount(ids, minlength=size).double()
     return hook
-
-
-class _Hessian:
-    """Accumulates ``E[x x^T]`` of one module's inputs (float64) as a forward pre-hook."""
-
-    def __init__(self, width: int, device: torch.device, grams: Optional[SharedGrams] = None):
-        self.sum = torch.zeros(width, width, dtype=torch.float64, device=device)
-        self.tokens, self.grams = 0, grams or SharedGrams()
-
-    def __call__(self, module, args):
-        self.sum.add_(self.grams(args[0]))
-        self.tokens += args[0].numel() // args[0].shape[-1]
-
-    def value(self, name: str) -> torch.Tensor:
-        if not self.tokens:
-            raise HfGraftError(f"Calibration: module {name!r} received no input; is it used in forward?")
-        return (self.sum / self.tokens).float()
 
 
 class _States:
@@ -387,9 +365,12 @@ class _Run:
                 self.statistics[name] = stats
             self._measure(self.keys_of[stage], {name: self._combined(name, stats) for name, stats in found.items()})
             self._save_statistics()
+            if 0 < stage < self.last:
+                self._save_hessians(stage, found)
             self._record("measure", stage, {"gradients": gradients or []})
             self.states.remove("measure", stage + 1)
-            self.states.remove("input", stage + 1)
+            if not self.config.distill_steps:
+                self.states.remove("input", stage + 1)
 
     def _backward(self, stage: int, gradients) -> tuple[dict, Optional[list]]:
         """The stage's modules' statistics, and the loss's gradients at the stage's inputs."""
@@ -477,81 +458,104 @@ class _Run:
     # --- sweep 3 ------------------------------------------------------------------------------
 
     def compress(self, kept: dict) -> tuple[dict[str, CompressedDelta], list[float]]:
-        """Every kept delta compressed, block by block on the compressed stream (module docs)."""
-        model, journal = self.model, self.journal
+        """Every kept delta compressed, stage by stage, under the statistics the backward sweep kept;
+        with distillation, on the hidden states of the base plus the blocks compressed so far."""
+        journal, distilling = self.journal, bool(self.config.distill_steps)
         compressed = dict(journal.all_compressed())
+        whole = {name: self._combined(name, stats) for name, stats in self.statistics.items() if self._whole(name)}
+        stream = self.states.load("compress", max(journal.blocks), self.device)["compressed"] if distilling and journal.blocks else None
 
         def packed(name: str) -> torch.Tensor:
             base = self.base(name)
             return base + compressed[name].delta().to(self.device) if name in compressed else base
 
-        if 0 in journal.blocks:
-            streams = self.states.load("compress", max(journal.blocks), self.device)
-        else:
-            keys = [key for key in self.keys_of[0] if key in kept]
-            block, errors = self._compress(keys, kept, {name: self._combined(name, s) for name, s in self.statistics.items() if name in self.counts})
-            compressed.update(block)
-            streams = {"compressed": [s for s, _, _ in model.embedded(self.batches, packed)]}
-            if self.config.distill_steps:  # the tuned model's stream, the blocks' distillation targets
-                streams["tuned"] = [s for s, _, _ in self.calls]
-            self.states.save("compress", 0, streams)
-            journal.save_block(0, block, errors)
-        for stage in tqdm(range(1, self.last + 1), desc="Compressing SkillPack deltas", unit="block", disable=not self.progress):
-            if stage in journal.blocks:
-                continue
-            keys, block_losses = [key for key in self.keys_of[stage] if key in kept], None
-            if stage == self.last:
-                model.load(model.tail, packed)
-                hessian = _Hessian(streams["compressed"][0].shape[-1], self.device)
-                with torch.no_grad():
-                    for states in streams["compressed"]:
-                        hessian(None, (model.through_tail(states),))
-                model.drop(model.tail)
-                statistics = {model.head_name: self._with_hessian(model.head_name, hessian.value(model.head_name))}
-                block, errors = self._compress(keys, kept, statistics)
-            else:
-                block, errors, streams, block_losses = self._compress_block(stage, keys, kept, streams, compressed, packed)
-            compressed.update(block)
-            self.states.save("compress", stage, streams)
-            journal.save_block(stage, block, errors, block_losses)
-            self.states.remove("compress", stage - 1)
+        for stage in tqdm(range(self.last + 1), desc="Compressing SkillPack deltas", unit="block", disable=not self.progress):
+            if stage not in journal.blocks:
+                stream = self._compress_stage(stage, kept, compressed, whole, stream, packed)
         losses = [loss for stage in sorted(journal.distill_losses) for loss in journal.distill_losses[stage]]
         return {key: compressed[key] for key in self.deltas.keys if key in compressed}, losses
 
-    def _compress_block(self, stage: int, keys: list, kept: dict, streams: dict, compressed: dict, packed: Source):
+    def _compress_stage(self, stage: int, kept: dict, compressed: dict, whole: dict, stream: Optional[list], packed: Source) -> Optional[list]:
+        """The stage's kept deltas compressed (and, distilling, its blocks' values trained) into
+        ``compressed`` and the journal; returns the compressed model's hidden states after it when distilling."""
+        keys, losses = [key for key in self.keys_of[stage] if key in kept], None
+        inner = 0 < stage < self.last
+        block, errors = self._compress(keys, kept, self._load_hessians(stage) if inner else whole)  # embeddings, head: kept whole
+        if self.config.distill_steps and stage < self.last:
+            if inner and block:
+                block, errors, losses = self._distill(stage, block, stream)
+            compressed.update(block)
+            stream = self._packed_stream(stage, stream, packed)
+            self.states.save("compress", stage, {"compressed": stream})
+        compressed.update(block)
+        self.journal.save_block(stage, block, errors, losses)
+        self.states.remove("compress", stage - 1)
+        self.states.remove("input", stage)
+        if os.path.isfile(self._hessians_path(stage)):
+            os.unlink(self._hessians_path(stage))
+        return stream
+
+    def _packed_stream(self, stage: int, stream: Optional[list], packed: Source) -> list:
+        """The hidden states after ``stage`` of the base plus the deltas compressed so far."""
+        if stage == 0:
+            return [states for states, _, _ in self.model.embedded(self.batches, packed)]
+        names = [self.model.block_name(stage - 1)]
+        self.model.load(names, packed)
+        try:
+            return self.model.run_block(stage - 1, self.calls, stream)
+        finally:
+            self.model.drop(names)
+
+    def _distill(self, stage: int, block: dict, stream: list) -> tuple[dict, dict, list]:
+        """``block``'s stored values trained so the base block plus them maps ``stream`` (the compressed
+        model's hidden states entering it) to the tuned model's hidden states leaving the block."""
         model, index = self.model, stage - 1
-        block_name = [model.block_name(index)]
-        model.load(block_name, self.tuned)
-        grams = SharedGrams()
-        hessians = {name: _Hessian(_width(model.module(name)), self.device, grams) for name in self._weights(stage) if f"{name}.weight" in kept}
-        model.run_block(index, self.calls, streams["compressed"], hessians)
-        distilled = bool(self.config.distill_steps)
-        targets = model.run_block(index, self.calls, streams["tuned"]) if distilled else None
-        statistics = {name: self._with_hessian(name, h.value(name)) for name, h in hessians.items()}
-        del hessians, grams
-        block, errors = self._compress(keys, kept, statistics)
-        losses = []
-        if block and distilled:
-            model.load(block_name, self.base)
-            prefix = f"{block_name[0]}."
+        names = [model.block_name(index)]
+        prefix = f"{names[0]}."
+        targets = self.states.load("input", stage + 1, self.device)["tuned"]
+        model.load(names, self.base)
+        try:
             trained, losses = distill_block(
                 model.layers[index], dict(model.layers[index].named_parameters()),
                 {key[len(prefix):]: value for key, value in block.items()},
-                [(states, args, kwargs) for states, (_, args, kwargs) in zip(streams["compressed"], self.calls)], targets,
+                [(states, args, kwargs) for states, (_, args, kwargs) in zip(stream, self.calls)], targets,
                 steps=self.config.distill_steps, learning_rate=self.config.distill_learning_rate, progress=False,
             )
-            block = {f"{prefix}{name}": value for name, value in trained.items()}
-            errors = {key: delta_error_sq(self.deltas.delta(key, self.device), value, conv1d=self.conv1d(key)) for key, value in block.items()}
-        compressed.update(block)
-        model.load(block_name, packed)
-        streams = {"compressed": model.run_block(index, self.calls, streams["compressed"]), **({"tuned": targets} if distilled else {})}
-        model.drop(block_name)
-        return block, errors, streams, losses
+        finally:
+            model.drop(names)
+        block = {f"{prefix}{name}": value for name, value in trained.items()}
+        errors = {key: delta_error_sq(self.deltas.delta(key, self.device), value, conv1d=self.conv1d(key)) for key, value in block.items()}
+        return block, errors, losses
 
-    def _with_hessian(self, name: str, hessian: torch.Tensor) -> ModuleStatistics:
-        """The tuned model's sensitivities of ``name`` with ``hessian`` measured on the compressed stream."""
-        tuned = self.statistics[name]
-        return ModuleStatistics(hessian, tuned.row_weights, tuned.transposed)
+    def _hessians_path(self, stage: int) -> str:
+        return os.path.join(self.states.folder, f"hessians-{stage:05d}.safetensors")
+
+    def _save_hessians(self, stage: int, found: dict[str, ModuleStatistics]) -> None:
+        """The stage's input second moments, each distinct tensor once (q, k and v share one)."""
+        tensors, stored = {}, {}
+        for name, stats in found.items():
+            stored[name] = next((key for key, tensor in tensors.items() if tensor is stats.hessian), name)
+            tensors.setdefault(stored[name], stats.hessian)
+        save_tensors(tensors, self._hessians_path(stage), metadata={"modules": json.dumps(stored)})
+
+    def _load_hessians(self, stage: int) -> dict[str, ModuleStatistics]:
+        """What :meth:`_save_hessians` kept, with the tuned model's row weights: each module's statistics."""
+        path = self._hessians_path(stage)
+        if not os.path.isfile(path):
+            raise HfGraftError(f"{self.states.folder} lacks {os.path.basename(path)}; delete the partial folder to start again.")
+        widths = {name: _width(self.model.module(name)) for name in self._weights(stage)}
+        tensors, metadata = load_tensors(path)
+        try:
+            stored = json.loads(metadata.get("modules", ""))
+        except json.JSONDecodeError:
+            stored = None
+        if not isinstance(stored, dict) or set(stored) != set(widths) or not all(
+            isinstance(key, str) and key in tensors and tuple(tensors[key].shape) == (widths[name], widths[name]) and tensors[key].dtype == torch.float32
+            for name, key in stored.items()
+        ):
+            raise HfGraftError(f"{path} does not hold the input second moments of block {stage - 1}; delete the partial folder to start again.")
+        return {name: ModuleStatistics(tensors[key].to(self.device), self.statistics[name].row_weights, self.statistics[name].transposed)
+                for name, key in stored.items()}
 
     def _compress(self, keys: Iterable[str], kept: dict, statistics: dict) -> tuple[dict, dict]:
         block, errors = {}, {}
