@@ -576,6 +576,17 @@ def test_gptq_with_an_identity_hessian_is_plain_rounding():
         assert torch.equal(result[:, start : start + 2], plain.dequantize())
 
 
+def test_gptq_leaves_its_input_alone_even_a_transposed_view():
+    """GPTQ works on columns laid out contiguously: a transposed view of a contiguous matrix must still be copied."""
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(256, 16, generator=generator) * torch.logspace(-1, 1, 16)
+    stored = torch.randn(16, 40, generator=generator)  # a Conv1D delta, [in, out]: GPTQ sees its transpose
+    kept = stored.clone()
+    result = gptq(stored.T, inputs.T @ inputs / 256, _ColumnQuantizer(torch.full((16,), 2), 40, 40, span=8))
+    assert torch.equal(stored, kept) and result.shape == (40, 16)
+    assert float((result - stored.T).abs().max()) > 0  # 2-bit codes: it did quantize
+
+
 def test_calibration_lowers_the_output_error_on_anisotropic_inputs():
     generator = torch.Generator().manual_seed(0)
     delta = torch.randn(192, 24, generator=generator) @ torch.randn(24, 256, generator=generator) / 24

@@ -136,21 +136,20 @@ def gptq(
     rows, cols = weight.shape
     if hessian.shape != (cols, cols):
         raise HfGraftError(f"gptq: a [{rows}, {cols}] weight needs a [{cols}, {cols}] Hessian, got {tuple(hessian.shape)}.")
-    work = weight.detach().float().clone()
+    work = weight.detach().float().T.clone(memory_format=torch.contiguous_format)  # [cols, rows]: each column contiguous, a copy
     upper = _inverse_cholesky(hessian.float(), damping)
-    result = torch.zeros_like(work)
+    diagonal = upper.diagonal().tolist()
+    result = torch.empty_like(work)
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
-        block = work[:, start:end].clone()
-        errors = torch.zeros_like(block)
+        block, errors = work[start:end], torch.empty(end - start, rows, dtype=work.dtype, device=work.device)
         for j in range(end - start):
-            column = quantize_column(start + j, block[:, j:])
-            result[:, start + j] = column
-            error = (block[:, j] - column) / upper[start + j, start + j]
-            block[:, j + 1 :] -= error[:, None] * upper[start + j, start + j + 1 : end][None, :]
-            errors[:, j] = error
-        work[:, end:] -= errors @ upper[start:end, end:]
-    return result
+            column = quantize_column(start + j, block[j:].T)
+            result[start + j] = column
+            error = torch.sub(block[j], column, out=errors[j]).div_(diagonal[start + j])
+            block[j + 1 :].sub_(upper[start + j, start + j + 1 : end, None] * error)
+        work[end:] -= upper[start:end, end:].T @ errors
+    return result.T
 
 
 def gptq_weights(
@@ -242,24 +241,26 @@ class _RowGroupQuantizer:
     def __init__(self, bits: torch.Tensor, group_size: int, cols: int):
         self.bits, self.group_size = bits, group_size
         self.top = (2 ** bits - 1).float()  # each row's largest code
+        self.bottom = torch.zeros_like(self.top)
         groups = -(-cols // group_size)
         self.codes = torch.zeros(len(bits), cols, dtype=torch.uint8, device=bits.device)
         self.scales = torch.zeros(len(bits), groups, dtype=torch.float16, device=bits.device)
         self.zeros = torch.zeros(len(bits), groups, dtype=torch.float16, device=bits.device)
+        self.grid: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # the current group's scales, zeros, divisors
 
     def __call__(self, index: int, upcoming: torch.Tensor) -> torch.Tensor:
-        group = index // self.group_size
         if index % self.group_size == 0:
-            span = upcoming[:, : self.group_size]
+            group, span = index // self.group_size, upcoming[:, : self.group_size]
             for width in self.bits.unique().tolist():
                 rows = self.bits == width
                 scales, zeros = fitted_grid(span[rows].T[None], width)
                 self.scales[rows, group], self.zeros[rows, group] = scales[0], zeros[0]
-        scales, zeros = self.scales[:, group].float(), self.zeros[:, group].float()
-        divisor = torch.where(scales > 0, scales, torch.ones_like(scales))  # as :func:`encode`, each row to its width
-        codes = torch.minimum(torch.round((upcoming[:, 0] - zeros) / divisor).clamp_(min=0), self.top)
-        self.codes[:, index] = codes.to(torch.uint8)
-        return codes * scales + zeros
+            scales, zeros = self.scales[:, group].float(), self.zeros[:, group].float()
+            self.grid = scales, zeros, torch.where(scales > 0, scales, torch.ones_like(scales))  # as :func:`encode`, each row to its width
+        scales, zeros, divisor = self.grid
+        codes = torch.round((upcoming[:, 0] - zeros) / divisor).clamp_(self.bottom, self.top)
+        self.codes[:, index] = codes
+        return codes.mul_(scales).add_(zeros)
 
 
 class _ColumnQuantizer:
@@ -272,19 +273,21 @@ class _ColumnQuantizer:
 
     def __init__(self, bits: torch.Tensor, group_size: int, rows: int, span: int):
         self.bits, self.group_size, self.rows, self.span = bits, group_size, rows, span
+        self.tops = (2 ** bits - 1).tolist()  # each column's largest code
         groups = -(-rows // group_size)
         self.codes = torch.zeros(rows, len(bits), dtype=torch.uint8, device=bits.device)
         self.scales = torch.zeros(groups, len(bits), dtype=torch.float16, device=bits.device)
         self.zeros = torch.zeros(groups, len(bits), dtype=torch.float16, device=bits.device)
-        self.expanded: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.expanded: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # the span's scales, zeros, divisors per row
 
     def __call__(self, index: int, upcoming: torch.Tensor) -> torch.Tensor:
         offset = index % self.span
         if offset == 0:
             self._fit(index, upcoming[:, : self.span])
-        scales, zeros = self.expanded[0][:, offset], self.expanded[1][:, offset]
-        self.codes[:, index] = encode(upcoming[:, 0], scales, zeros, int(self.bits[index]))
-        return self.codes[:, index].float() * scales + zeros
+        scales, zeros, divisor = (grid[:, offset] for grid in self.expanded)
+        codes = torch.round((upcoming[:, 0] - zeros) / divisor).clamp_(0, self.tops[index])  # as :func:`encode`
+        self.codes[:, index] = codes
+        return codes.mul_(scales).add_(zeros)
 
     def _fit(self, start: int, values: torch.Tensor) -> None:
         groups, count = len(self.scales), values.shape[1]
@@ -296,7 +299,8 @@ class _ColumnQuantizer:
             scales, zeros = fitted_grid(grouped[:, :, columns], width)
             self.scales[:, start + columns], self.zeros[:, start + columns] = scales, zeros
         part = slice(start, start + count)
-        self.expanded = tuple(grid[:, part].float().repeat_interleave(self.group_size, dim=0)[: self.rows] for grid in (self.scales, self.zeros))
+        scales, zeros = (grid[:, part].float().repeat_interleave(self.group_size, dim=0)[: self.rows] for grid in (self.scales, self.zeros))
+        self.expanded = scales, zeros, torch.where(scales > 0, scales, torch.ones_like(scales))
 
 
 def _factor(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, scheme, group_size: int):

@@ -208,6 +208,9 @@ def group_grid(minimum: torch.Tensor, maximum: torch.Tensor, bits: int) -> tuple
     return scales, zeros
 
 
+#: Entries :func:`fitted_grid` decodes at once (candidates times values).
+FITTED_GRID_CHUNK = 1 << 18
+
 #: Shrink factors of a group's range tried by :func:`fitted_grid` (GPTQ's ``mse`` grid search).
 CLIP_RATIOS = tuple(1.0 - 0.05 * step for step in range(15))
 
@@ -243,15 +246,17 @@ def _fitted_grid(grouped: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.
         high_mean = torch.where(above.any(1), (values * above).sum(1) / above.sum(1).clamp_min(1), low_mean)
         two_scales, two_zeros = _two_level_grid(low_mean, high_mean)
         scales, zeros = torch.cat([scales, two_scales[None]]), torch.cat([zeros, two_zeros[None]])
-    # Each candidate's squared error, decoded in place in one buffer: what encode() then decoding gives.
-    work = torch.empty_like(values)
+    # Each candidate's squared error (what encode() then decoding gives), as many candidates at once as
+    # fit in a cache-sized buffer: small groups are decoded all together, large ones one at a time.
     errors = torch.empty(len(scales), *low.shape, device=values.device)
-    for index in range(len(scales)):
-        scale, zero = scales[index].float()[:, None, :], zeros[index].float()[:, None, :]
-        torch.sub(values, zero, out=work)
+    together = min(len(scales), max(1, FITTED_GRID_CHUNK // values.numel()))
+    buffer = torch.empty(together, *values.shape, device=values.device)
+    for start in range(0, len(scales), together):
+        part = slice(start, start + together)
+        scale, zero = scales[part].float()[:, :, None, :], zeros[part].float()[:, :, None, :]
+        work = torch.sub(values[None], zero, out=buffer[: len(scale)])
         work.div_(torch.where(scale > 0, scale, torch.ones_like(scale))).round_().clamp_(0, (1 << bits) - 1)
-        work.mul_(scale).add_(zero).sub_(values).square_()
-        torch.sum(work, dim=1, out=errors[index])
+        torch.sum(work.mul_(scale).add_(zero).sub_(values[None]).square_(), dim=2, out=errors[part])
     best = errors.argmin(dim=0, keepdim=True)  # [1, groups, cols]
     return scales.gather(0, best)[0], zeros.gather(0, best)[0]
 
