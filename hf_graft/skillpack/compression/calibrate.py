@@ -23,6 +23,7 @@ modules to compress with forward hooks, a few modules at a time so large models 
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
@@ -186,24 +187,26 @@ def gptq_upper(hessian: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch
 
 
 class _LastFactors:
-    """The factors of the last Hessian factored, so that measuring and compressing one module factor its
-    Hessian once (low-rank candidates, GPTQ's predictions, 1-bit signs, the chosen format). Held only while
-    that Hessian lives."""
+    """The factors of the last Hessian of each size factored, so that measuring and compressing one module
+    factor its Hessian once (low-rank candidates, GPTQ's predictions, 1-bit signs, the chosen format), even
+    with the small Hessians of its low-rank factors factored in between. Held only while that Hessian lives."""
 
     def __init__(self):
-        self.source, self.key, self.found = None, None, {}
+        self.entries: dict[tuple, tuple] = {}  # shape -> (weak reference, version key, factors)
 
     def get(self, hessian: torch.Tensor, damping: float, kind: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
-        key = (hessian._version, hessian.dtype, damping)
-        if self.source is None or self.source() is not hessian or self.key != key:
-            self.source, self.key, self.found = weakref.ref(hessian, self._forget), key, {}
-        if kind not in self.found:
-            self.found[kind] = make()
-        return self.found[kind]
+        shape, key = tuple(hessian.shape), (hessian._version, hessian.dtype, damping)
+        source, known, found = self.entries.get(shape, (None, None, None))
+        if source is None or source() is not hessian or known != key:
+            source, found = weakref.ref(hessian, functools.partial(self._forget, shape)), {}
+            self.entries[shape] = (source, key, found)
+        if kind not in found:
+            found[kind] = make()
+        return found[kind]
 
-    def _forget(self, source: weakref.ref) -> None:
-        if source is self.source:  # not an earlier Hessian's
-            self.source, self.key, self.found = None, None, {}
+    def _forget(self, shape: tuple, source: weakref.ref) -> None:
+        if self.entries.get(shape, (None,))[0] is source:  # not an earlier Hessian's
+            del self.entries[shape]
 
 
 _FACTORS = _LastFactors()
@@ -447,7 +450,8 @@ def compress_delta_calibrated(
         a_quantizer = _RowGroupQuantizer(bits, group_size, in_features)
         a_q = gptq(a, hessian, a_quantizer, block_size=group_size, damping=damping)
         a_factor = _factor(a_quantizer.codes.T, a_quantizer.scales.T, a_quantizer.zeros.T, scheme, group_size)
-        projected, target = a_q @ hessian @ a_q.T, matrix @ hessian @ a_q.T
+        weighted = hessian @ a_q.T  # [in, rank]: no [out, in] x [in, in] product
+        projected, target = a_q @ weighted, matrix @ weighted
     ridge = damping * float(torch.diagonal(projected).mean().clamp_min(1e-30)) * torch.eye(rank, device=hessian.device)
     b = torch.cholesky_solve(target.T, torch.linalg.cholesky(projected + ridge)).T  # positive definite: ridge
     if diagonal:
