@@ -12,7 +12,7 @@ from hf_graft.errors import HfGraftError
 from hf_graft.skillpack.compression.formats import compress_delta
 from hf_graft.skillpack.compression.distillation import distill_scales
 from hf_graft.skillpack.extraction.packing import block_groups
-from hf_graft.skillpack.compression.objective import SharedGrams, collect_statistics
+from hf_graft.skillpack.compression.objective import SharedGrams, StatisticsRecorder, collect_statistics
 
 IDS = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(5))
 
@@ -70,10 +70,18 @@ def test_modules_fed_one_tensor_share_one_gram():
     flat = inputs.reshape(-1, 4).double()
     grams = SharedGrams()
     first = grams(inputs)
-    assert first.dtype == torch.float64 and torch.allclose(first, flat.T @ flat, atol=1e-5)
+    assert first.dtype == torch.float32 and torch.allclose(first.double(), flat.T @ flat, atol=1e-5)  # summed in float64 by its users
     assert grams(inputs) is first  # q, k and v: one product
     inputs.mul_(2)  # changed in place: computed again
     assert torch.allclose(grams(inputs), 4 * first, atol=1e-4)
+    recorder = StatisticsRecorder({"q": torch.nn.Linear(4, 3), "k": torch.nn.Linear(4, 2)})
+    with recorder.recording():
+        for module in recorder.modules.values():
+            module(inputs).sum().backward()
+            module(inputs).sum().backward()  # a second batch: summed in place, in float64
+    found = recorder.statistics()
+    assert found["q"].hessian is found["k"].hessian  # one tensor for modules fed the same inputs
+    assert torch.allclose(found["q"].hessian.double(), 2 * (4 * flat.T @ flat) / 10 / 2, atol=1e-4)
 
 
 @pytest.mark.parametrize("ratio", [2, 3, 5])

@@ -130,10 +130,10 @@ class ModuleStatistics:
 
 
 def token_gram(inputs: torch.Tensor) -> torch.Tensor:
-    """``X^T X`` over every token of a batch of inputs (``[..., width]``): float32 products (one batch's
-    sums are short), returned in float64 so sums over many batches keep their precision."""
+    """``X^T X`` over every token of a batch of inputs (``[..., width]``) in float32 (one batch's sums are
+    short); add it to a float64 sum in place, so sums over many batches keep their precision."""
     flat = inputs.detach().reshape(-1, inputs.shape[-1]).float()
-    return (flat.T @ flat).double()
+    return flat.T @ flat
 
 
 class SharedGrams:
@@ -171,7 +171,10 @@ class StatisticsRecorder:
 
     def _add(self, name: str, key: str, value: torch.Tensor) -> None:
         slot = self.sums.setdefault(name, {})
-        slot[key] = slot[key] + value if key in slot else value
+        if key in slot:
+            slot[key].add_(value)
+        else:
+            slot[key] = value.to(torch.float64, copy=True)  # float64 sums, never the caller's tensor
 
     def _hook(self, name: str, module: nn.Module):
         def hook(_, args, output):

@@ -55,6 +55,9 @@ __all__ = ["BlockwiseModel", "extract_sequential"]
 
 Source = Callable[[str], torch.Tensor]
 
+#: Bytes of float32 logits the head's backward holds at once.
+LOGITS_CHUNK_BYTES = 64 << 20
+
 
 class _Caught(Exception):
     """Raised by :class:`_Catcher` to stop the forward pass at the first decoder block."""
@@ -261,10 +264,20 @@ def _labels(batch: dict) -> torch.Tensor:
     return batch["input_ids"] if mask is None else batch["input_ids"].masked_fill(mask == 0, -100)
 
 
-def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The mean next-token cross-entropy, as transformers' causal LMs compute it."""
-    targets = labels[:, 1:].reshape(-1).to(logits.device)
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets, ignore_index=-100)
+def _loss_backward(head: Callable[[torch.Tensor], torch.Tensor], states: torch.Tensor, labels: torch.Tensor, vocabulary: int) -> None:
+    """Backward of the mean next-token cross-entropy (as transformers' causal LMs compute it) of
+    ``head(states)``, run over a few positions at a time so a batch's logits are never whole."""
+    targets = labels[:, 1:].to(states.device)
+    count = (targets != -100).sum().clamp_min(1)
+    positions = targets.shape[1]
+    step = max(1, LOGITS_CHUNK_BYTES // (4 * len(states) * vocabulary))
+    for start in range(0, positions, step):
+        stop = min(start + step, positions)
+        logits = head(states[:, start:stop])
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), targets[:, start:stop].reshape(-1), ignore_index=-100, reduction="sum",
+        )
+        (loss / count).backward()
 
 
 def extract_sequential(
@@ -335,11 +348,13 @@ class _Run:
 
     def forward(self) -> None:
         """The tuned model's hidden states entering every block and the tail, kept on disk."""
-        done = self.done("input")
+        done, embedded = self.done("input"), [states for states, _, _ in self.calls]
+        self.calls = [(None, args, kwargs) for _, args, kwargs in self.calls]  # the states are kept on disk from here
         if self.last in done:
             return
         start = max(done) if done else 1
-        hidden = self.states.load("input", start, self.device)["tuned"] if done else [states for states, _, _ in self.calls]
+        hidden = self.states.load("input", start, self.device)["tuned"] if done else embedded
+        del embedded
         if not done:
             self._record("input", 1, {"tuned": hidden})
         for stage in tqdm(range(start, self.last), desc="Running the tuned model", unit="block", disable=not self.progress):
@@ -389,7 +404,9 @@ class _Run:
         if stage == self.last:
             parts = [*model.tail, model.head_name]
             recorder = StatisticsRecorder({model.head_name: model.module(model.head_name)})
-            run = lambda states, index: _loss(model.module(model.head_name)(model.through_tail(states)), _labels(self.batches[index])).backward()  # noqa: E731
+            head = lambda states: model.module(model.head_name)(model.through_tail(states))  # noqa: E731
+            vocabulary = model.module(model.head_name).weight.shape[0]
+            run = lambda states, index: _loss_backward(head, states, _labels(self.batches[index]), vocabulary)  # noqa: E731
         else:
             parts = [model.block_name(stage - 1)]
             recorder = StatisticsRecorder({name: model.module(name) for name in self._weights(stage)})
