@@ -55,6 +55,9 @@ __all__ = ["BlockwiseModel", "extract_sequential"]
 
 Source = Callable[[str], torch.Tensor]
 
+#: What :attr:`_Run.statistics` holds in place of a block module's Hessian (kept on disk instead).
+_NO_HESSIAN = torch.ones(1)
+
 #: Bytes of float32 logits the head's backward holds at once.
 LOGITS_CHUNK_BYTES = 64 << 20
 
@@ -376,8 +379,8 @@ class _Run:
             if stage in done:
                 continue
             found, gradients = self._backward(stage, gradients)
-            for name, stats in found.items():
-                self.statistics[name] = stats
+            for name, stats in found.items():  # a block's Hessians go to disk, not into memory for the whole sweep
+                self.statistics[name] = stats if self._whole(name) else ModuleStatistics(_NO_HESSIAN, stats.row_weights, stats.transposed)
             self._measure(self.keys_of[stage], {name: self._combined(name, stats) for name, stats in found.items()})
             self._save_statistics()
             if 0 < stage < self.last:
@@ -468,7 +471,7 @@ class _Run:
         for key, row_weights in tensors.items():
             name, kind = key.rsplit(".", 1)
             if kind == "row_weights":
-                hessian = tensors.get(f"{name}.hessian", torch.ones(1))
+                hessian = tensors.get(f"{name}.hessian", _NO_HESSIAN)
                 found[name] = ModuleStatistics(hessian.to(self.device), row_weights.to(self.device), isinstance(self.model.module(name), Conv1D))
         return found
 
