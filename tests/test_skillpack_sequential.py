@@ -106,3 +106,17 @@ def test_block_by_block_refusals(tmp_path, monkeypatch):
     monkeypatch.setattr("hf_graft.skillpack.extraction.checkpoints._processes", lambda: (0, 2, lambda: None))
     with pytest.raises(HfGraftError, match="in one process"):
         sp.extract_skillpack(str(base_dir), str(tuned_dir), config, calibration=BATCHES, output_dir=tmp_path / "p")
+
+
+def test_kept_hidden_states_are_read_one_batch_at_a_time_and_checked(tmp_path):
+    states = sequential._States(str(tmp_path))
+    batches = [torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    states.save("input", 1, {"tuned": batches, "other": batches[:1]})
+    stream = states.stream("input", 1, "tuned", torch.device("cpu"))
+    assert len(stream) == 3 and all(torch.equal(found, kept) for found, kept in zip(stream, batches))
+    from hf_graft.safetensors_io import save_tensors
+    save_tensors({"tuned.0": batches[0], "tuned.2": batches[2]}, states.path("input", 2))  # batch 1 is missing
+    with pytest.raises(HfGraftError, match="does not hold batches 0 to 1 of 'tuned'"):
+        states.stream("input", 2, "tuned", torch.device("cpu"))
+    with pytest.raises(HfGraftError, match="lacks states-input-00003"):
+        states.stream("input", 3, "tuned", torch.device("cpu"))

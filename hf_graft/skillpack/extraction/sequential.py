@@ -36,13 +36,14 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from ...errors import HfGraftError
 from ...process_memory import release_freed_memory
-from ...safetensors_io import load_tensors, save_tensors
+from ...safetensors_io import load_tensors, read_checked_header, save_tensors
 from ...sharded import stored_name
 from ..compression.formats import CompressedDelta
 from ..config import SkillPackConfig
@@ -254,9 +255,42 @@ class _States:
             streams.setdefault(name.rsplit(".", 1)[0], []).append(tensors[name].to(device))
         return streams
 
+    def stream(self, phase: str, stage: int, name: str, device: torch.device) -> _Stream:
+        """One stream of a saved stage, read a batch at a time (only one batch in memory)."""
+        path = self.path(phase, stage)
+        if not os.path.isfile(path):
+            raise HfGraftError(f"{self.folder} lacks {os.path.basename(path)}; delete the partial folder to start again.")
+        return _Stream(path, name, device)
+
     def remove(self, phase: str, stage: int) -> None:
         if os.path.isfile(self.path(phase, stage)):
             os.unlink(self.path(phase, stage))
+
+
+class _Stream(Sequence):
+    """The per-batch tensors ``name.0``, ``name.1``, ... of a states file, each read when indexed."""
+
+    def __init__(self, path: str, name: str, device: torch.device):
+        self.path, self.device = path, device
+        found = {}
+        for key in read_checked_header(path):
+            stream, _, index = key.rpartition(".")
+            if stream == name and index.isdigit():
+                found[int(index)] = key
+        if sorted(found) != list(range(len(found))):
+            raise HfGraftError(f"{path} does not hold batches 0 to {len(found) - 1} of {name!r}; delete the partial folder to start again.")
+        self.keys = [found[index] for index in range(len(found))]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        key = self.keys[index]
+        try:
+            with safe_open(self.path, framework="pt") as f:
+                return f.get_tensor(key).to(self.device)
+        except (SafetensorError, OSError) as e:
+            raise HfGraftError(f"{self.path} could not be read ({e}); delete the partial folder to start again.") from e
 
 
 def _labels(batch: dict) -> torch.Tensor:
@@ -374,18 +408,20 @@ class _Run:
         done = self.done("measure")
         if 0 in done:
             return
-        gradients = self.states.load("measure", min(done), self.device)["gradients"] if done else None
+        gradients = self.states.stream("measure", min(done), "gradients", self.device) if done else None
         for stage in tqdm(range(self.last, -1, -1), desc="Measuring SkillPack candidates", unit="block", disable=not self.progress):
             if stage in done:
                 continue
-            found, gradients = self._backward(stage, gradients)
+            found, results = self._backward(stage, gradients)
             for name, stats in found.items():  # a block's Hessians go to disk, not into memory for the whole sweep
                 self.statistics[name] = stats if self._whole(name) else ModuleStatistics(_NO_HESSIAN, stats.row_weights, stats.transposed)
             self._measure(self.keys_of[stage], {name: self._combined(name, stats) for name, stats in found.items()})
             self._save_statistics()
             if 0 < stage < self.last:
                 self._save_hessians(stage, found)
-            self._record("measure", stage, {"gradients": gradients or []})
+            self._record("measure", stage, {"gradients": results or []})
+            del results
+            gradients = self.states.stream("measure", stage, "gradients", self.device)
             self.states.remove("measure", stage + 1)
             if not self.config.distill_steps:
                 self.states.remove("input", stage + 1)
@@ -403,7 +439,7 @@ class _Run:
             finally:
                 model.drop(model.before)
             return recorder.statistics(), None
-        hidden = self.states.load("input", stage, self.device)["tuned"]
+        hidden = self.states.stream("input", stage, "tuned", self.device)
         if stage == self.last:
             parts = [*model.tail, model.head_name]
             recorder = StatisticsRecorder({model.head_name: model.module(model.head_name)})
