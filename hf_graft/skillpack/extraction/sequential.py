@@ -463,6 +463,7 @@ class _Run:
                     states = states.detach().requires_grad_(True)
                     run(states, index)
                     results.append(states.grad)
+                    release_freed_memory()  # the batch's activations, so that batches do not pile up in the allocator
         finally:
             model.drop(parts)
         return recorder.statistics(), results
