@@ -18,9 +18,10 @@ memory; the hidden states between blocks are kept on disk.
    models.
 3. **Compress**, block after block: each delta is compressed as chosen (GPTQ under its kept ``H``),
    no block is run again. With ``config.distill_steps`` (none by default) a block's stored
-   scales, zeros and fp16 values are then distilled for that many steps so the block's outputs
-   match the tuned block's on the tuned model's own hidden states
-   (:func:`~.distillation.distill_block`); the inputs of sweep 1 are kept for it.
+   scales, zeros and fp16 values are then distilled for that many steps so that, fed the hidden
+   states of the base plus the blocks compressed so far, the block's outputs match the tuned
+   model's hidden states after it (:func:`~.distillation.distill_block`); the hidden states of
+   sweep 1 are kept for it, and the compressed stream is carried block to block.
 
 With a journal every stage of every sweep is recorded as it finishes, beside the hidden states
 after it, so a killed run resumes at the block where it stopped and makes the same pack.
