@@ -37,6 +37,7 @@ Writes ``scale.json``, ``scale.md`` and ``scale.png`` (memory over time per run)
     python scripts/bench_scale.py --out bench_results/scale                        # Llama-3.2-1B shape
     python scripts/bench_scale.py --shape llama-3-8b --cli-only --repeat 1 --out bench_results/scale-8b  # the plain command alone
     python scripts/bench_scale.py --apply-only --out bench_results/scale                   # merge runs only
+    python scripts/bench_scale.py --only streaming block-by-block --repeat 1 --out bench_results/scale-1b  # calibrated, 1B shape, API runs alone
     python scripts/bench_scale.py --shape llama-3-8b --layers 2 --skip-in-memory --out bench_results/scale-8b-2-blocks
 """
 
@@ -65,6 +66,8 @@ SHAPES = {
 }
 SHARD_BYTES = 1 << 30
 CALIBRATION = (32, 128)  # sequences, tokens each: the default of --calibration
+#: The runs of the library's own API (``--only`` picks among them).
+API_MODES = ("in-memory", "streaming", "streaming-exhaustive", "in-memory-calibrated", "block-by-block", "forward-backward")
 TOP_DIRECTIONS = 64  # power-law part of each delta
 TAIL_SHARE = 0.3  # share of each delta's energy in its full-rank tail
 
@@ -326,6 +329,7 @@ def main() -> None:
     parser.add_argument("--calibration", type=lambda text: tuple(int(part) for part in text.split("x")), default=CALIBRATION,
                         help="calibration sequences x tokens each (default 32x128; the plain command's own default is 128x256)")
     parser.add_argument("--distill-steps", type=int, help="scale distillation steps of calibrated packs (default: the library's, 200 end to end in memory, none block by block)")
+    parser.add_argument("--only", nargs="+", choices=API_MODES, help="only these API runs: no command-line, mergekit, merge or quality runs (e.g. block-by-block on the largest shapes)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of the hf-graft and mergekit commands, the fastest reported (default 3)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
@@ -351,19 +355,20 @@ def main() -> None:
         modes.append("streaming-exhaustive")
     if args.calibrated and not (args.apply_only or args.cli_only):
         modes += ["block-by-block", "forward-backward"] if args.skip_in_memory else ["in-memory-calibrated", "block-by-block", "forward-backward"]
+    modes = args.only or modes
     if args.apply_only and not os.path.isfile(os.path.join(args.out, "pack-streaming", "adapter_config.json")):
         raise SystemExit(f"--apply-only needs the pack of an earlier run in {args.out}/pack-streaming.")
     for mode in modes:
         runs.append(measured_run(mode, paths, os.path.join(args.out, f"pack-{mode}"), args.ratio))
     mergekit = find_mergekit(args.mergekit)
     packs = {"base alone": None, **{m: os.path.join(args.out, f"pack-{m}") for m in modes if m != "forward-backward"}}
-    if not args.apply_only:  # the command a user types, timed whole as mergekit's is
+    if not (args.apply_only or args.only):  # the command a user types, timed whole as mergekit's is
         out = os.path.join(args.out, "pack-cli")
         command = [sys.executable, "-m", "hf_graft_cli", "skillpack", "extract", "--base", paths["base"], "--tuned", paths["tuned"],
                    "--out", out, "--calibration", "none", "--ratio", str(args.ratio), "--device", "cpu"]
         runs.append(fastest("cli", paths, out, args.ratio, command, args.repeat))
         packs["cli"] = out
-    if args.apply_only:
+    if args.apply_only or args.only:
         pass
     elif mergekit is None:
         print("  mergekit: skipped (mergekit-extract-lora not found; pip install mergekit in its own venv and pass --mergekit PATH)")
@@ -377,7 +382,7 @@ def main() -> None:
     for run in runs:
         if run["mode"] in packs and packs[run["mode"]]:
             run["adapter_bytes"] = folder_bytes(packs[run["mode"]])
-    if "in-memory" in modes:
+    if {"in-memory", "streaming"} <= set(modes):
         same = all(
             open(os.path.join(args.out, f"pack-{m}", name), "rb").read() == open(os.path.join(args.out, "pack-streaming", name), "rb").read()
             for m in ("in-memory",) for name in ("adapter_config.json", "adapter_model.safetensors")
@@ -386,12 +391,12 @@ def main() -> None:
     else:
         same = None
     applied = {**paths, "pack": os.path.join(args.out, "pack-streaming")}
-    for mode in () if args.cli_only else ("apply", "copy", "load"):
+    for mode in () if args.cli_only or args.only else ("apply", "copy", "load"):
         runs.append(measured_run(mode, applied, os.path.join(args.out, f"out-{mode}"), args.ratio))
     for mode in ("apply", "copy"):
         shutil.rmtree(os.path.join(args.out, f"out-{mode}"), ignore_errors=True)
     quality = None
-    if not (args.apply_only or args.cli_only) and checkpoint_gib < 6:  # the tuned model and the base in float32, side by side
+    if not (args.apply_only or args.cli_only or args.only) and checkpoint_gib < 6:  # the tuned model and the base in float32, side by side
         quality_run = measured_run("quality", {**paths, "packs": packs}, os.path.join(args.out, "quality"), args.ratio)
         quality = [{"pack": name, "kl_to_tuned": value, "bytes": folder_bytes(packs[name]) if packs[name] else 0}
                    for name, value in quality_run["kl"].items()]
@@ -434,9 +439,9 @@ def main() -> None:
         "apply_over_copy_time": over("apply", "copy"),
         "apply_over_load_time": over("apply", "load"),
     }
-    if not args.cli_only:
+    if not (args.cli_only or args.only):
         ratios["apply_product_tflop"] = round(product_flop(applied["pack"]) / 1e12, 3)
-    if "block-by-block" in by_mode and "forward-backward" in by_mode:
+    if {"block-by-block", "forward-backward", "streaming"} <= set(by_mode):
         floor = by_mode["streaming"]["seconds"] + by_mode["forward-backward"]["seconds"]
         ratios["block_by_block_over_data_free_plus_forward_backward_time"] = round(by_mode["block-by-block"]["seconds"] / floor, 3)
     if "block-by-block" in by_mode and "in-memory-calibrated" in by_mode:
