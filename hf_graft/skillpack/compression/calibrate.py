@@ -39,7 +39,7 @@ from .formats import CompressedDelta, compress_delta, normalize_spec
 from .prune import prune
 from .lowrank import lowrank_factors
 from .objective import ModuleStatistics, SharedGrams
-from .quantize import MixedPrecisionFactor, QuantizedMatrix, encode, fitted_grid, quantize, quantize_factor, resolve_scheme
+from .quantize import MixedPrecisionFactor, QuantizedMatrix, fitted_grid, quantize, quantize_factor, resolve_scheme
 
 __all__ = ["compress_delta_calibrated", "compress_with_statistics", "gptq", "gptq_upper", "gptq_weights", "input_hessians", "quantize_calibrated"]
 
