@@ -246,15 +246,9 @@ class _States:
         tensors = {f"{name}.{i}": states.detach().cpu().contiguous() for name, batches in streams.items() for i, states in enumerate(batches)}
         save_tensors(tensors, self.path(phase, stage))
 
-    def load(self, phase: str, stage: int, device: torch.device) -> dict[str, list[torch.Tensor]]:
-        path = self.path(phase, stage)
-        if not os.path.isfile(path):
-            raise HfGraftError(f"{self.folder} lacks {os.path.basename(path)}; delete the partial folder to start again.")
-        tensors, _ = load_tensors(path)
-        streams: dict[str, list] = {}
-        for name in sorted(tensors, key=lambda n: (n.rsplit(".", 1)[0], int(n.rsplit(".", 1)[1]))):
-            streams.setdefault(name.rsplit(".", 1)[0], []).append(tensors[name].to(device))
-        return streams
+    def load(self, phase: str, stage: int, name: str, device: torch.device) -> list[torch.Tensor]:
+        """One stream of a saved stage, every batch read at once."""
+        return list(self.stream(phase, stage, name, device))
 
     def stream(self, phase: str, stage: int, name: str, device: torch.device) -> _Stream:
         """One stream of a saved stage, read a batch at a time (only one batch in memory)."""
@@ -391,7 +385,7 @@ class _Run:
         if self.last in done:
             return
         start = max(done) if done else 1
-        hidden = self.states.load("input", start, self.device)["tuned"] if done else embedded
+        hidden = self.states.load("input", start, "tuned", self.device) if done else embedded
         del embedded
         if not done:
             self._record("input", 1, {"tuned": hidden})
@@ -521,7 +515,7 @@ class _Run:
         journal, distilling = self.journal, bool(self.config.distill_steps)
         compressed = dict(journal.all_compressed())
         whole = {name: self._combined(name, stats) for name, stats in self.statistics.items() if self._whole(name)}
-        stream = self.states.load("compress", max(journal.blocks), self.device)["compressed"] if distilling and journal.blocks else None
+        stream = self.states.load("compress", max(journal.blocks), "compressed", self.device) if distilling and journal.blocks else None
 
         def packed(name: str) -> torch.Tensor:
             base = self.base(name)
@@ -570,7 +564,7 @@ class _Run:
         model, index = self.model, stage - 1
         names = [model.block_name(index)]
         prefix = f"{names[0]}."
-        targets = self.states.load("input", stage + 1, self.device)["tuned"]
+        targets = self.states.load("input", stage + 1, "tuned", self.device)
         model.load(names, self.base)
         try:
             trained, losses = distill_block(
