@@ -138,3 +138,15 @@ def test_the_package_never_imports_the_command_line_module():
     """``hf_graft_cli`` lists the commands and imports ``hf_graft.cli`` to run them; nothing imports it back."""
     importers = sorted(module for module in MODULES if any(target == "hf_graft_cli" for target, _, _ in _imports(module)))
     assert importers == []
+
+
+def test_compression_never_reaches_back_into_extraction():
+    """Extraction drives the compression steps; the steps know nothing of where deltas come from."""
+    crossing = [
+        f"{module} imports {target}"
+        for module, targets in _edges().items()
+        if module.startswith("hf_graft.skillpack.compression")
+        for target in targets
+        if target.startswith("hf_graft.skillpack.extraction")
+    ]
+    assert crossing == []

@@ -77,7 +77,7 @@ def test_a_killed_block_by_block_extraction_resumes_to_the_same_pack(tmp_path, m
     config = sp.SkillPackConfig(target_ratio=3.0, distill_steps=5, formats="lowrank")
     run = lambda out: sp.extract_skillpack(str(base_dir), str(tuned_dir), config, calibration=BATCHES, output_dir=out, progress=False)  # noqa: E731
     run(tmp_path / "whole")
-    original, calls = getattr(sequential._Run, sweep), []
+    original, calls = getattr(sequential.BlockwiseStatistics, sweep), []
 
     def dies_on_the_second(self, stage, *args, **kwargs):
         calls.append(stage)
@@ -85,12 +85,12 @@ def test_a_killed_block_by_block_extraction_resumes_to_the_same_pack(tmp_path, m
             raise _Killed
         return original(self, stage, *args, **kwargs)
 
-    monkeypatch.setattr(sequential._Run, sweep, dies_on_the_second)
+    monkeypatch.setattr(sequential.BlockwiseStatistics, sweep, dies_on_the_second)
     with pytest.raises(_Killed):
         run(tmp_path / "resumed")
     assert not (tmp_path / "resumed").exists() and (tmp_path / "resumed.partial" / "journal.json").exists()
     redone = []
-    monkeypatch.setattr(sequential._Run, sweep, lambda self, stage, *a, **k: redone.append(stage) or original(self, stage, *a, **k))
+    monkeypatch.setattr(sequential.BlockwiseStatistics, sweep, lambda self, stage, *a, **k: redone.append(stage) or original(self, stage, *a, **k))
     run(tmp_path / "resumed")
     assert all(filecmp.cmp(tmp_path / "whole" / name, tmp_path / "resumed" / name, shallow=False) for name in FILES)
     assert not (tmp_path / "resumed.partial").exists()
@@ -103,7 +103,7 @@ def test_block_by_block_refusals(tmp_path, monkeypatch):
     with pytest.raises(HfGraftError, match="non-empty LongTensors"):
         sp.extract_skillpack(str(base_dir), str(tuned_dir), config, calibration=[torch.rand(2, 4)])
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr("hf_graft.skillpack.extraction.checkpoints._processes", lambda: (0, 2, lambda: None))
+    monkeypatch.setattr("hf_graft.skillpack.extraction.checkpoints.processes", lambda: (0, 2, lambda: None))
     with pytest.raises(HfGraftError, match="in one process"):
         sp.extract_skillpack(str(base_dir), str(tuned_dir), config, calibration=BATCHES, output_dir=tmp_path / "p")
 

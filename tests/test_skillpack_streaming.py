@@ -1,5 +1,6 @@
 """SkillPacks made from and merged into checkpoint files tensor by tensor: same bytes as in memory, resumable, atomic."""
 
+import copy
 import filecmp
 import json
 import os
@@ -12,10 +13,14 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 import hf_graft.skillpack as sp
-import hf_graft.skillpack.extraction.checkpoints as streaming
+import hf_graft.skillpack.extraction.pipeline as pipeline
 from hf_graft.errors import BaseModelMismatchError, HfGraftError
 from hf_graft.sharded import Checkpoint
 from hf_graft.skillpack.checkpoint_merge import merge_into_checkpoint
+from hf_graft.skillpack.extraction.calibration_data import resolve_calibration
+from hf_graft.skillpack.extraction.journal import Journal
+from hf_graft.skillpack.extraction.loaded import ModelDeltas
+from hf_graft.skillpack.extraction.pipeline import BlockSweep, Pipeline
 from hf_graft_cli import main
 
 FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -96,6 +101,21 @@ def test_large_deltas_by_row_blocks_make_the_same_pack_both_ways(pair, tmp_path,
     assert _same_files(tmp_path / "memory", tmp_path / "stream")
 
 
+def test_one_pipeline_whatever_the_source_of_deltas(llama_pair, tmp_path):
+    """Loaded models' deltas, plugged into the journalled pipeline checkpoints go through, make the
+    checkpoints' pack byte for byte."""
+    base, tuned = llama_pair
+    deltas = ModelDeltas(*[AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32) for path in (base, tuned)])
+    config = copy.deepcopy(CONFIG)
+    config.base_model_name_or_path = str(base)
+    assert resolve_calibration(None, None, None, config, distill_steps=0) is None
+    journal = Journal(tmp_path / "loaded", "the inputs")
+    pack = Pipeline(deltas, config, journal, torch.device("cpu"), progress=False).run(BlockSweep())
+    streamed = sp.extract_skillpack(str(base), str(tuned), CONFIG, calibration=None, output_dir=tmp_path / "stream", progress=False)
+    assert _same_files(tmp_path / "loaded", tmp_path / "stream")
+    assert pack.config.module_specs == streamed.config.module_specs and not (tmp_path / "loaded.partial").exists()
+
+
 def test_streamed_pack_loads_through_peft_on_a_bf16_base(llama_pair, tmp_path):
     base, tuned = llama_pair
     sp.extract_skillpack(str(base), str(tuned), CONFIG, calibration=None, output_dir=tmp_path / "pack", progress=False)
@@ -118,7 +138,7 @@ class _Killed(Exception):
 def test_a_killed_extraction_resumes_to_the_same_pack(llama_pair, tmp_path, monkeypatch, stage):
     base, tuned = llama_pair
     sp.extract_skillpack(str(base), str(tuned), CONFIG, calibration=None, output_dir=tmp_path / "whole", progress=False)
-    original, calls = getattr(streaming, stage), []
+    original, calls = getattr(pipeline, stage), []
 
     def dies_on_the_fifth(*args, **kwargs):
         calls.append(args[0])
@@ -126,13 +146,13 @@ def test_a_killed_extraction_resumes_to_the_same_pack(llama_pair, tmp_path, monk
             raise _Killed
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(streaming, stage, dies_on_the_fifth)
+    monkeypatch.setattr(pipeline, stage, dies_on_the_fifth)
     with pytest.raises(_Killed):
         sp.extract_skillpack(str(base), str(tuned), CONFIG, calibration=None, output_dir=tmp_path / "resumed", progress=False)
     assert not (tmp_path / "resumed").exists() and (tmp_path / "resumed.partial" / "journal.json").exists()
-    monkeypatch.setattr(streaming, stage, original)
+    monkeypatch.setattr(pipeline, stage, original)
     redone = []
-    monkeypatch.setattr(streaming, stage, lambda *a, **k: redone.append(a[0]) or original(*a, **k))
+    monkeypatch.setattr(pipeline, stage, lambda *a, **k: redone.append(a[0]) or original(*a, **k))
     sp.extract_skillpack(str(base), str(tuned), CONFIG, calibration=None, output_dir=tmp_path / "resumed", progress=False)
     assert _same_files(tmp_path / "whole", tmp_path / "resumed")
     assert not (tmp_path / "resumed.partial").exists()
@@ -141,7 +161,7 @@ def test_a_killed_extraction_resumes_to_the_same_pack(llama_pair, tmp_path, monk
 
 def test_a_journal_of_other_inputs_is_refused(llama_pair, tmp_path, monkeypatch):
     base, tuned = llama_pair
-    monkeypatch.setattr(streaming, "compress", lambda *a, **k: (_ for _ in ()).throw(_Killed()))
+    monkeypatch.setattr(pipeline, "compress", lambda *a, **k: (_ for _ in ()).throw(_Killed()))
     with pytest.raises(_Killed):
         sp.extract_skillpack(str(base), str(tuned), CONFIG, calibration=None, output_dir=tmp_path / "p", progress=False)
     with pytest.raises(HfGraftError, match="other checkpoints or settings"):

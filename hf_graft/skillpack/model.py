@@ -27,7 +27,7 @@ def base_fingerprint(model: nn.Module, module_names) -> str:
     and so changes it. Sampling keeps this fast on billions of parameters.
     """
     modules = dict(model.named_modules())
-    return fingerprint_of((name, _weight(modules[name]).detach()) for name in module_names)
+    return fingerprint_of((name, base_weight(modules[name]).detach()) for name in module_names)
 
 
 def fingerprint_sample(weight: torch.Tensor) -> bytes:
@@ -87,7 +87,8 @@ def tied_partners(model: nn.Module, module_names) -> dict:
     return partners
 
 
-def _weight(module: nn.Module):
+def base_weight(module: nn.Module):
+    """The weight of ``module``, of its base layer when an adapter wraps it."""
     return (module.get_base_layer() if isinstance(module, BaseTunerLayer) else module).weight
 
 
@@ -155,7 +156,7 @@ class SkillPackModel(BaseTuner):
                         f"which is {found} in this model: it was extracted from another architecture."
                     )
         for head, source in config.tied_modules.items():
-            if head not in modules or source not in modules or _weight(modules[head]) is not _weight(modules[source]):
+            if head not in modules or source not in modules or base_weight(modules[head]) is not base_weight(modules[source]):
                 raise HfGraftError(
                     f"SkillPack {adapter_name!r} was extracted from a model whose {head} shares its weight with "
                     f"{source}; in this model it does not. Load the base with its embeddings tied "

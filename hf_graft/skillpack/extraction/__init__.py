@@ -1,11 +1,12 @@
-"""Making a SkillPack: from loaded models, or straight from checkpoint files.
+"""Making a SkillPack: one pipeline, fed deltas and statistics from loaded models or checkpoint files.
 
-- :mod:`.loaded`: :func:`extract_skillpack` on loaded models (or LoRA adapters); folders and Hub ids
-  go on to :mod:`.checkpoints`.
-- :mod:`.checkpoints`: extraction that reads both checkpoints tensor by tensor, journalled and
-  resumable, split across processes under ``accelerate launch``.
-- :mod:`.sequential`: calibrated extraction from checkpoint files, one decoder block at a time.
-- :mod:`.packing`: the steps every delta goes through on both paths (measure, choose, compress,
-  assemble the pack).
+- :mod:`.pipeline`: the steps every pack goes through (measure, choose, compress, finish), with a
+  source of deltas and a source of statistics plugged in.
+- :mod:`.loaded`: :func:`extract_skillpack` and the sources of loaded models (or LoRA adapters);
+  folders and Hub ids go on to :mod:`.checkpoints`.
+- :mod:`.checkpoints`: the deltas of two checkpoints read tensor by tensor, never a whole model.
+- :mod:`.sequential`: statistics measured with the model run one decoder block at a time.
+- :mod:`.journal`: the record of a partly made pack, to resume and to share work between processes.
+- :mod:`.packing`: what happens to one delta (measure, compress) and to the pack (choose, assemble).
 - :mod:`.calibration_data`: calibration texts and the token batches cut from them.
 """

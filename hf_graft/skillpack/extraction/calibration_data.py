@@ -11,7 +11,7 @@ from ...errors import HfGraftError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["calibration_batches", "calibration_texts", "default_batches", "default_calibration", "limited_batches"]
+__all__ = ["calibration_batches", "calibration_texts", "default_batches", "default_calibration", "limited_batches", "resolve_calibration"]
 
 #: Sequences and tokens per sequence of the default calibration set (the embedded pydoc corpus).
 DEFAULT_SAMPLES, DEFAULT_LENGTH = 128, 128
@@ -98,3 +98,23 @@ def default_batches(model, tokenizer, samples: int) -> Optional[list]:
         )
         return None
     return default_calibration(tokenizer, samples=samples or 128)
+
+
+def resolve_calibration(calibration: Any, tokenizer, model, config, *, distill_steps: int) -> Optional[list[dict]]:
+    """The calibration batches as dicts of model inputs, or ``None`` for a data-free pack.
+
+    ``calibration`` is ``"pydoc"`` (tokenized with ``tokenizer`` or the one beside ``model``, a
+    loaded model or its folder; data-free, with a warning, when there is none), batches of
+    ``input_ids`` (or dicts of model inputs), or ``None``. ``config.calibration_samples`` is set
+    to the sequences used, and an unset ``config.distill_steps`` to ``distill_steps`` (0 data-free).
+    """
+    if isinstance(calibration, str):
+        if calibration != "pydoc":
+            raise HfGraftError(f"calibration must be 'pydoc', batches of input_ids or None, got {calibration!r}.")
+        calibration = default_batches(model, tokenizer, config.calibration_samples)
+    if calibration is None:
+        config.calibration_samples, config.distill_steps = 0, 0
+        return None
+    batches, config.calibration_samples = limited_batches(calibration, config.calibration_samples)
+    config.distill_steps = distill_steps if config.distill_steps is None else config.distill_steps
+    return [dict(batch) if isinstance(batch, dict) else {"input_ids": batch} for batch in batches]

@@ -11,17 +11,18 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
-from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from ...errors import HfGraftError
-from .calibration_data import default_batches, limited_batches
-from ..config import END_TO_END_DISTILL_STEPS, SkillPackConfig
 from ..compression.distillation import distill_scales
-from ..files import attach
-from ..model import base_fingerprint, layer_class, tied_partners
 from ..compression.objective import ModuleStatistics, collect_statistics
-from .packing import BF16_BYTES, assemble, block_groups, choose, compress, delta_error_sq, measure, resolve_device
+from ..config import END_TO_END_DISTILL_STEPS, SkillPackConfig
+from ..files import attach
+from ..model import base_weight, fingerprint_sample, layer_class, tied_partners
+from .calibration_data import resolve_calibration
+from .journal import Journal
+from .packing import resolve_device
+from .pipeline import BlockSweep, Pipeline
 
 Tuned = Union[nn.Module, PeftModel, str, os.PathLike]
 
@@ -105,17 +106,48 @@ def lora_deltas(adapted: PeftModel) -> dict:
     return deltas
 
 
-def _delta_source(base_model: nn.Module, tuned: Tuned) -> tuple[dict, nn.Module, nn.Module]:
-    """``(deltas, model to calibrate on, clean base to host the pack)`` for a tuned model or a LoRA adapter."""
-    if isinstance(tuned, (str, os.PathLike)):
-        if isinstance(base_model, PeftModel):
-            raise HfGraftError("Pass the plain base model, not a PeftModel, with a LoRA adapter path.")
-        tuned = PeftModel.from_pretrained(copy.deepcopy(base_model), str(tuned))
-    if isinstance(tuned, PeftModel):
-        return lora_deltas(tuned), tuned, copy.deepcopy(tuned).unload()
-    if isinstance(base_model, PeftModel):
-        raise HfGraftError("base_model is a PeftModel: pass the plain base model (merge or unload adapters first).")
-    return weight_deltas(base_model, tuned), tuned, base_model
+class ModelDeltas:
+    """The deltas of a loaded tuned model, or of a LoRA adapter, against the base (the pipeline's
+    source of deltas, :class:`~.pipeline.DeltaSource`).
+
+    ``tuned`` is a tuned copy of ``base_model``, a LoRA ``PeftModel`` on it or the path / Hub id of
+    a LoRA adapter. ``calibration_model`` is the model that computes the tuned outputs (the
+    ``PeftModel`` for an adapter), ``clean_base`` the base without adapters, to host the pack.
+    """
+
+    def __init__(self, base_model: nn.Module, tuned: Tuned):
+        if isinstance(tuned, (str, os.PathLike)):
+            if isinstance(base_model, PeftModel):
+                raise HfGraftError("Pass the plain base model, not a PeftModel, with a LoRA adapter path.")
+            tuned = PeftModel.from_pretrained(copy.deepcopy(base_model), str(tuned))
+        if isinstance(tuned, PeftModel):
+            deltas, self.calibration_model, self.clean_base = lora_deltas(tuned), tuned, copy.deepcopy(tuned).unload()
+        elif isinstance(base_model, PeftModel):
+            raise HfGraftError("base_model is a PeftModel: pass the plain base model (merge or unload adapters first).")
+        else:
+            deltas, self.calibration_model, self.clean_base = weight_deltas(base_model, tuned), tuned, base_model
+        if not deltas:
+            raise HfGraftError("The tuned model has the same weights as the base: there is no skill to extract.")
+        self.modules = dict(self.clean_base.named_modules())
+        self.flat = {f"{name}.{part}": delta for name, parts in deltas.items() for part, delta in parts.items()}
+        self.keys = list(self.flat)
+        self.matrices = [name for name in deltas if "weight" in deltas[name] and deltas[name]["weight"].dim() == 2]
+        self.conv1d = {name for name, module in self.modules.items() if isinstance(module, Conv1D)}
+        self.tied = tied_partners(self.clean_base, deltas)
+        self.model_class = type(self.clean_base)
+
+    def _base(self, key: str) -> torch.Tensor:
+        name, part = key.rsplit(".", 1)
+        return base_weight(self.modules[name]) if part == "weight" else getattr(self.modules[name], part)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.flat[key].shape) if key in self.flat else tuple(self._base(key).shape)
+
+    def delta(self, key: str, device: torch.device) -> torch.Tensor:
+        return self.flat[key].to(device)
+
+    def sample(self, key: str) -> bytes:
+        return fingerprint_sample(self._base(key).detach())
 
 
 def _two_d(modules: dict, names: Iterable[str]) -> dict:
@@ -196,98 +228,69 @@ def extract_skillpack(
     if output_dir is not None:
         raise HfGraftError("output_dir is for extraction from checkpoint folders; call save_pretrained on the returned model.")
     config = copy.deepcopy(config) if config is not None else SkillPackConfig()
-    deltas, calibration_model, clean_base = _delta_source(base_model, tuned)
-    if not deltas:
-        raise HfGraftError("The tuned model has the same weights as the base: there is no skill to extract.")
-    if isinstance(calibration, str):
-        if calibration != "pydoc":
-            raise HfGraftError(f"calibration must be 'pydoc', batches of input_ids or None, got {calibration!r}.")
-        calibration = default_batches(clean_base, tokenizer, config.calibration_samples)
-    batches = None
-    if calibration is not None:
-        batches, config.calibration_samples = limited_batches(calibration, config.calibration_samples)
-        config.distill_steps = END_TO_END_DISTILL_STEPS if config.distill_steps is None else config.distill_steps
-    else:
-        config.calibration_samples, config.distill_steps = 0, 0
+    deltas = ModelDeltas(base_model, tuned)
+    clean_base = deltas.clean_base
+    batches = resolve_calibration(calibration, tokenizer, clean_base, config, distill_steps=END_TO_END_DISTILL_STEPS)
     config.base_model_name_or_path = config.base_model_name_or_path or getattr(clean_base, "name_or_path", None) or None
-    inner = calibration_model.base_model.model if isinstance(calibration_model, PeftModel) else calibration_model
-    inner_modules = dict(inner.named_modules())
-    modules = dict(clean_base.named_modules())
-    conv1d = {name for name, module in modules.items() if isinstance(module, Conv1D)}
-    flat = {f"{name}.{part}": delta for name, parts in deltas.items() for part, delta in parts.items()}
-    bf16_bytes = sum(delta.numel() * BF16_BYTES for delta in flat.values())
-    tied = tied_partners(clean_base, deltas)
-    matrices = [name for name in deltas if "weight" in deltas[name] and deltas[name]["weight"].dim() == 2]
-
-    def statistics_of(model_modules: dict, model: nn.Module, names) -> dict:
-        if batches is None or config.objective != "output":
-            return {}
-        wanted = _two_d(model_modules, [*names, *(head for head, source in tied.items() if source in names)])
-        found = collect_statistics(model, wanted, batches, progress=progress)
-        return _tie_statistics(found, tied)
-
-    statistics = statistics_of(inner_modules, calibration_model, matrices)
-    device = resolve_device(device)
-
-    def on_device(key: str):
-        stats = statistics.get(key.rsplit(".", 1)[0])
-        return flat[key].to(device), (stats.to(device) if stats is not None else None)
-
-    bases = {}  # A^T of the factors of data-free low-rank candidates, reused to compress
-    measured = {
-        key: measure(key, *on_device(key), config, conv1d=key.rsplit(".", 1)[0] in conv1d, bases=bases)
-        for key in tqdm(flat, desc="Measuring SkillPack candidates", disable=not progress)
-    }
-    kept = choose(measured, config, bf16_bytes, type(clean_base))
-    compressed = _compress_in_order(
-        flat, kept, modules, inner_modules, calibration_model, statistics, statistics_of, conv1d,
-        compensate=config.compensation and batches is not None, device=device, bases=bases,
-    )
-    distill_losses = []
-    if batches is not None and config.distill_steps:
-        compressed, distill_losses = distill_scales(
-            clean_base, calibration_model, compressed, batches, steps=config.distill_steps, learning_rate=config.distill_learning_rate, progress=progress,
-        )
-    errors_sq = {key: delta_error_sq(flat[key], packed, conv1d=key.rsplit(".", 1)[0] in conv1d) for key, packed in compressed.items()}
-    kept_modules = {key.rsplit(".", 1)[0] for key in compressed}
-    pack = assemble(
-        config, compressed, measured, errors_sq, bf16_bytes=bf16_bytes, model_class=type(clean_base), tied_modules=tied,
-        fingerprint=base_fingerprint(clean_base, kept_modules), distill_losses=distill_losses,
-    )
+    statistics = BlockSweep() if batches is None else ModelStatistics(deltas, batches, config, progress)
+    pack = Pipeline(deltas, config, Journal(None, ""), resolve_device(device), progress).run(statistics)
     host = copy.deepcopy(clean_base) if copy_base and clean_base is base_model else clean_base
     return attach(host, pack, adapter_name)
 
 
-def _compress_in_order(flat, specs, modules, inner_modules, calibration_model, statistics, statistics_of, conv1d, *, compensate, device, bases):
-    """Compress every chosen delta, decoder block by decoder block in forward order.
+class ModelStatistics(BlockSweep):
+    """What each module's error costs, measured on the loaded tuned model over ``batches`` (the
+    pipeline's source of statistics for loaded models with calibration).
 
-    With ``compensate``, each block's statistics are measured again on the tuned model in which
-    every earlier block already carries its compressed delta (GPTQ's and DeltaZip's sequential
-    scheme), so the errors of earlier blocks are compensated, not compounded. The tuned model's
-    weights are changed in place for that and restored before this returns: no copy of it is made.
+    Collected once before measuring. With ``config.compensation``, each decoder block's statistics
+    are collected again before it is compressed, on the tuned model in which every earlier block
+    already carries its compressed delta (GPTQ's and DeltaZip's sequential scheme), so the errors
+    of earlier blocks are compensated, not compounded; the tuned model's weights are changed in
+    place for that and restored once every block is compressed (no copy of it is made). With
+    ``config.distill_steps``, the stored values are then trained end to end
+    (:func:`~..compression.distillation.distill_scales`).
     """
-    compressed, changed = {}, []
-    names = [name for name in modules if any(key.rsplit(".", 1)[0] == name for key in specs)]
-    try:
-        for group in block_groups(names):
-            current = statistics
-            if compensate and any(f"{name}.weight" in specs and flat[f"{name}.weight"].dim() == 2 for name in group):
-                measured = [n for n in group if f"{n}.weight" in specs]
-                current = {**statistics, **statistics_of(inner_modules, calibration_model, measured)}
-            for name in group:
-                for part in ("weight", "bias"):
-                    key = f"{name}.{part}"
-                    if key in specs:
-                        stats = current.get(name)
-                        stats = stats.to(device) if stats is not None else None
-                        compressed[key] = packed = compress(key, flat[key].to(device), specs[key], stats, conv1d=name in conv1d,
-                                                            basis=bases.pop(key, None))
-                        if compensate:
-                            changed.append(_apply_compressed(inner_modules[name], part, flat[key], packed))
-    finally:
-        for restore in reversed(changed):
-            restore()
-    return compressed
+
+    def __init__(self, deltas: ModelDeltas, batches: list, config: SkillPackConfig, progress: bool = True):
+        self.deltas, self.batches, self.config, self.progress = deltas, batches, config, progress
+        model = deltas.calibration_model
+        self.inner_modules = dict((model.base_model.model if isinstance(model, PeftModel) else model).named_modules())
+        self.measuring = config.objective == "output"
+        self.compensate = config.compensation and self.measuring
+        self._undo: list = []
+        super().__init__(self._collect(deltas.matrices) if self.measuring else {})
+
+    def _collect(self, names: list[str]) -> dict:
+        tied = self.deltas.tied
+        wanted = _two_d(self.inner_modules, [*names, *(head for head, source in tied.items() if source in names)])
+        found = collect_statistics(self.deltas.calibration_model, wanted, self.batches, progress=self.progress)
+        return _tie_statistics(found, tied)
+
+    def block_statistics(self, keys: list[str], kept: dict[str, dict]) -> dict:
+        names = [key.rsplit(".", 1)[0] for key in keys if key.endswith(".weight") and self.deltas.flat[key].dim() == 2]
+        return {**self.statistics, **self._collect(names)} if self.compensate and names else self.statistics
+
+    def compressed(self, block: dict) -> None:
+        if self.compensate:
+            for key, packed in block.items():
+                name, part = key.rsplit(".", 1)
+                self._undo.append(_apply_compressed(self.inner_modules[name], part, self.deltas.flat[key], packed))
+
+    def compress(self, pipeline: Pipeline, kept: dict[str, dict]) -> None:
+        try:
+            super().compress(pipeline, kept)
+        finally:
+            for restore in reversed(self._undo):
+                restore()
+            self._undo = []
+
+    def finish(self, pipeline: Pipeline, compressed: dict) -> tuple[dict, list[float]]:
+        if not self.config.distill_steps:
+            return compressed, []
+        return distill_scales(
+            self.deltas.clean_base, self.deltas.calibration_model, compressed, self.batches,
+            steps=self.config.distill_steps, learning_rate=self.config.distill_learning_rate, progress=self.progress,
+        )
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ are run through it, and its weights are dropped again. Only the embeddings (whil
 embedded), one block, the head (at the end) and the calibration set's hidden states are ever in
 memory; the hidden states between blocks are kept on disk.
 
-:func:`extract_sequential` makes three sweeps over the blocks:
+:class:`BlockwiseStatistics` makes three sweeps over the blocks:
 
 1. **Forward** through the tuned model, keeping every block's inputs.
 2. **Backward** from the next-token loss, block by block from the head down, each block run
@@ -14,8 +14,8 @@ memory; the hidden states between blocks are kept on disk.
    are recorded exactly as :func:`~.objective.collect_statistics` records them on a loaded model,
    and every candidate format of the block's deltas is measured under them. Each ``H`` is kept on
    disk (once for modules fed the same input, such as q, k and v) in place of the block's inputs.
-   With every block measured, one format per delta is chosen to fit the budget, as for loaded
-   models.
+   With every block measured, the pipeline (:mod:`.pipeline`) chooses one format per delta to fit
+   the budget, as for every pack.
 3. **Compress**, block after block: each delta is compressed as chosen (GPTQ under its kept ``H``),
    no block is run again. With ``config.distill_steps`` (none by default) a block's stored
    scales, zeros and fp16 values are then distilled for that many steps so that, fed the hidden
@@ -50,14 +50,13 @@ from ..compression.formats import CompressedDelta
 from ..config import SkillPackConfig
 from ..compression.distillation import distill_block
 from ..compression.objective import ModuleStatistics, StatisticsRecorder
-from .packing import Measurement, compress, delta_error_sq, measure
-from ..compression.rowwise import DeltaRows
+from .packing import delta_error_sq
 
-__all__ = ["BlockwiseModel", "extract_sequential"]
+__all__ = ["BlockwiseModel", "BlockwiseStatistics"]
 
 Source = Callable[[str], torch.Tensor]
 
-#: What :attr:`_Run.statistics` holds in place of a block module's Hessian (kept on disk instead).
+#: What :attr:`BlockwiseStatistics.statistics` holds in place of a block module's Hessian (kept on disk instead).
 _NO_HESSIAN = torch.ones(1)
 
 #: Bytes of float32 logits the head's backward holds at once.
@@ -85,7 +84,7 @@ class _Catcher(nn.Module):
 class BlockwiseModel:
     """The causal LM of a pair of checkpoints, run one part at a time.
 
-    ``deltas`` (:class:`~.streaming.CheckpointDeltas`) gives both checkpoints and the model's
+    ``deltas`` (:class:`~.checkpoints.CheckpointDeltas`) gives both checkpoints and the model's
     structure (its config, parameters on the meta device). :meth:`load` reads a part's parameters
     in float32 onto ``device``, :meth:`drop` puts them back on the meta device. The parts are
     what runs before the decoder blocks, each block, the modules between the last block and the
@@ -312,48 +311,41 @@ def _loss_backward(head: Callable[[torch.Tensor], torch.Tensor], states: torch.T
         (loss / count).backward()
 
 
-def extract_sequential(
-    deltas,
-    config: SkillPackConfig,
-    batches: Sequence[dict],
-    journal,
-    choose: Callable[[dict], dict],
-    *,
-    device: torch.device,
-    progress: bool = True,
-) -> tuple[dict[str, Measurement], dict[str, CompressedDelta], list[float]]:
-    """``(measured, compressed, distill losses)`` of a calibrated pack, made block by block (module docs).
+class BlockwiseStatistics:
+    """The statistics of a calibrated pack from checkpoint files, measured with the model run one block
+    at a time (module docs): the source of statistics of :class:`~.pipeline.Pipeline` for
+    :class:`~.checkpoints.CheckpointDeltas` and calibration ``batches`` (dicts of ``input_ids``, and
+    ``attention_mask``). With a journal folder the hidden states are kept there and the work
+    resumes; without one, in a temporary folder."""
 
-    ``deltas`` is a :class:`~.streaming.CheckpointDeltas`, ``batches`` dicts of ``input_ids`` (and
-    ``attention_mask``), ``journal`` a :class:`~.streaming.Journal` (one process; with a folder,
-    the hidden states are kept there and the work resumes), ``choose(measured)`` the chosen spec
-    per kept delta.
-    """
-    with tempfile.TemporaryDirectory(prefix="skillpack-states-") as scratch:
-        run = _Run(BlockwiseModel(deltas, device), deltas, config, batches, journal, _States(journal.folder or scratch), progress)
-        run.forward()
-        run.backward()
-        measured = {key: journal.measured[key] for key in deltas.keys if key in journal.measured}
-        if not measured:
-            raise HfGraftError("The tuned checkpoint has the same weights as the base: there is no skill to extract.")
-        compressed, losses = run.compress(choose(measured))
-        return measured, compressed, losses
-
-
-class _Run:
-    """One block-by-block extraction: its three sweeps (module docs) and what they share."""
-
-    def __init__(self, model: BlockwiseModel, deltas, config: SkillPackConfig, batches, journal, states: _States, progress: bool):
-        self.model, self.deltas, self.config, self.batches = model, deltas, config, batches
-        self.journal, self.states, self.progress, self.device = journal, states, progress, model.device
-        self.last = len(model.layers) + 1  # the tail's and head's stage
+    def __init__(self, deltas, batches: Sequence[dict], device: torch.device):
+        self.deltas, self.batches, self.device = deltas, batches, device
+        self.model = BlockwiseModel(deltas, device)
+        self.last = len(self.model.layers) + 1  # the tail's and head's stage
         self.keys_of: list[list[str]] = [[] for _ in range(self.last + 1)]
         for key in deltas.keys:
-            self.keys_of[model.stage_of(key)].append(key)
+            self.keys_of[self.model.stage_of(key)].append(key)
         self.tied = {source: head for head, source in deltas.tied.items()}  # embedding -> the head sharing it
+        self._scratch: Optional[tempfile.TemporaryDirectory] = None
+
+    def measure(self, pipeline) -> None:
+        """Sweeps 1 and 2: the tuned model's hidden states, then each block's statistics and measurements."""
+        self.pipeline, self.journal, self.config, self.progress = pipeline, pipeline.journal, pipeline.config, pipeline.progress
+        if self.journal.folder is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="skillpack-states-")
+        self.states = _States(self.journal.folder or self._scratch.name)
         self.counts: dict[str, torch.Tensor] = {}
-        self.calls = model.embedded(batches, self.tuned, self.counts)
+        self.calls = self.model.embedded(self.batches, self.tuned, self.counts)
         self.statistics = self._load_statistics()  # of the tuned model: row weights, and all of the embeddings' and head's
+        self.forward()
+        self.backward()
+
+    def finish(self, pipeline, compressed: dict[str, CompressedDelta]) -> tuple[dict[str, CompressedDelta], list[float]]:
+        """The compressed deltas as sweep 3 left them, and the blocks' distillation losses in order."""
+        if self._scratch is not None:
+            self._scratch.cleanup()
+        journal = self.journal
+        return compressed, [loss for stage in sorted(journal.distill_losses) for loss in journal.distill_losses[stage]]
 
     def tuned(self, name: str) -> torch.Tensor:
         return self.model.read("tuned", name)
@@ -410,7 +402,7 @@ class _Run:
             found, results = self._backward(stage, gradients)
             for name, stats in found.items():  # a block's Hessians go to disk, not into memory for the whole sweep
                 self.statistics[name] = stats if self._whole(name) else ModuleStatistics(_NO_HESSIAN, stats.row_weights, stats.transposed)
-            self._measure(self.keys_of[stage], {name: self._combined(name, stats) for name, stats in found.items()})
+            self.pipeline.measure(self.keys_of[stage], {name: self._combined(name, stats) for name, stats in found.items()})
             self._save_statistics()
             if 0 < stage < self.last:
                 self._save_hessians(stage, found)
@@ -470,18 +462,6 @@ class _Run:
             return ModuleStatistics(head.hessian, head.row_weights, also=(stats,))
         return stats
 
-    def _measure(self, keys: Iterable[str], statistics: dict) -> None:
-        journal = self.journal
-        for key in keys:
-            delta, journal.samples[key] = self.deltas.delta(key, self.device), self.deltas.sample(key)
-            if delta.any_nonzero() if isinstance(delta, DeltaRows) else torch.count_nonzero(delta):
-                stats = statistics.get(key.rsplit(".", 1)[0]) if key.endswith(".weight") else None
-                stats = stats.to(self.device) if stats is not None else None
-                journal.measured[key] = measure(key, delta, stats, self.config, conv1d=self.conv1d(key))
-            journal.seen.add(key)
-            del delta
-            release_freed_memory()
-
     def _whole(self, name: str) -> bool:
         """Whether a module's statistics are kept whole (embeddings, head), not its row weights alone."""
         return name == self.model.head_name or name in self.counts
@@ -509,9 +489,9 @@ class _Run:
 
     # --- sweep 3 ------------------------------------------------------------------------------
 
-    def compress(self, kept: dict) -> tuple[dict[str, CompressedDelta], list[float]]:
-        """Every kept delta compressed, stage by stage, under the statistics the backward sweep kept;
-        with distillation, on the hidden states of the base plus the blocks compressed so far."""
+    def compress(self, pipeline, kept: dict) -> None:
+        """Sweep 3: every kept delta compressed, stage by stage, under the statistics the backward sweep
+        kept; with distillation, on the hidden states of the base plus the blocks compressed so far."""
         journal, distilling = self.journal, bool(self.config.distill_steps)
         compressed = dict(journal.all_compressed())
         whole = {name: self._combined(name, stats) for name, stats in self.statistics.items() if self._whole(name)}
@@ -524,15 +504,13 @@ class _Run:
         for stage in tqdm(range(self.last + 1), desc="Compressing SkillPack deltas", unit="block", disable=not self.progress):
             if stage not in journal.blocks:
                 stream = self._compress_stage(stage, kept, compressed, whole, stream, packed)
-        losses = [loss for stage in sorted(journal.distill_losses) for loss in journal.distill_losses[stage]]
-        return {key: compressed[key] for key in self.deltas.keys if key in compressed}, losses
 
     def _compress_stage(self, stage: int, kept: dict, compressed: dict, whole: dict, stream: Optional[list], packed: Source) -> Optional[list]:
         """The stage's kept deltas compressed (and, distilling, its blocks' values trained) into
         ``compressed`` and the journal; returns the compressed model's hidden states after it when distilling."""
         keys, losses = [key for key in self.keys_of[stage] if key in kept], None
         inner = 0 < stage < self.last
-        block, errors = self._compress(keys, kept, self._load_hessians(stage) if inner else whole)  # embeddings, head: kept whole
+        block, errors = self.pipeline.compress(keys, kept, self._load_hessians(stage) if inner else whole)  # embeddings, head: kept whole
         if self.config.distill_steps and stage < self.last:
             if inner and block:
                 block, errors, losses = self._distill(stage, block, stream)
@@ -608,18 +586,6 @@ class _Run:
             raise HfGraftError(f"{path} does not hold the input second moments of block {stage - 1}; delete the partial folder to start again.")
         return {name: ModuleStatistics(tensors[key].to(self.device), self.statistics[name].row_weights, self.statistics[name].transposed)
                 for name, key in stored.items()}
-
-    def _compress(self, keys: Iterable[str], kept: dict, statistics: dict) -> tuple[dict, dict]:
-        block, errors = {}, {}
-        for key in keys:
-            delta = self.deltas.delta(key, self.device)
-            stats = statistics.get(key.rsplit(".", 1)[0]) if key.endswith(".weight") else None
-            stats = stats.to(self.device) if stats is not None else None
-            block[key] = packed = compress(key, delta, kept[key], stats, conv1d=self.conv1d(key))
-            errors[key] = delta_error_sq(delta, packed, conv1d=self.conv1d(key))
-            del delta
-            release_freed_memory()
-        return block, errors
 
 
 def _width(module: nn.Module) -> int:
