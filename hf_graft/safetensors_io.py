@@ -321,6 +321,11 @@ def _reject_constant(name: str):
     raise ValueError(f"JSON constant {name} is not allowed")
 
 
+def parse_json(text: str | bytes) -> Any:
+    """The JSON value of ``text``, parsed strictly (no NaN or Infinity, no duplicate keys); raises ``ValueError``."""
+    return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_reject_duplicate_keys)
+
+
 def read_json(path: str | os.PathLike, fix: str, max_bytes: int = 64 << 20) -> Any:
     """The JSON value in the file at ``path``, parsed strictly (no NaN or Infinity, no duplicate keys).
 
@@ -332,7 +337,7 @@ def read_json(path: str | os.PathLike, fix: str, max_bytes: int = 64 << 20) -> A
         if os.path.getsize(path) > max_bytes:
             raise HfGraftError(f"{path} is larger than {max_bytes >> 20} MiB: not a file hf-graft wrote. {fix}")
         with open(path, encoding="utf-8") as handle:
-            return json.load(handle, parse_constant=_reject_constant, object_pairs_hook=_reject_duplicate_keys)
+            return parse_json(handle.read())
     except FileNotFoundError:
         raise HfGraftError(f"{path} does not exist. {fix}") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as error:

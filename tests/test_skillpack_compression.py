@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hf_graft.errors import HfGraftError
 from hf_graft.safetensors_io import load_tensors, save_tensors
 from hf_graft.skillpack.compression.bitpack import pack_bits, packed_size, unpack_bits
-from hf_graft.skillpack.compression.allocation import OMIT, CandidateLadder, allocate, entry_overhead, measure_candidates, select
+from hf_graft.skillpack.compression.allocation import ENTRY_BYTES, OMIT, CandidateLadder, allocate, measure_candidates, select
 from hf_graft.skillpack.compression.calibrate import compress_with_statistics
 from hf_graft.skillpack.compression.formats import CompressedDelta, compress_delta, normalize_spec, payload_size, segment_layout
 from hf_graft.skillpack.compression.objective import ModuleStatistics
@@ -451,12 +451,11 @@ def test_measured_candidates_are_what_the_pack_stores(search, tolerance):
     assert kinds == {"omit", "quant", "lowrank"} and len(candidates) > 15
     for candidate in candidates:
         if candidate.spec == OMIT:
-            assert candidate.nbytes == len('"layers.0.proj.weight"') + 1  # its entry in the list of omitted deltas
+            assert candidate.nbytes == 0  # an omitted delta stores nothing; the card lists it
             assert candidate.cost == pytest.approx(statistics.cost(delta))
             continue
         compressed = compress_with_statistics(delta, candidate.spec, statistics)
-        overhead = entry_overhead("layers.0.proj.weight", compressed.meta)
-        assert candidate.nbytes == compressed.nbytes + overhead == payload_size(segment_layout(compressed.meta)) + overhead
+        assert candidate.nbytes == compressed.nbytes + ENTRY_BYTES == payload_size(segment_layout(compressed.meta)) + ENTRY_BYTES
         actual = statistics.cost(delta - compressed.delta())
         if candidate.spec["kind"] == "quant":
             assert candidate.cost == pytest.approx(actual, rel=tolerance)
@@ -508,7 +507,7 @@ def test_allocate_fits_the_budget():
     assert specs["norm"]["kind"] == "dense_fp16" and specs["steep"]["kind"] == "lowrank"
     budget = sum(2 * d.numel() for d in deltas.values()) // 8
     stored = sum(
-        compress_delta(deltas[name], spec).nbytes + entry_overhead(f"{name}.weight", compress_delta(deltas[name], spec).meta)
+        compress_delta(deltas[name], spec).nbytes + ENTRY_BYTES
         for name, spec in specs.items() if spec != OMIT
     )
     assert stored <= budget

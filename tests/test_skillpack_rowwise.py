@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hf_graft.skillpack.compression.rowwise as rowwise
-from hf_graft.skillpack.compression.allocation import OMIT, CandidateLadder, entry_overhead
+from hf_graft.skillpack.compression.allocation import ENTRY_BYTES, OMIT, CandidateLadder
 from hf_graft.skillpack.compression.formats import compress_delta, payload_size, segment_layout
 from hf_graft.skillpack.compression.objective import ModuleStatistics
 from hf_graft.skillpack.compression.prune import kept_count, prune
@@ -86,8 +86,8 @@ def test_measured_costs_and_bytes_are_those_of_the_stored_deltas(search, toleran
     for candidate in candidates[1:]:
         packed = compress_rows(DeltaRows.of(delta), candidate.spec, statistics)
         assert math.isclose(candidate.cost, statistics.cost(packed.delta() - delta), rel_tol=tolerance), candidate.spec
-        stored = payload_size(segment_layout(packed.meta)) + entry_overhead("model.embed_tokens.weight", packed.meta)
-        assert candidate.nbytes == stored == packed.nbytes + entry_overhead("model.embed_tokens.weight", packed.meta)
+        stored = payload_size(segment_layout(packed.meta)) + ENTRY_BYTES
+        assert candidate.nbytes == stored == packed.nbytes + ENTRY_BYTES
     sparse = [c for c in candidates if c.spec["kind"] == "sparse"]
     assert sparse[0].cost > sparse[1].cost  # keeping more loses less
 

@@ -37,14 +37,14 @@ def test_block_by_block_calibration_and_distillation_beat_a_data_free_pack(pair,
     calibration = [torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(i)) for i in range(8)]
     found = {}
     for steps in (0, 40):
-        config = sp.SkillPackConfig(target_ratio=6.0, distill_steps=steps)
+        config = sp.SkillPackConfig(target_ratio=16.0, distill_steps=steps)  # a budget the rank-3 deltas do not fit whole
         out = tmp_path / f"blocks-{steps}"
         sp.extract_skillpack(str(base_dir), str(tuned_dir), config, calibration=calibration, output_dir=out, progress=False)
         found[steps] = _kl(base, tuned, out)
         written = sp.read_skillpack(out)
         assert written.config.calibration_samples == 64
         assert (written.config.measured["distill_loss"] is None) == (steps == 0)
-    config = sp.SkillPackConfig(target_ratio=6.0, distill_steps=0)
+    config = sp.SkillPackConfig(target_ratio=16.0, distill_steps=0)
     sp.extract_skillpack(base, tuned, config, calibration=None, progress=False).save_pretrained(tmp_path / "free")
     free = _kl(base, tuned, tmp_path / "free")
     assert found[0] < 0.9 * free < 0.9 * _kl(base, tuned, None)

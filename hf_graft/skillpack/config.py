@@ -1,8 +1,12 @@
 """``SkillPackConfig``: the PEFT config of a SkillPack (GraftLLM, arXiv 2505.18502)."""
 
+import base64
+import binascii
+import dataclasses
 import json
 import os
 import re
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -10,10 +14,10 @@ from peft.config import PeftConfig
 from peft.utils import TaskType
 
 from ..errors import HfGraftError, short_repr
-from ..safetensors_io import atomic_write_text
+from ..safetensors_io import atomic_write_text, parse_json
 from ..validation import is_int, is_number
 from .compression.formats import check_meta
-from .integrity import CONFIG_NAME, DIGEST_PREFIX, WEIGHTS_NAME, check_weights_file, file_digest, locate
+from .integrity import CONFIG_NAME, DIGEST_PREFIX, WEIGHTS_NAME, check_weights_file, file_digest, locate, pack_weights_file
 from .peft_type import SKILLPACK
 
 #: Module names whose deltas are stored sparse (magnitude-pruned) rather than low rank: token
@@ -143,13 +147,21 @@ class SkillPackConfig(PeftConfig):
         return config
 
     def to_json_text(self, auto_mapping: Optional[dict] = None) -> str:
-        """``adapter_config.json`` as written: one top-level field per line, values in compact JSON.
+        """``adapter_config.json`` as written: compact, every byte counted against the pack's budget.
 
-        peft's indented layout would spend more bytes on whitespace than a small pack spends on
-        its deltas; every byte here counts against the pack's budget. ``auto_mapping`` is what
-        peft records for custom base models.
+        One top-level field per line in compact JSON; fields left at their defaults are not
+        written (peft fills them in on load); ``module_specs`` and ``tied_modules`` go in one
+        ``layout`` field, their JSON deflated and base64-encoded (:func:`encode_layout`), and the
+        per-module errors of ``measured`` go to the model card only. ``auto_mapping`` is what peft
+        records for custom base models.
         """
         data = {key: sorted(value) if isinstance(value, set) else value for key, value in self.to_dict().items()}
+        for item in dataclasses.fields(self):
+            if item.name in data and item.name not in ALWAYS_SAVED and data[item.name] == _default(item):
+                del data[item.name]
+        data["layout"] = encode_layout(data.pop("module_specs", {}), data.pop("tied_modules", {}))
+        if "measured" in data:
+            data["measured"] = {key: value for key, value in data["measured"].items() if key not in CARD_ONLY_FIGURES}
         if auto_mapping is not None:
             data["auto_mapping"] = auto_mapping
         lines = [f"{json.dumps(key)}: {json.dumps(data[key], separators=(',', ':'), sort_keys=True)}" for key in sorted(data)]
@@ -162,7 +174,8 @@ class SkillPackConfig(PeftConfig):
         os.makedirs(save_directory, exist_ok=True)
         _refuse_pickled_weights(save_directory)
         weights = os.path.join(save_directory, WEIGHTS_NAME)
-        if os.path.isfile(weights):  # peft writes the weights first: record their digest
+        if os.path.isfile(weights):  # peft writes the weights first, a tensor per delta: one payload instead, and its digest
+            pack_weights_file(weights, self.module_specs)
             self.tensor_digest = file_digest(weights, self.module_specs, self.tied_modules)
         text = self.to_json_text(kwargs.get("auto_mapping_dict"))
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), text)
@@ -191,6 +204,50 @@ def _refuse_pickled_weights(folder: str) -> None:
 
 #: Fields that are options of one load, never saved with a pack.
 LOADING_OPTIONS = ("check_base_fingerprint", "verify_integrity")
+
+#: Fields written even at their defaults: what says which adapter type and base a file is for.
+ALWAYS_SAVED = ("peft_type", "base_model_name_or_path")
+
+#: Figures of ``measured`` shown on the model card but not saved in ``adapter_config.json``.
+CARD_ONLY_FIGURES = ("module_errors", "omitted")
+
+#: Largest ``layout`` a config may inflate to.
+MAX_LAYOUT_BYTES = 64 << 20
+
+
+def _default(item: dataclasses.Field) -> Any:
+    if item.default_factory is not dataclasses.MISSING:
+        return item.default_factory()
+    return item.default if item.default is not dataclasses.MISSING else dataclasses.MISSING
+
+
+def encode_layout(module_specs: dict, tied_modules: dict) -> str:
+    """``module_specs`` and ``tied_modules`` as saved: compact JSON, deflated, base64 (a few bytes a module)."""
+    text = json.dumps({"module_specs": module_specs, "tied_modules": tied_modules}, separators=(",", ":"), sort_keys=True)
+    return base64.b64encode(zlib.compress(text.encode(), 9)).decode("ascii")
+
+
+def decode_layout(value: Any, source: Optional[str] = None) -> tuple[dict, dict]:
+    """``(module_specs, tied_modules)`` of a saved ``layout`` (:func:`encode_layout`), read strictly:
+    at most :data:`MAX_LAYOUT_BYTES` inflated, strict JSON, exactly those two objects."""
+    where, fix = (f"{source}: ", " " + _FILE_FIX) if source else ("SkillPackConfig: ", "")
+    problem = None
+    try:
+        if not isinstance(value, str):
+            raise ValueError("it is not a string")
+        inflater = zlib.decompressobj()
+        text = inflater.decompress(base64.b64decode(value, validate=True), MAX_LAYOUT_BYTES)
+        if not inflater.eof or inflater.unconsumed_tail:
+            raise ValueError(f"it does not inflate to a whole layout within {MAX_LAYOUT_BYTES >> 20} MiB")
+        data = parse_json(text.decode("utf-8"))
+    except (ValueError, binascii.Error, zlib.error, UnicodeDecodeError, RecursionError) as error:
+        problem = str(error)
+    else:
+        if not (isinstance(data, dict) and set(data) == {"module_specs", "tied_modules"}):
+            problem = "it does not hold exactly module_specs and tied_modules"
+    if problem is not None:
+        raise HfGraftError(f"{where}field 'layout' is not a SkillPack layout ({problem}).{fix}")
+    return data["module_specs"], data["tied_modules"]
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TASK_TYPES = tuple(task.value for task in TaskType)
@@ -264,6 +321,7 @@ FIELD_RULES = {
     "task_type": (_optional(_is_choice(*_TASK_TYPES)), f"one of {', '.join(_TASK_TYPES)}, or null"),
     "auto_mapping": (_optional(_is_str_map), "an object of strings, or null"),
     "measured": (lambda v: isinstance(v, dict), "an object of extraction figures"),
+    "layout": (lambda v: isinstance(v, str), "the deflated, base64-encoded module layout"),
     "module_specs": (lambda v: isinstance(v, dict), "an object of module names to stored-delta metadata"),
     "tied_modules": (_is_str_map, "an object of module names to the packed modules they are tied to"),
 }

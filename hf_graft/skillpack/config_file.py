@@ -19,12 +19,12 @@ from peft.config import PeftConfigMixin
 
 from ..errors import HfGraftError
 from ..safetensors_io import MAX_HEADER_BYTES, read_json
-from .config import LOADING_OPTIONS, check_fields
-from .integrity import WEIGHTS_NAME
+from .config import LOADING_OPTIONS, check_fields, decode_layout
+from .integrity import PAYLOAD_KEY, WEIGHTS_NAME
 
 MAX_CONFIG_BYTES = 64 << 20
 _DECLARES_SKILLPACK = re.compile(rb'"peft_type"\s*:\s*"SKILLPACK"')
-_SKILLPACK_TENSOR = b".skillpack_tensors."
+_SKILLPACK_TENSORS = (b".skillpack_tensors.", PAYLOAD_KEY.encode())
 _FIX = "Download the pack again or re-save it."
 
 
@@ -43,6 +43,10 @@ def read_config_data(path: str | os.PathLike) -> dict[str, Any]:
         )
     for option in LOADING_OPTIONS:  # options of one load: a file never sets them for the user
         data.pop(option, None)
+    if "layout" in data:
+        if "module_specs" in data or "tied_modules" in data:
+            raise HfGraftError(f"{path} holds both a layout and module_specs or tied_modules: the config is damaged. {_FIX}")
+        data["module_specs"], data["tied_modules"] = decode_layout(data.pop("layout"), path)
     check_fields(data, source=path)
     return data
 
@@ -60,7 +64,8 @@ def holds_skillpack(folder: str) -> bool:
         with open(os.path.join(folder, WEIGHTS_NAME), "rb") as handle:
             prefix = handle.read(8)
             size = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
-            return _SKILLPACK_TENSOR in handle.read(min(size, MAX_HEADER_BYTES))
+            header = handle.read(min(size, MAX_HEADER_BYTES))
+            return any(marker in header for marker in _SKILLPACK_TENSORS)
     except OSError:
         return False
 

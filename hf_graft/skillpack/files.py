@@ -1,7 +1,8 @@
 """SkillPack files on disk or on the Hub, read with every field, header, shape and dtype checked.
 
 A SkillPack folder is a PEFT adapter folder: ``adapter_config.json`` (a :class:`SkillPackConfig`)
-and ``adapter_model.safetensors`` (the packed tensors, one group per module and part).
+and ``adapter_model.safetensors`` (the stored tensors of every module and part, end to end in one
+payload; :mod:`.integrity`).
 :func:`read_skillpack` validates both before anything is decoded: a truncated or corrupt file, a
 header with wrong dtypes or shapes, a missing or unexpected tensor, malformed metadata, tensors
 whose bytes differ from the digest recorded when the pack was saved, each raises one
@@ -28,12 +29,10 @@ from torch import nn
 
 from ..errors import HfGraftError
 from ..hub import SKILLPACK_TAGS, write_skillpack_card
-from ..safetensors_io import in_safetensors_order, load_tensors, safetensors_header
-from ..sharded import write_shard
 from .compression.formats import CompressedDelta, stored_layout
 from .config import LOADING_OPTIONS, SkillPackConfig
 from .config_file import read_config_data
-from .integrity import CONFIG_NAME, WEIGHTS_NAME, check_weights_file, expected_layout, locate, pack_digest, tensor_key
+from .integrity import CONFIG_NAME, WEIGHTS_NAME, check_weights_file, locate, pack_digest, payload_header, stored_tensors, tensor_key, write_payload
 from .peft_type import SKILLPACK
 
 __all__ = [
@@ -89,17 +88,21 @@ class StoredTensors(Mapping):
         return len(self._sources)
 
     def layout(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-        """``(key, dtype, shape)`` of every tensor, in the order safetensors writes them."""
-        return in_safetensors_order((key, dtype, tuple(shape)) for key, (*_, (shape, dtype)) in self._sources.items())
+        """``(key, dtype, shape)`` of every stored tensor, in the payload's order (by key)."""
+        return sorted((key, dtype, tuple(shape)) for key, (*_, (shape, dtype)) in self._sources.items())
+
+    def sizes(self) -> dict[str, int]:
+        """Bytes of every stored tensor, by key."""
+        return {key: math.prod(shape) * dtype.itemsize for key, dtype, shape in self.layout()}
 
     def file_bytes(self, metadata: Mapping[str, str]) -> int:
-        """Bytes of the safetensors file of these tensors and ``metadata``."""
-        layout = self.layout()
-        return len(safetensors_header(layout, metadata)) + sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in layout)
+        """Bytes of the weights file of these tensors and ``metadata``: one payload (:data:`~.integrity.PAYLOAD_KEY`)."""
+        size = sum(self.sizes().values())
+        return len(payload_header(size, metadata)) + size
 
     def save(self, path: str | os.PathLike, metadata: Mapping[str, str]) -> None:
-        """Write them to ``path`` (atomically), one payload at a time: the bytes ``safetensors.torch.save`` writes."""
-        write_shard(path, self.layout(), self.__getitem__, dict(metadata))
+        """Write them to ``path`` (atomically) as one payload, end to end in key order, made one at a time."""
+        write_payload(path, self.sizes(), self.__getitem__, metadata)
 
 
 @dataclass(frozen=True)
@@ -239,7 +242,7 @@ def read_skillpack(
     if not config.module_specs:
         raise HfGraftError(f"{config_path} describes no stored deltas (module_specs is empty).")
     check_weights_file(weights_path, config.module_specs, config.tied_modules, config.tensor_digest, verify=verify_integrity)
-    tensors, _ = load_tensors(weights_path, expected_layout(config.module_specs))
+    tensors = stored_tensors(weights_path, config.module_specs)
     deltas: dict[str, dict[str, CompressedDelta]] = {}
     for module, parts in config.module_specs.items():
         for part, meta in parts.items():

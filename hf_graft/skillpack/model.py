@@ -12,7 +12,7 @@ from transformers.pytorch_utils import Conv1D
 from ..errors import BaseModelMismatchError, HfGraftError
 from .compression.formats import check_meta
 from .config import SkillPackConfig
-from .integrity import expected_layout, pack_digest
+from .integrity import PAYLOAD_KEY, expected_layout, pack_digest, split_payload
 from .layer import Embedding, Linear, Norm, SkillPackLayer, TiedLinear
 
 #: Elements of each weight that enter the fingerprint: a fixed stride over the flat tensor.
@@ -192,6 +192,11 @@ class SkillPackModel(BaseTuner):
         that read the weights themselves (transformers' ``model.load_adapter``) verify it as well.
         """
         peft_prefix = "base_model.model."  # transformers' integration strips it before loading
+        payload = [key for key in state_dict if key.rsplit(".", 1)[-1] == PAYLOAD_KEY]
+        if payload:  # one payload (as hf-graft writes the file): its stored tensors under peft's keys
+            if len(payload) > 1 or len(state_dict) > 1:
+                raise HfGraftError(f"SkillPack {adapter_name!r}: the weights file holds {sorted(state_dict)[:3]}, not one {PAYLOAD_KEY}.")
+            state_dict = {key: value.clone() for key, value in split_payload(state_dict[payload[0]], config.module_specs).items()}
         stored = {
             key if key.startswith(peft_prefix) else peft_prefix + key: value
             for key, value in state_dict.items()

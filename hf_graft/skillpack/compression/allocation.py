@@ -10,11 +10,11 @@ and measured by what its error costs the model (:mod:`.objective`):
 - ``lowrank``: truncated activation-aware SVD with mixed-precision factors, from all-4-bit to
   2- and 3-bit-heavy splits and Delta-CoMe's 8/3/2 recipe, at ranks chosen by kept energy.
 - ``sparse`` (embeddings and heads): the entries whose loss costs most, at several kept fractions.
-- leaving the module's delta out altogether (its name as the only bytes, the whole delta as error).
+- leaving the module's delta out altogether (no bytes, the whole delta as error).
 
 :func:`select` then picks one candidate per module under the budget with the least total cost.
-A candidate's bytes are what it adds to the saved files: its payload, its safetensors header
-entry and its metadata in ``adapter_config.json`` (:func:`entry_overhead`).
+A candidate's bytes are what it adds to the saved files: its payload and its share of the
+pack's layout (:data:`ENTRY_BYTES`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ __all__ = [
     "Candidate",
     "CandidateLadder",
     "allocate",
-    "entry_overhead",
+    "ENTRY_BYTES",
     "measure_candidates",
     "predicted_quant_costs",
     "select",
@@ -112,20 +112,10 @@ class Candidate:
     spec: dict[str, Any] = field(compare=False)
 
 
-def entry_overhead(name: str, meta: Mapping[str, Any] | None, offset_digits: int = 12) -> int:
-    """Bytes one stored delta adds besides its payload: its safetensors header entry and its metadata.
-
-    ``name`` is the delta's ``module.part``; the header entry is the one peft writes
-    (``base_model.model.<module>.skillpack_tensors.<part>``, offsets of at most ``offset_digits``
-    digits), the metadata its compact JSON in ``module_specs`` plus its error in ``measured``.
-    An upper bound, so a pack sized with it never exceeds its budget.
-    """
-    module, _, part = name.rpartition(".")
-    key = f"base_model.model.{module}.skillpack_tensors.{part}"
-    header = len(json.dumps({key: {"dtype": "U8", "shape": [10**offset_digits], "data_offsets": [10**offset_digits] * 2}})) + 1
-    metadata = len(json.dumps({module: {part: meta}}, separators=(",", ":"))) + 1 if meta is not None else 0
-    error = len(json.dumps({name: 0.123456}, separators=(",", ":"))) + 1
-    return header + metadata + error
+#: Bytes one stored delta is reckoned to add besides its payload while formats are chosen: its
+#: share of the pack's deflated layout (a few bytes a module, :func:`~..config.encode_layout`). The
+#: pack's total is then sized exactly (:func:`~..extraction.packing.choose`).
+ENTRY_BYTES = 16
 
 
 def measure_candidates(
@@ -156,7 +146,7 @@ def measure_candidates(
     statistics = statistics or ModuleStatistics.identity(matrix.shape, device=matrix.device)
     total = statistics.cost(matrix)
     # Left out, a delta costs only its name in the config's list of omitted modules.
-    candidates = [Candidate(len(json.dumps(name)) + 1, total, dict(OMIT))] if ladder.allow_omit else []
+    candidates = [Candidate(0, total, dict(OMIT))] if ladder.allow_omit else []
     if ladder.search == "exhaustive" or (statistics.also and statistics.transposed):
         candidates += _tried(name, matrix, statistics, _specs(matrix, sparse, ladder))
         if ladder.energies:
@@ -270,7 +260,7 @@ def _column_errors(factor, widths, size, row_w) -> dict[int, torch.Tensor]:
 def _sized(name: str, spec: dict, shape, cost: float, meta: dict | None = None) -> Candidate:
     """A candidate of ``spec`` with the bytes its stored form adds to the pack."""
     meta = meta or {**normalize_spec(spec, shape), "shape": list(shape)}
-    return Candidate(payload_size(segment_layout(meta)) + entry_overhead(name, meta), cost, dict(spec))
+    return Candidate(payload_size(segment_layout(meta)) + ENTRY_BYTES, cost, dict(spec))
 
 
 def _sparse_candidates(name: str, matrix: torch.Tensor, objectives: Sequence[ModuleStatistics], ladder: CandidateLadder) -> list[Candidate]:
@@ -365,7 +355,7 @@ def _measured(name, matrix, packed: CompressedDelta, spec, statistics) -> Candid
     error = packed.delta().sub_(matrix)  # a fresh decode, negated error: the cost is the same
     cost = statistics.cost(error) if statistics is not None else squared_norm(error)
     del error
-    nbytes = payload_size(segment_layout(packed.meta)) + entry_overhead(name, packed.meta)
+    nbytes = payload_size(segment_layout(packed.meta)) + ENTRY_BYTES
     return Candidate(nbytes, cost, dict(spec))
 
 
@@ -438,7 +428,7 @@ def _lowrank_candidates(name: str, matrix: torch.Tensor, statistics: ModuleStati
                 continue
             b_q, a_q = (_decoded_columns(quantized, spec["scheme"], side) for side in (0, 1))
             meta = {**spec, "shape": list(matrix.shape)}
-            nbytes = payload_size(segment_layout(meta)) + entry_overhead(name, meta)
+            nbytes = payload_size(segment_layout(meta)) + ENTRY_BYTES
             results[key] = Candidate(nbytes, _factored_cost(statistics, oriented, b_q, a_q), spec)
             del b_q, a_q
     return list(results.values())

@@ -24,7 +24,6 @@ files are the same file.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from typing import Any, Optional, Union
 import torch
 
 from ...errors import HfGraftError
-from .allocation import OMIT, Candidate, CandidateLadder, entry_overhead, predicted_quant_costs
+from .allocation import ENTRY_BYTES, OMIT, Candidate, CandidateLadder, predicted_quant_costs
 from .bitpack import pack_bits
 from .calibrate import compress_with_statistics, gptq_upper, quantize_calibrated
 from .estimate import ScoreBins
@@ -136,7 +135,7 @@ def measure_rows(
             histogram.add(_score_bits(block, stats))
         if score_bins is not None:
             score_bins.add(_score_bits(block, stats).view(torch.float32))
-    candidates = [Candidate(len(json.dumps(name)) + 1, total, dict(OMIT))] if ladder.allow_omit else []
+    candidates = [Candidate(0, total, dict(OMIT))] if ladder.allow_omit else []
     for (bits, size), cost in zip(quant, costs):
         if cost is not None:
             spec = {"kind": "quant", "bits": bits, "group_size": size}
@@ -191,7 +190,7 @@ def _quantized(block: torch.Tensor, bits: int, group_size: int, statistics: Modu
 
 
 def _candidate(name: str, spec: dict, meta: dict, cost: float) -> Candidate:
-    return Candidate(payload_size(segment_layout(meta)) + entry_overhead(name, meta), cost, spec)
+    return Candidate(payload_size(segment_layout(meta)) + ENTRY_BYTES, cost, spec)
 
 
 def _score_bits(block: torch.Tensor, statistics: ModuleStatistics) -> torch.Tensor:

@@ -14,21 +14,21 @@ both go through these steps, one delta at a time, so a pack made either way is t
 from __future__ import annotations
 
 import copy
-import json
+import math
 import re
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
 
 from ...errors import HfGraftError
-from ..compression.allocation import OMIT, Candidate, CandidateLadder, measure_candidates, select
+from ..compression.allocation import ENTRY_BYTES, OMIT, Candidate, CandidateLadder, measure_candidates, select
 from ..compression.calibrate import compress_with_statistics
-from ..compression.formats import CompressedDelta, compress_delta
-from ..config import SkillPackConfig
+from ..compression.formats import CompressedDelta, compress_delta, normalize_spec
+from ..config import SkillPackConfig, encode_layout
 from ..files import WEIGHTS_METADATA, SkillPackFile, saved_config_text
-from ..integrity import DIGEST_PREFIX, pack_digest
+from ..integrity import DIGEST_PREFIX, pack_digest, payload_header
 from ..compression.objective import ModuleStatistics, squared_norm
 from ..compression.rowwise import DeltaRows, compress_rows, is_large, measure_rows, squared_error
 
@@ -128,18 +128,59 @@ def to_cpu(packed: CompressedDelta, part: str) -> CompressedDelta:
     return CompressedDelta.from_tensors(part, {name: tensor.cpu() for name, tensor in tensors.items()}, packed.meta)
 
 
-def choose(measured: dict[str, Measurement], config: SkillPackConfig, bf16_bytes: int, model_class: Optional[type]) -> dict[str, dict]:
-    """The spec of every delta kept in the pack, chosen so the saved files fit the budget."""
+def choose(measured: dict[str, Measurement], config: SkillPackConfig, bf16_bytes: int, model_class: Optional[type],
+           shapes: Mapping[str, tuple[int, ...]], tied_modules: Mapping[str, str]) -> dict[str, dict]:
+    """The spec of every delta kept in the pack, chosen so the saved files fit the budget.
+
+    Formats are chosen with each kept delta reckoned at :data:`~..compression.allocation.ENTRY_BYTES`
+    besides its payload; the layout the choice makes (``shapes``: each delta's) is then sized as
+    saved (``tied_modules``: heads tied to an embedding), and the choice made again on fewer bytes
+    until the whole pack fits."""
     budget = config.byte_budget or int(bf16_bytes / config.target_ratio)
     fixed = _fixed_overhead(config, bf16_bytes, model_class)
     if budget <= fixed:
         raise HfGraftError(f"A budget of {budget} bytes does not even hold the pack's config ({fixed} bytes); allow more bytes.")
     candidates = {key: measurement.candidates for key, measurement in measured.items()}
-    chosen = {key: candidate.spec for key, candidate in select(candidates, budget - fixed).items()}
-    kept = {key: spec for key, spec in chosen.items() if spec != OMIT}
-    if not kept:
+
+    def fitting(room: int) -> Optional[dict[str, Candidate]]:
+        picked = {key: candidate for key, candidate in select(candidates, room).items() if candidate.spec != OMIT}
+        total = fixed + sum(candidate.nbytes - ENTRY_BYTES for candidate in picked.values()) + _layout_bytes(picked, shapes, tied_modules)
+        return picked if total <= budget else None
+
+    # A smaller room may keep more small deltas, each adding to the layout: shrink it until the pack
+    # fits, then take the largest room found to fit (bisection).
+    high = budget - fixed
+    best, low, step = fitting(high), None, 64
+    while best is None and high > 0:
+        low = max(0, high - step)
+        best = fitting(low)
+        if best is None:
+            high, step = low, 2 * step
+    if best is None:
+        raise HfGraftError(f"No choice of formats fits the budget of {budget} bytes with its layout; allow more bytes.")
+    while low is not None and high - low > 16:
+        middle = (low + high) // 2
+        found = fitting(middle)
+        low, high, best = (middle, high, found) if found is not None else (low, middle, best)
+    if not best:
         raise HfGraftError("At this budget every module's delta would be left out; allow more bytes.")
-    return kept
+    return {key: candidate.spec for key, candidate in best.items()}
+
+
+def _layout_bytes(picked: Mapping[str, Candidate], shapes: Mapping[str, tuple[int, ...]], tied_modules: Mapping[str, str]) -> int:
+    """Bytes the layout of ``picked`` takes in the saved config (a sparse delta's count reckoned at its largest)."""
+    specs: dict[str, dict] = {}
+    for key, candidate in picked.items():
+        name, part = key.rsplit(".", 1)
+        shape = list(shapes[key])
+        spec = dict(candidate.spec)
+        if spec.get("kind") == "sparse":
+            spec = {"kind": "sparse", "shape": shape, "format": "indices", "count": math.prod(shape)}
+        else:
+            spec = {**normalize_spec(spec, shape), "shape": shape}
+        specs.setdefault(name, {})[part] = spec
+    tied = {head: source for head, source in tied_modules.items() if source in specs}
+    return len(encode_layout(specs, tied)) + len(',\n"layout": ""')
 
 
 def assemble(
@@ -201,8 +242,7 @@ def _fixed_overhead(config: SkillPackConfig, bf16_bytes: int, model_class: Optio
         "delta_bf16_bytes": bf16_bytes, "stored_bytes": bf16_bytes, "compression_ratio": 1e6 + 0.01,
         "relative_error": 0.1234, "omitted": [], "distill_loss": [0.12345, 0.12345], "module_errors": {},
     }
-    header_frame = 8 + len(json.dumps({"__metadata__": WEIGHTS_METADATA})) + 8
-    return len(saved_config_text(probe, model_class).encode()) + header_frame + 256
+    return len(saved_config_text(probe, model_class).encode()) + len(payload_header(10**15, WEIGHTS_METADATA)) + 64
 
 
 def _record_file_bytes(pack: SkillPackFile, bf16_bytes: int, model_class: Optional[type]) -> None:

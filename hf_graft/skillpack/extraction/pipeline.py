@@ -141,7 +141,8 @@ class Pipeline:
             raise HfGraftError("The tuned model has the same weights as the base: there is no skill to extract.")
         bf16_bytes = self.bf16_bytes(measured)
         if journal.kept is None:  # every process chooses the same from the same measurements
-            journal.kept = choose(measured, config, bf16_bytes, deltas.model_class)
+            shapes = {key: deltas.shape(key) for key in measured}
+            journal.kept = choose(measured, config, bf16_bytes, deltas.model_class, shapes, deltas.tied)
             journal.save()
         statistics.compress(self, journal.kept)
         journal.gather()
