@@ -65,6 +65,8 @@ class SkillPackConfig(PeftConfig):
             What candidates are measured by: ``"output"``, the loss their error costs the model on
             the calibration data (input second moments x output sensitivities, see
             ``hf_graft.skillpack.compression.objective``); ``"weight"``, the Frobenius error of the delta.
+            A data-free pack measures each delta's Frobenius error relative to the delta's own norm,
+            so every module counts alike.
         formats (`str`, defaults to `"all"`):
             ``"all"``: direct 1-4 bit quantization, signs with a low-rank correction, low rank,
             sparse, or the module left out; ``"lowrank"``: low rank, sparse and fp16 only

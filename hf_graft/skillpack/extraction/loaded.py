@@ -207,7 +207,7 @@ def extract_skillpack(
 
     ``calibration``: ``"pydoc"`` (default: general text from the embedded corpus, tokenized with
     ``tokenizer`` or the base's own), batches of ``input_ids`` (or dicts of model inputs; pass the
-    skill's own prompts for the best pack), or ``None`` for data-free extraction (Frobenius error,
+    skill's own prompts for the best pack), or ``None`` for data-free extraction (each delta's Frobenius error relative to its norm,
     no distillation). At most ``config.calibration_samples`` sequences are used. Returns a
     ``PeftModel`` whose ``save_pretrained`` / ``push_to_hub`` write the pack.
 
