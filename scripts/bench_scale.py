@@ -270,8 +270,9 @@ def find_mergekit(given: Optional[str]) -> Optional[str]:
 
 def product_flop(pack: str) -> float:
     """FLOPs of the low-rank products a merge of ``pack`` computes: ``2 * rows * cols * rank`` per delta."""
-    with open(os.path.join(pack, "adapter_config.json")) as handle:
-        specs = json.load(handle)["module_specs"]
+    from hf_graft.skillpack.files import read_config
+
+    specs = read_config(os.path.join(pack, "adapter_config.json")).module_specs
     return float(sum(2 * math.prod(spec["shape"]) * spec.get("rank", 0) for parts in specs.values() for spec in parts.values()))
 
 
@@ -406,7 +407,9 @@ def main() -> None:
         print(f"  KL to the tuned model: {quality_run['kl']}", flush=True)
     chosen = {}
     if "streaming-exhaustive" in modes:
-        specs = {m: json.load(open(os.path.join(args.out, f"pack-{m}", "adapter_config.json")))["module_specs"] for m in ("streaming", "streaming-exhaustive")}
+        from hf_graft.skillpack.files import read_config
+
+        specs = {m: read_config(os.path.join(args.out, f"pack-{m}", "adapter_config.json")).module_specs for m in ("streaming", "streaming-exhaustive")}
         changed = sorted(name for name in specs["streaming"] if specs["streaming"][name] != specs["streaming-exhaustive"].get(name))
         chosen = {"modules": len(specs["streaming"]), "formats_changed": len(changed), "changed": changed[:10]}
     by_mode = {run["mode"]: run for run in runs}

@@ -29,7 +29,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built here; nothin
 
 import argparse
 import copy
-import json
 import shutil
 import sys
 import time
@@ -73,10 +72,11 @@ def tuned_copy(base, seed: int = 1):
 
 
 def pack_figures(folder: str) -> dict:
-    with open(os.path.join(folder, "adapter_config.json")) as handle:
-        config = json.load(handle)
-    measured = config["measured"]
-    kinds = {name: {part: spec["kind"] for part, spec in parts.items()} for name, parts in config["module_specs"].items()}
+    from hf_graft.skillpack.files import read_config
+
+    config = read_config(os.path.join(folder, "adapter_config.json"))
+    measured = config.measured
+    kinds = {name: {part: spec["kind"] for part, spec in parts.items()} for name, parts in config.module_specs.items()}
     return {"relative_error": measured["relative_error"], "distill_loss": (measured.get("distill_loss") or [None])[-1], "kinds": kinds}
 
 

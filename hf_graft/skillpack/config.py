@@ -50,6 +50,11 @@ class SkillPackConfig(PeftConfig):
         calibration_samples (`int`, defaults to 128):
             At most this many calibration sequences are used (0: all that are given); extraction
             records how many it used, 0 for a data-free pack.
+        general_text (`bool`, defaults to `True`):
+            With calibration batches given (the skill's data), add as many sequences of general text
+            (the embedded pydoc corpus, tokenized with the base's tokenizer) so that what the pack
+            costs the model off the skill is measured and distilled too: the tuned model's
+            behaviour on both is what the pack reproduces.
         distill_steps (`int`, *optional*):
             Steps of scale distillation (BitDelta's, applied to every format: the stored scales,
             zeros and fp16 values trained on the calibration data; bytes unchanged). Loaded models
@@ -108,6 +113,7 @@ class SkillPackConfig(PeftConfig):
     inference_mode: bool = field(default=True, metadata={"help": "always True: SkillPacks are frozen"})
     byte_budget: Optional[int] = field(default=None, metadata={"help": "absolute byte budget"})
     calibration_samples: int = field(default=128, metadata={"help": "calibration sequences used at most; 0 = all given"})
+    general_text: bool = field(default=True, metadata={"help": "mix general text into given calibration batches"})
     distill_steps: Optional[int] = field(default=None, metadata={"help": "scale distillation steps; 0 = none, unset = 200 end to end, none block by block"})
     distill_learning_rate: float = field(default=1e-2, metadata={"help": "Adam rate, relative to each tensor's size"})
     objective: str = field(default="output", metadata={"help": "'output': what errors cost the model; 'weight': Frobenius"})
@@ -307,6 +313,7 @@ FIELD_RULES = {
     "formats": (_is_choice("all", "lowrank"), "'all' or 'lowrank'"),
     "candidate_search": (_is_choice("predicted", "exhaustive"), "'predicted' or 'exhaustive'"),
     "compensation": (lambda v: isinstance(v, bool), "true or false"),
+    "general_text": (lambda v: isinstance(v, bool), "true or false"),
     "inference_mode": (lambda v: isinstance(v, bool), "true or false"),
     "check_base_fingerprint": (lambda v: isinstance(v, bool), "true or false"),
     "verify_integrity": (lambda v: isinstance(v, bool), "true or false"),

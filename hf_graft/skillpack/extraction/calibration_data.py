@@ -77,9 +77,8 @@ def limited_batches(calibration: Iterable[Any], limit: int) -> tuple[list, int]:
     return batches, count
 
 
-def default_batches(model, tokenizer, samples: int) -> Optional[list]:
-    """Windows of the embedded corpus, tokenized with ``tokenizer`` or the one saved beside the base
-    model (``model`` loaded, or its folder)."""
+def _tokenizer_of(model, tokenizer):
+    """``tokenizer``, or the one saved beside ``model`` (loaded, or its folder), or ``None``."""
     if tokenizer is None:
         source = model if isinstance(model, str) else (
             getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
@@ -91,6 +90,13 @@ def default_batches(model, tokenizer, samples: int) -> Optional[list]:
                 tokenizer = AutoTokenizer.from_pretrained(source)
             except (OSError, ValueError, KeyError):
                 tokenizer = None
+    return tokenizer
+
+
+def default_batches(model, tokenizer, samples: int) -> Optional[list]:
+    """Windows of the embedded corpus, tokenized with ``tokenizer`` or the one saved beside the base
+    model (``model`` loaded, or its folder)."""
+    tokenizer = _tokenizer_of(model, tokenizer)
     if tokenizer is None:
         logger.warning(
             "No tokenizer for the default calibration text: the SkillPack is extracted data-free (weight error). "
@@ -105,9 +111,13 @@ def resolve_calibration(calibration: Any, tokenizer, model, config, *, distill_s
 
     ``calibration`` is ``"pydoc"`` (tokenized with ``tokenizer`` or the one beside ``model``, a
     loaded model or its folder; data-free, with a warning, when there is none), batches of
-    ``input_ids`` (or dicts of model inputs), or ``None``. ``config.calibration_samples`` is set
-    to the sequences used, and an unset ``config.distill_steps`` to ``distill_steps`` (0 data-free).
+    ``input_ids`` (or dicts of model inputs), or ``None``. Given batches are the skill's: with
+    ``config.general_text`` as many sequences of general text (the embedded corpus) are added, so
+    the pack is measured and distilled on what the model does off the skill too.
+    ``config.calibration_samples`` is set to the given sequences used, and an unset
+    ``config.distill_steps`` to ``distill_steps`` (0 data-free).
     """
+    given = calibration is not None and not isinstance(calibration, str)
     if isinstance(calibration, str):
         if calibration != "pydoc":
             raise HfGraftError(f"calibration must be 'pydoc', batches of input_ids or None, got {calibration!r}.")
@@ -117,4 +127,11 @@ def resolve_calibration(calibration: Any, tokenizer, model, config, *, distill_s
         return None
     batches, config.calibration_samples = limited_batches(calibration, config.calibration_samples)
     config.distill_steps = distill_steps if config.distill_steps is None else config.distill_steps
-    return [dict(batch) if isinstance(batch, dict) else {"input_ids": batch} for batch in batches]
+    batches = [dict(batch) if isinstance(batch, dict) else {"input_ids": batch} for batch in batches]
+    if given and config.general_text:
+        tokenizer = _tokenizer_of(model, tokenizer)
+        if tokenizer is None:
+            logger.warning("No tokenizer for general text: the SkillPack is calibrated on the given batches alone. Pass tokenizer=... to mix it in.")
+        else:
+            batches += [{"input_ids": ids} for ids in default_calibration(tokenizer, samples=config.calibration_samples)]
+    return batches
