@@ -295,3 +295,20 @@ def test_two_processes_make_the_same_pack_as_one(llama_pair, tmp_path):
                    check=True, timeout=600)
     assert _same_files(tmp_path / "one", tmp_path / "two")
     assert not (tmp_path / "two.partial").exists()
+
+
+def test_given_calibration_is_mixed_with_general_text(tmp_path):
+    from hf_graft.data import corpus_tokenizer
+
+    tokenizer = corpus_tokenizer(300)
+    skill = [{"input_ids": torch.randint(0, 300, (4, 10)), "labels": torch.full((4, 10), -100)} for _ in range(3)]
+    config = sp.SkillPackConfig(calibration_samples=8)
+    batches = resolve_calibration(skill, tokenizer, None, config, distill_steps=0)
+    general = batches[2:]
+    assert config.calibration_samples == 8 and batches[0] is not skill[0] and len(batches[1]["input_ids"]) == 4
+    assert sum(len(b["input_ids"]) for b in general) == 8 and all("labels" not in b and b["input_ids"].shape[1] == 128 for b in general)
+    tokenizer.save_pretrained(tmp_path / "base")  # found beside the base when not passed
+    assert len(resolve_calibration(skill, None, str(tmp_path / "base"), sp.SkillPackConfig(calibration_samples=8), distill_steps=0)) == len(batches)
+    alone = sp.SkillPackConfig(calibration_samples=8, general_text=False)
+    assert len(resolve_calibration(skill, tokenizer, None, alone, distill_steps=0)) == 2
+    assert len(resolve_calibration(skill, None, None, sp.SkillPackConfig(calibration_samples=8), distill_steps=0)) == 2  # no tokenizer: a warning
