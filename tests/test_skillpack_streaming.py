@@ -301,12 +301,17 @@ def test_given_calibration_is_mixed_with_general_text(tmp_path):
     from hf_graft.data import corpus_tokenizer
 
     tokenizer = corpus_tokenizer(300)
-    skill = [{"input_ids": torch.randint(0, 300, (4, 10)), "labels": torch.full((4, 10), -100)} for _ in range(3)]
+    labels = torch.full((4, 100), -100)
+    labels[:, -60:] = 1  # 240 supervised tokens a batch
+    skill = [{"input_ids": torch.randint(0, 300, (4, 100)), "labels": labels} for _ in range(3)]
     config = sp.SkillPackConfig(calibration_samples=8)
     batches = resolve_calibration(skill, tokenizer, None, config, distill_steps=0)
     general = batches[2:]
     assert config.calibration_samples == 8 and batches[0] is not skill[0] and len(batches[1]["input_ids"]) == 4
-    assert sum(len(b["input_ids"]) for b in general) == 8 and all("labels" not in b and b["input_ids"].shape[1] == 128 for b in general)
+    assert sum(len(b["input_ids"]) for b in general) == 4  # 480 supervised tokens: 4 sequences of 128
+    assert all("labels" not in b and b["input_ids"].shape[1] == 128 for b in general)
+    unlabelled = resolve_calibration([torch.randint(0, 300, (2, 64))], tokenizer, None, sp.SkillPackConfig(), distill_steps=0)
+    assert [len(b["input_ids"]) for b in unlabelled] == [2, 1]
     tokenizer.save_pretrained(tmp_path / "base")  # found beside the base when not passed
     assert len(resolve_calibration(skill, None, str(tmp_path / "base"), sp.SkillPackConfig(calibration_samples=8), distill_steps=0)) == len(batches)
     alone = sp.SkillPackConfig(calibration_samples=8, general_text=False)

@@ -51,10 +51,11 @@ class SkillPackConfig(PeftConfig):
             At most this many calibration sequences are used (0: all that are given); extraction
             records how many it used, 0 for a data-free pack.
         general_text (`bool`, defaults to `True`):
-            With calibration batches given (the skill's data), add as many sequences of general text
-            (the embedded pydoc corpus, tokenized with the base's tokenizer) so that what the pack
-            costs the model off the skill is measured and distilled too: the tuned model's
-            behaviour on both is what the pack reproduces.
+            With calibration batches given (the skill's data), add general text (the embedded pydoc
+            corpus, tokenized with the base's tokenizer), as many tokens as the skill's batches take
+            their loss on (their labelled tokens, or all), so that what the pack costs the model off
+            the skill is measured and distilled too: the tuned model's behaviour on both is what
+            the pack reproduces.
         distill_steps (`int`, *optional*):
             Steps of scale distillation (BitDelta's, applied to every format: the stored scales,
             zeros and fp16 values trained on the calibration data; bytes unchanged). Loaded models

@@ -1,6 +1,7 @@
 """Calibration data for SkillPack extraction: texts, and the token batches cut from them."""
 
 import logging
+import math
 import os
 from collections.abc import Iterable
 from typing import Any, Optional
@@ -106,14 +107,21 @@ def default_batches(model, tokenizer, samples: int) -> Optional[list]:
     return default_calibration(tokenizer, samples=samples or 128)
 
 
+def _supervised(batch: dict) -> int:
+    """Tokens the next-token loss of ``batch`` is taken on: its labelled ones, or every one."""
+    labels = batch.get("labels")
+    return int((labels != -100).sum()) if labels is not None else batch["input_ids"].numel()
+
+
 def resolve_calibration(calibration: Any, tokenizer, model, config, *, distill_steps: int) -> Optional[list[dict]]:
     """The calibration batches as dicts of model inputs, or ``None`` for a data-free pack.
 
     ``calibration`` is ``"pydoc"`` (tokenized with ``tokenizer`` or the one beside ``model``, a
     loaded model or its folder; data-free, with a warning, when there is none), batches of
     ``input_ids`` (or dicts of model inputs), or ``None``. Given batches are the skill's: with
-    ``config.general_text`` as many sequences of general text (the embedded corpus) are added, so
-    the pack is measured and distilled on what the model does off the skill too.
+    ``config.general_text``, general text (the embedded corpus) is added, as many tokens as the
+    skill's batches take their loss on, so the pack is measured and distilled on what the model
+    does off the skill too.
     ``config.calibration_samples`` is set to the given sequences used, and an unset
     ``config.distill_steps`` to ``distill_steps`` (0 data-free).
     """
@@ -133,5 +141,6 @@ def resolve_calibration(calibration: Any, tokenizer, model, config, *, distill_s
         if tokenizer is None:
             logger.warning("No tokenizer for general text: the SkillPack is calibrated on the given batches alone. Pass tokenizer=... to mix it in.")
         else:
-            batches += [{"input_ids": ids} for ids in default_calibration(tokenizer, samples=config.calibration_samples)]
+            count = math.ceil(sum(map(_supervised, batches)) / DEFAULT_LENGTH)
+            batches += [{"input_ids": ids} for ids in default_calibration(tokenizer, samples=count)]
     return batches
