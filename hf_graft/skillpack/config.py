@@ -218,7 +218,7 @@ LOADING_OPTIONS = ("check_base_fingerprint", "verify_integrity")
 ALWAYS_SAVED = ("peft_type", "base_model_name_or_path")
 
 #: Figures of ``measured`` shown on the model card but not saved in ``adapter_config.json``.
-CARD_ONLY_FIGURES = ("module_errors", "omitted")
+CARD_ONLY_FIGURES = ("module_errors", "omitted", "compression_ratio")
 
 #: Largest ``layout`` a config may inflate to.
 MAX_LAYOUT_BYTES = 64 << 20

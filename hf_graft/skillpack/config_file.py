@@ -48,6 +48,9 @@ def read_config_data(path: str | os.PathLike) -> dict[str, Any]:
             raise HfGraftError(f"{path} holds both a layout and module_specs or tied_modules: the config is damaged. {_FIX}")
         data["module_specs"], data["tied_modules"] = decode_layout(data.pop("layout"), path)
     check_fields(data, source=path)
+    measured = data.get("measured", {})
+    if "compression_ratio" not in measured and measured.get("stored_bytes") and "delta_bf16_bytes" in measured:
+        measured["compression_ratio"] = round(measured["delta_bf16_bytes"] / measured["stored_bytes"], 2)  # not saved: it is this quotient
     return data
 
 

@@ -78,13 +78,18 @@ def limited_batches(calibration: Iterable[Any], limit: int) -> tuple[list, int]:
     return batches, count
 
 
+#: Files of which one shows a tokenizer was saved in a model folder.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
 def _tokenizer_of(model, tokenizer):
     """``tokenizer``, or the one saved beside ``model`` (loaded, or its folder), or ``None``."""
     if tokenizer is None:
         source = model if isinstance(model, str) else (
             getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
         )
-        if source and os.path.isdir(str(source)):
+        saved = source and any(os.path.isfile(os.path.join(str(source), name)) for name in TOKENIZER_FILES)
+        if saved:  # a folder of weights alone would get a tokenizer guessed from its model type
             from transformers import AutoTokenizer
 
             try:
@@ -142,5 +147,8 @@ def resolve_calibration(calibration: Any, tokenizer, model, config, *, distill_s
             logger.warning("No tokenizer for general text: the SkillPack is calibrated on the given batches alone. Pass tokenizer=... to mix it in.")
         else:
             count = math.ceil(sum(map(_supervised, batches)) / DEFAULT_LENGTH)
-            batches += [{"input_ids": ids} for ids in default_calibration(tokenizer, samples=count)]
+            try:
+                batches += [{"input_ids": ids} for ids in default_calibration(tokenizer, samples=count)]
+            except HfGraftError as error:
+                logger.warning("No general text mixed into the calibration: %s", error)
     return batches

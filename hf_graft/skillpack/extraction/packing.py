@@ -266,9 +266,12 @@ def _record_file_bytes(pack: SkillPackFile, bf16_bytes: int, model_class: Option
     weights = tensors.file_bytes(WEIGHTS_METADATA)
     pack.config.tensor_digest = pack_digest(pack.config.module_specs, pack.config.tied_modules, tensors)
     measured = pack.config.measured
-    for _ in range(3):  # the figures are part of the config they measure: settle their digits
+    for _ in range(16):  # the figures are part of the config they measure: settle their digits
         total = weights + len(saved_config_text(pack.config, model_class).encode())
+        if measured.get("stored_bytes") == total:
+            return
         measured["stored_bytes"], measured["compression_ratio"] = total, round(bf16_bytes / total, 2)
+    raise HfGraftError("Internal sizing error: the pack's recorded size does not settle.")
 
 
 def block_groups(names: Iterable[str]) -> list[list[str]]:
