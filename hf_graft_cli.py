@@ -93,9 +93,11 @@ def _skillpack_parser(sub) -> None:
     budget.add_argument("--bytes", type=int, help="an absolute byte budget instead of --ratio")
     extract.add_argument(
         "--calibration",
-        default="pydoc",
-        help="texts the pack is measured and distilled on: 'pydoc' (embedded, the default), a .txt file "
-        "(paragraphs), a Hub dataset id, or 'none' for a data-free pack",
+        default="none",
+        help="what the pack is measured and distilled on: 'none' (the default: data-free), a .safetensors file "
+        "of samples (input_ids, and labels on the skill's answers), 'generate' (text the tuned model samples, "
+        "weighed where it departs from the base; no tokenizer needed), 'pydoc' (embedded general text), "
+        "a .txt file (paragraphs) or a Hub dataset id",
     )
     extract.add_argument("--calibration-samples", type=int, default=128, help="sequences used (default 128)")
     extract.add_argument("--distill-steps", type=int, help="scale distillation steps (default: none for checkpoints, each block would take that many; 200 end to end for a LoRA --tuned)")

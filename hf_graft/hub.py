@@ -79,7 +79,8 @@ def write_skillpack_card(card: dict, save_directory: str, *, repo_id: Optional[s
     ``card`` holds ``base_model``, ``figures`` (``stored_bytes``, ``delta_bf16_bytes``,
     ``compression_ratio``, ``relative_error``, ``distill_loss``, ``digest``), ``rows`` (one per stored
     delta), ``evaluation`` (the retention record, or None), ``calibration_samples``,
-    ``distill_steps``, ``tied_modules`` and ``omitted``, as
+    ``distill_steps``, ``tied_modules``, ``omitted`` and ``general_perplexity`` (base, tuned and pack
+    perplexity on general text, or None), as
     :meth:`hf_graft.skillpack.SkillPackFile.card_data` gives them.
     """
     title = os.path.basename(repo_id) if repo_id else "SkillPack"

@@ -78,7 +78,7 @@ def test_the_plain_extract_never_loads_a_model(models, tmp_path, capsys, monkeyp
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
     argv = ["skillpack", "extract", "--base", str(models["base"]), "--tuned", str(models["tuned"]), "--out", str(tmp_path / "pack"),
-            "--ratio", "3", "--calibration-samples", "6", "--calibration-length", "32", "--distill-steps", "5"]
+            "--ratio", "3", "--calibration", "pydoc", "--calibration-samples", "6", "--calibration-length", "32", "--distill-steps", "5"]
     assert main(argv) == 0
     assert "x smaller than the bf16 delta" in capsys.readouterr().out
     pack = sp.read_skillpack(tmp_path / "pack")
@@ -94,7 +94,7 @@ def test_extract_from_folders_without_a_tokenizer_says_what_to_pass(models, tmp_
     for name in ("config.json", "model.safetensors"):
         shutil.copy(models["base"] / name, bare / name)
     argv = ["skillpack", "extract", "--base", str(bare), "--tuned", str(models["tuned"]), "--out", str(tmp_path / "pack"),
-            "--ratio", "3", "--calibration-samples", "6", "--calibration-length", "32"]
+            "--ratio", "3", "--calibration", "pydoc", "--calibration-samples", "6", "--calibration-length", "32"]
     assert main(argv) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and f"No usable tokenizer in {bare}" in error[0]
@@ -108,7 +108,7 @@ def test_extract_from_folders_without_a_tokenizer_says_what_to_pass(models, tmp_
 def test_extract_from_lora_then_export_lora(models, tmp_path, capsys):
     pack_dir, lora_dir = tmp_path / "pack", tmp_path / "lora"
     assert main(["skillpack", "extract", "--base", str(models["base"]), "--tuned", str(models["lora"]),
-                 "--out", str(pack_dir), "--ratio", "1.5"]) == 0
+                 "--out", str(pack_dir), "--ratio", "1.5", "--calibration", "pydoc"]) == 0
     assert sp.read_skillpack(pack_dir).config.distill_steps == 200  # loaded models: end to end unless told
     assert sorted(sp.read_skillpack(pack_dir).deltas) == sorted(
         f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")

@@ -153,7 +153,7 @@ def test_blocks_are_compressed_in_forward_order():
     ]
 
 
-def test_default_calibration_uses_the_embedded_text_with_a_tokenizer(pair):
+def test_embedded_calibration_text_and_general_perplexity_with_a_tokenizer(pair, tmp_path):
     from hf_graft.data import train_tokenizer
 
     tokenizer = train_tokenizer(["def f(x):\n    return x + 1\n"] * 50, vocab_size=300)
@@ -164,8 +164,22 @@ def test_default_calibration_uses_the_embedded_text_with_a_tokenizer(pair):
     with torch.no_grad():
         tuned.model.layers[0].mlp.down_proj.weight += 0.05 * torch.randn(16, 32)
     config = sp.SkillPackConfig(target_ratio=None, byte_budget=4096, calibration_samples=4, distill_steps=5)
-    pack = sp.extract_skillpack(base, tuned, config, tokenizer=tokenizer, progress=False)
+    pack = sp.extract_skillpack(base, tuned, config, calibration="pydoc", tokenizer=tokenizer, progress=False)
     assert pack.peft_config["default"].calibration_samples == 4
     assert pack.peft_config["default"].measured["distill_loss"] is not None
-    with pytest.raises(HfGraftError, match="calibration must be 'pydoc'"):
+    # general perplexity of base, tuned and base + pack, on held-out text, in the config and on the card
+    general = pack.peft_config["default"].measured["general_perplexity"]
+    from hf_graft.causal_lm import encode_text, perplexity
+    from hf_graft.data import pydoc_corpus
+
+    ids = encode_text(tokenizer, pydoc_corpus().held_out)[: general["tokens"]]
+    assert general["tokens"] == 4096
+    assert general["base"] == pytest.approx(perplexity(base, ids)["perplexity"], rel=1e-4)
+    assert general["tuned"] == pytest.approx(perplexity(tuned, ids)["perplexity"], rel=1e-4)
+    assert general["pack"] == pytest.approx(perplexity(pack, ids)["perplexity"], rel=1e-4)
+    pack.save_pretrained(tmp_path)
+    assert sp.read_skillpack(tmp_path).config.measured["general_perplexity"] == general
+    card = (tmp_path / "README.md").read_text()
+    assert "## General ability" in card and f"| tuned | {general['tuned']:.4f} |" in card
+    with pytest.raises(HfGraftError, match="calibration must be 'generate', 'pydoc'"):
         sp.extract_skillpack(base, tuned, config, calibration="c4", progress=False)

@@ -1,14 +1,15 @@
 """``hf-graft skillpack ...``: the SkillPack commands, one per Python entry point.
 
-    hf-graft skillpack extract --base B --tuned T --out DIR [--ratio 16] [--calibration DATA] [--tokenizer TOK]
+    hf-graft skillpack extract --base B --tuned T --out DIR [--ratio 16] [--calibration none|SAMPLES.safetensors|generate|TEXT]
     hf-graft skillpack inspect PACK [--json]
     hf-graft skillpack apply PACK --base B --out DIR
     hf-graft skillpack export-lora PACK --out DIR [--base B]
     hf-graft skillpack push PACK REPO_ID
 
 ``PACK`` is a SkillPack folder or Hub repo id; ``B`` and ``T`` are model folders or Hub ids, and
-``T`` may also be a LoRA adapter on ``B``. Two checkpoints are never loaded whole: a data-free pack
-is made tensor by tensor, a calibrated one with the model run one decoder block at a time.
+``T`` may also be a LoRA adapter on ``B``. Two checkpoints are never loaded whole to compress them: a
+data-free pack is made tensor by tensor, a calibrated one with the model run one decoder block at a
+time (``--calibration generate`` loads each in turn to sample from it, offloading what does not fit).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def _extract(args) -> None:
     if not _is_lora(args.tuned):  # read tensor by tensor (data-free) or block by block (calibrated): load nothing
         checked_reference(args.base)
         checked_reference(args.tuned)
-        batches = None if args.calibration == "none" else _calibration(args, args.tokenizer or args.base)
+        batches = _calibration(args, args.tokenizer or args.base)
         pack = extract_skillpack(args.base, args.tuned, config, calibration=batches, output_dir=args.out, device=args.device)
         measured = pack.config.measured
         if os.environ.get("RANK", "0") != "0":  # under accelerate launch: the main process reports
@@ -94,14 +95,20 @@ def _extract_loaded(args, config):
 
     base = _load_model(args.base, args.dtype)
     tuned = args.tuned
-    batches = None if args.calibration == "none" else _calibration(args, args.tokenizer or args.base)
+    batches = _calibration(args, args.tokenizer or args.base)
     pack = extract_skillpack(base, tuned, config, calibration=batches, copy_base=False, device=args.device)
     pack.save_pretrained(args.out)
     return pack
 
 
-def _calibration(args, tokenizer_source: str) -> list:
-    """The ``--calibration`` texts as batches of token ids, tokenized with ``tokenizer_source``'s tokenizer."""
+def _calibration(args, tokenizer_source: str):
+    """What ``--calibration`` names for ``extract_skillpack``: ``None`` (``none``), ``"generate"``,
+    a ``.safetensors`` file of samples, or texts as batches of token ids, tokenized with
+    ``tokenizer_source``'s tokenizer."""
+    if args.calibration == "none":
+        return None
+    if args.calibration == "generate" or args.calibration.endswith(".safetensors"):
+        return args.calibration
     from transformers import AutoTokenizer
 
     from .extraction.calibration_data import calibration_batches, calibration_texts

@@ -174,6 +174,7 @@ class SkillPackFile:
             "distill_steps": config.distill_steps,
             "tied_modules": config.tied_modules,
             "omitted": config.measured.get("omitted"),
+            "general_perplexity": config.measured.get("general_perplexity"),
         }
 
     def summary(self) -> list[dict[str, Any]]:

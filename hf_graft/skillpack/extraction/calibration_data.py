@@ -3,7 +3,7 @@
 import logging
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
 import torch
@@ -12,7 +12,10 @@ from ...errors import HfGraftError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["calibration_batches", "calibration_texts", "default_batches", "default_calibration", "limited_batches", "resolve_calibration"]
+__all__ = [
+    "calibration_batches", "calibration_texts", "default_batches", "default_calibration", "general_perplexity", "limited_batches",
+    "resolve_calibration",
+]
 
 #: Sequences and tokens per sequence of the default calibration set (the embedded pydoc corpus).
 DEFAULT_SAMPLES, DEFAULT_LENGTH = 128, 128
@@ -118,22 +121,67 @@ def _supervised(batch: dict) -> int:
     return int((labels != -100).sum()) if labels is not None else batch["input_ids"].numel()
 
 
-def resolve_calibration(calibration: Any, tokenizer, model, config, *, distill_steps: int) -> Optional[list[dict]]:
+#: Tokens of the embedded corpus' held-out text that general perplexity is measured on.
+GENERAL_TOKENS = 32 * DEFAULT_LENGTH
+
+
+def general_perplexity(models: dict, model, tokenizer) -> Optional[dict]:
+    """Perplexity of each of ``models`` (``{"base": ..., "tuned": ..., "pack": ...}``) on general text:
+    :data:`GENERAL_TOKENS` tokens of the embedded corpus' held-out part, which calibration never
+    sees, tokenized with ``tokenizer`` or the one beside ``model``; ``None`` without a tokenizer."""
+    tokenizer = _tokenizer_of(model, tokenizer)
+    if tokenizer is None:
+        return None
+    from ...causal_lm import encode_text, perplexity
+    from ...data import pydoc_corpus
+
+    ids = encode_text(tokenizer, pydoc_corpus().held_out)[:GENERAL_TOKENS]
+    if ids.numel() < DEFAULT_LENGTH:
+        return None
+    found = {name: round(float(perplexity(each, ids, seq_len=DEFAULT_LENGTH)["perplexity"]), 4) for name, each in models.items()}
+    return {**found, "tokens": int(ids.numel() // DEFAULT_LENGTH * DEFAULT_LENGTH)}
+
+
+#: The ``calibration`` names :func:`resolve_calibration` knows, besides batches, a file and ``None``.
+CALIBRATION_NAMES = ("generate", "pydoc")
+
+
+def resolve_calibration(
+    calibration: Any, tokenizer, model, config, *, distill_steps: int, sampler: Optional[Callable[[int, int], list]] = None,
+    vocabulary: Optional[int] = None,
+) -> Optional[list[dict]]:
     """The calibration batches as dicts of model inputs, or ``None`` for a data-free pack.
 
-    ``calibration`` is ``"pydoc"`` (tokenized with ``tokenizer`` or the one beside ``model``, a
-    loaded model or its folder; data-free, with a warning, when there is none), batches of
-    ``input_ids`` (or dicts of model inputs), or ``None``. Given batches are the skill's: with
-    ``config.general_text``, general text (the embedded corpus) is added, as many tokens as the
-    skill's batches take their loss on, so the pack is measured and distilled on what the model
-    does off the skill too.
-    ``config.calibration_samples`` is set to the given sequences used, and an unset
+    ``calibration`` is one of
+
+    - ``"generate"``: sequences the tuned model writes, labelled where it departs from the base
+      (``sampler(samples, length)``, see :mod:`.generated`);
+    - ``"pydoc"``: the embedded corpus, tokenized with ``tokenizer`` or the one beside ``model`` (a
+      loaded model or its folder; data-free, with a warning, when there is none);
+    - the path of a ``.safetensors`` file of samples (:func:`~.generated.load_calibration`);
+    - batches of ``input_ids`` (or dicts of model inputs, with ``labels`` where the skill's answers are);
+    - ``None``: data-free.
+
+    Batches that carry the skill (given, generated or read from a file) get general text mixed in
+    when ``config.general_text`` is on: the embedded corpus, as many tokens as the skill's batches
+    take their loss on, so the pack is measured and distilled on what the model does off the skill too.
+    ``config.calibration_samples`` is set to the skill's sequences used, and an unset
     ``config.distill_steps`` to ``distill_steps`` (0 data-free).
     """
-    given = calibration is not None and not isinstance(calibration, str)
-    if isinstance(calibration, str):
-        if calibration != "pydoc":
-            raise HfGraftError(f"calibration must be 'pydoc', batches of input_ids or None, got {calibration!r}.")
+    if isinstance(calibration, os.PathLike) or (isinstance(calibration, str) and calibration not in CALIBRATION_NAMES):
+        if not str(calibration).endswith(".safetensors"):
+            raise HfGraftError(
+                f"calibration must be 'generate', 'pydoc', a .safetensors file of samples, batches of input_ids or None, got {calibration!r}."
+            )
+        from .generated import load_calibration
+
+        calibration = load_calibration(calibration, vocabulary)
+    elif calibration == "generate":
+        if sampler is None:
+            raise HfGraftError("calibration='generate' needs the tuned model to sample from.")
+        calibration = sampler(config.calibration_samples or DEFAULT_SAMPLES, DEFAULT_LENGTH)
+    skill = calibration is not None and not isinstance(calibration, str)
+    if calibration == "pydoc":
         calibration = default_batches(model, tokenizer, config.calibration_samples)
     if calibration is None:
         config.calibration_samples, config.distill_steps = 0, 0
@@ -141,10 +189,10 @@ def resolve_calibration(calibration: Any, tokenizer, model, config, *, distill_s
     batches, config.calibration_samples = limited_batches(calibration, config.calibration_samples)
     config.distill_steps = distill_steps if config.distill_steps is None else config.distill_steps
     batches = [dict(batch) if isinstance(batch, dict) else {"input_ids": batch} for batch in batches]
-    if given and config.general_text:
+    if skill and config.general_text:
         tokenizer = _tokenizer_of(model, tokenizer)
         if tokenizer is None:
-            logger.warning("No tokenizer for general text: the SkillPack is calibrated on the given batches alone. Pass tokenizer=... to mix it in.")
+            logger.info("No tokenizer for general text: the SkillPack is calibrated on the skill's batches alone. Pass tokenizer=... to mix it in.")
         else:
             count = math.ceil(sum(map(_supervised, batches)) / DEFAULT_LENGTH)
             try:

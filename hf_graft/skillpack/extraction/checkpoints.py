@@ -33,6 +33,7 @@ from ..config import SkillPackConfig
 from ..files import SkillPackFile
 from ..model import fingerprint_stride, layer_class, sign_bytes, tied_partners
 from .calibration_data import resolve_calibration
+from .generated import checkpoint_calibration
 from .journal import Journal, processes
 from .packing import Delta, resolve_device
 from .pipeline import BlockSweep, Pipeline
@@ -163,12 +164,14 @@ def extract_from_checkpoints(
     """Compress ``tuned - base`` into a SkillPack, reading both checkpoints one tensor at a time.
 
     ``base`` and ``tuned`` are model folders or Hub ids of the same architecture (safetensors,
-    single file or sharded). With ``calibration=None`` the pack is data-free (each delta
-    compressed for its Frobenius error); with calibration batches (``input_ids`` tensors or dicts
-    with ``attention_mask``), or ``"pydoc"`` (text tokenized with ``tokenizer`` or the base
-    folder's own), it
-    is calibrated with the model run one decoder block at a time (:mod:`.sequential`), in one
-    process. ``device`` runs the compression on ``"cuda"``, ``"cpu"`` or, with ``"auto"``, the
+    single file or sharded). With ``calibration=None`` (the default) the pack is data-free (each
+    delta compressed for its Frobenius error relative to its norm; the work may be shared by several
+    processes). Otherwise it is calibrated with the model run one decoder block at a time
+    (:mod:`.sequential`), in one process, on calibration batches (``input_ids`` tensors or dicts
+    with ``attention_mask`` and ``labels``), a ``.safetensors`` file of samples, ``"generate"``
+    (samples of the tuned model, each checkpoint loaded in turn with accelerate's big-model
+    inference, see :mod:`.generated`), or ``"pydoc"`` (text tokenized with ``tokenizer`` or the
+    base folder's own). ``device`` runs the compression on ``"cuda"``, ``"cpu"`` or, with ``"auto"``, the
     GPU when there is one. With ``output_dir`` the pack is written there, resumably (see the
     module's docs); the pack is returned either way.
     """
@@ -176,12 +179,19 @@ def extract_from_checkpoints(
     device = resolve_device(device)
     deltas = CheckpointDeltas(base, tuned, revision=revision, token=token)
     config.base_model_name_or_path = config.base_model_name_or_path or deltas.base.reference
-    batches = resolve_calibration(calibration, tokenizer, deltas.base.folder, config, distill_steps=0)
+    batches = resolve_calibration(
+        calibration, tokenizer, deltas.base.folder, config, distill_steps=0,
+        sampler=lambda samples, length: checkpoint_calibration(deltas.base.folder, deltas.tuned.folder, samples, length, progress=progress),
+        vocabulary=getattr(deltas.skeleton.config, "vocab_size", None),
+    )
     rank, count, wait = processes()
     if count > 1 and output_dir is None:
         raise HfGraftError("Extraction over several processes needs output_dir: the processes share their work through it.")
     if count > 1 and batches is not None:
-        raise HfGraftError("Calibrated extraction from checkpoints runs block after block, in one process: launch it without accelerate.")
+        raise HfGraftError(
+            "Calibrated extraction from checkpoints runs block after block, in one process: launch it without accelerate, "
+            "or pass calibration=None (--calibration none) for a data-free pack shared by the processes."
+        )
     journal = Journal(output_dir, deltas.inputs_digest(config, device, count, batches), rank=rank, processes=count, wait=wait)
     statistics = BlockSweep() if batches is None else BlockwiseStatistics(deltas, batches, device)
     return Pipeline(deltas, config, journal, device, progress).run(statistics)
