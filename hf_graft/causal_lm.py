@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from . import metrics
 from .data import Example
@@ -96,7 +96,33 @@ def tiny_gpt_neox_config(
     )
 
 
-TINY_FAMILIES = {"llama": tiny_llama_config, "gpt_neox": tiny_gpt_neox_config}
+def tiny_gpt2_config(
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    hidden_size: int = 128,
+    num_hidden_layers: int = 4,
+    num_attention_heads: int = 4,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 256,
+    **overrides,
+) -> GPT2Config:
+    """A small ``GPT2Config`` (``Conv1D`` layers, learned positions, tied embeddings) for
+    ``tokenizer``; ``intermediate_size`` defaults to GPT-2's 4x ``hidden_size``."""
+    return GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=hidden_size,
+        n_layer=num_hidden_layers,
+        n_head=num_attention_heads,
+        n_inner=intermediate_size or 4 * hidden_size,
+        n_positions=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **overrides,
+    )
+
+
+TINY_FAMILIES = {"llama": tiny_llama_config, "gpt_neox": tiny_gpt_neox_config, "gpt2": tiny_gpt2_config}
 
 
 def tiny_config(tokenizer: PreTrainedTokenizerBase, family: str = "llama", **shape):

@@ -70,8 +70,9 @@ def _largest_fraction(cost, budget: int) -> float:
     return low
 
 
-def delta_come(deltas: dict, budget: int, hessians: dict) -> Encoded:
-    """Delta-CoMe at ``budget`` bytes; ``hessians`` maps parameter names to input second moments (or is empty)."""
+def delta_come(deltas: dict, budget: int, hessians: dict, transposed: frozenset = frozenset()) -> Encoded:
+    """Delta-CoMe at ``budget`` bytes; ``hessians`` maps parameter names to input second moments (or is
+    empty); the deltas named in ``transposed`` are stored ``[in, out]`` (GPT-2's ``Conv1D``)."""
     segments, dense = _vectors(deltas)
     matrices = {name: d for name, d in deltas.items() if d.dim() == 2}
     fixed = sum(2 * d.numel() + _overhead(n) for n, d in deltas.items() if d.dim() != 2)
@@ -89,10 +90,11 @@ def delta_come(deltas: dict, budget: int, hessians: dict) -> Encoded:
     chosen = ranks(_largest_fraction(cost, budget))
     for name, delta in matrices.items():
         spec = {"kind": "lowrank", "rank": chosen[name], "scheme": DELTA_COME_SCHEME, "group_size": 128}
-        hessian = hessians.get(name)
-        packed = compress_delta_calibrated(delta, spec, hessian) if hessian is not None else compress_delta(delta, spec)
+        hessian, flip = hessians.get(name), name in transposed
+        oriented = delta.T if flip else delta
+        packed = compress_delta_calibrated(oriented, spec, hessian) if hessian is not None else compress_delta(oriented, spec)
         segments[name] = list(packed.segments().values())
-        dense[name] = packed.delta()
+        dense[name] = packed.delta().T if flip else packed.delta()
     note = "" if cost(_largest_fraction(cost, budget)) <= budget else "smallest rank exceeds the budget"
     return Encoded(segments, dense, note)
 

@@ -138,5 +138,6 @@ def test_checkpoints_are_sampled_with_big_model_inference(models, tmp_path):
     for read, loaded in zip(from_files, in_memory):
         assert torch.equal(read["input_ids"], loaded["input_ids"]) and torch.equal(read["labels"], loaded["labels"])
     config = sp.SkillPackConfig(target_ratio=8.0, calibration_samples=4, distill_steps=0)
-    written = sp.extract_skillpack(str(tmp_path / "base"), str(tmp_path / "tuned"), config, output_dir=tmp_path / "pack", progress=False)
+    written = sp.extract_skillpack(str(tmp_path / "base"), str(tmp_path / "tuned"), config, calibration="generate",
+                                   output_dir=tmp_path / "pack", progress=False)
     assert written.config.calibration_samples == 4
