@@ -194,7 +194,7 @@ def resolve_calibration(
         if tokenizer is None:
             logger.info("No tokenizer for general text: the SkillPack is calibrated on the skill's batches alone. Pass tokenizer=... to mix it in.")
         else:
-            count = math.ceil(float(os.environ.get("X_GENMULT", "1")) * sum(map(_supervised, batches)) / DEFAULT_LENGTH)
+            count = math.ceil(sum(map(_supervised, batches)) / DEFAULT_LENGTH)
             try:
                 batches += [{"input_ids": ids} for ids in default_calibration(tokenizer, samples=count)]
             except HfGraftError as error:

@@ -178,8 +178,7 @@ def _relative(measurement: Measurement) -> list[Candidate]:
     byte-level GPT-NeoX fine-tunes on 2-digit addition (128 wide, 4 blocks), relative error kept
     94% and 63% of the skill at 16x where absolute error kept 78% and 36%.
     """
-    import os
-    norm = max(measurement.norm_sq, 1e-30) ** float(os.environ.get("X_ALPHA", "1"))
+    norm = max(measurement.norm_sq, 1e-30)
     return [Candidate(candidate.nbytes, candidate.cost / norm, candidate.spec) for candidate in measurement.candidates]
 
 
