@@ -218,3 +218,18 @@ def test_apply_to_another_base_names_the_cli_flag(models, embedding_pack, tmp_pa
     err = capsys.readouterr().err
     assert "another base model" in err and "--no-check-base" in err and "check_base_fingerprint" not in err
     assert main(argv + ["--no-check-base"]) == 0
+
+
+def test_extract_calibrated_on_samples_of_the_tuned_model_or_a_file_of_them(models, tmp_path, capsys):
+    """--calibration generate samples the tuned checkpoint; the same samples saved to a file make the same pack."""
+    from hf_graft.skillpack.extraction.generated import checkpoint_calibration, save_calibration
+
+    common = ["--base", str(models["base"]), "--tuned", str(models["tuned"]), "--ratio", "3", "--calibration-samples", "4"]
+    assert main(["skillpack", "extract", *common, "--out", str(tmp_path / "generated"), "--calibration", "generate"]) == 0
+    generated = sp.read_skillpack(tmp_path / "generated")
+    assert generated.config.calibration_samples == 4
+    save_calibration(tmp_path / "samples.safetensors", checkpoint_calibration(str(models["base"]), str(models["tuned"]), 4, 128, progress=False))
+    assert main(["skillpack", "extract", *common, "--out", str(tmp_path / "file"), "--calibration", str(tmp_path / "samples.safetensors")]) == 0
+    assert (tmp_path / "generated" / "adapter_model.safetensors").read_bytes() == (tmp_path / "file" / "adapter_model.safetensors").read_bytes()
+    assert main(["skillpack", "extract", *common, "--out", str(tmp_path / "free")]) == 0  # the default: data-free
+    assert sp.read_skillpack(tmp_path / "free").config.calibration_samples == 0
