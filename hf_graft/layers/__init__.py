@@ -7,12 +7,15 @@
   residual or logits losses) on :func:`translator_batches` (task, corpus or mixed data);
 - ``grafted.swap_block(tuned)``: the paper's "original" strategy (translators trained around the
   vanilla block, then the specialised block swapped in); grafting the specialised block from the
-  start is the "direct" strategy.
+  start is the "direct" strategy;
+- gated grafts (``gate=True``): :func:`train_gate` teaches the gate to open on the task and close
+  on general text, :func:`gate_openness` reports how far it opens.
 """
 
 from ..models.modeling_grafted_causal_lm import GraftedBlock, Translator, decoder_layers
 from . import evaluation
 from .evaluation import language_scores, task_scores
+from .gating import gate_openness, train_gate
 from .specialise import block_linear_names, specialise_block
 from .translators import LOSSES, fit_translators, train_translators, translator_batches
 
@@ -24,9 +27,11 @@ __all__ = [
     "decoder_layers",
     "evaluation",
     "fit_translators",
+    "gate_openness",
     "language_scores",
     "specialise_block",
     "task_scores",
+    "train_gate",
     "train_translators",
     "translator_batches",
 ]

@@ -33,6 +33,8 @@ class GraftedCausalLMConfig(GraftedConfig):
             - ``donor_layer`` (`int`): which of the donor's blocks it is;
             - ``translator_init`` (`str`): ``"identity"`` (hidden sizes must match) or
               ``"least_squares"`` (fitted from paired activations; any sizes);
+            - ``gate`` (`bool`, optional, default false): the block's output passes through a learned
+              per-token gate read from the host's stream, so the host runs as itself where it is closed;
             - ``donor_name`` (`str`, optional) and ``block`` (`str`, optional: ``"vanilla"`` or
               ``"tuned"``): where the weights came from, for the model card.
     """
@@ -89,6 +91,8 @@ class GraftedCausalLMConfig(GraftedConfig):
                     f"{what}: donor layer {layer!r} is outside the donor, which has {donor_layers} blocks "
                     f"(layers 0 to {donor_layers - 1})."
                 )
+            if not isinstance(graft.get("gate", False), bool):
+                raise ValueError(f"{what}: gate must be true or false, got {graft['gate']!r}.")
             init = graft.setdefault("translator_init", "identity")
             if init not in TRANSLATOR_INITS:
                 raise ValueError(f"{what}: translator_init must be one of {TRANSLATOR_INITS}, got {init!r}.")

@@ -30,29 +30,59 @@ class Translator(nn.Linear):
         self.bias.zero_()
 
 
+class Gate(nn.Module):
+    """How far a graft's output replaces the host's stream at each token: ``sigmoid(w . norm(h) + b)``,
+    read from the host's stream ``h`` before the graft (one scalar per token, causal).
+
+    It starts open (``b`` = :data:`OPEN_LOGIT`, ``w`` = 0: the graft acts as it would ungated) and
+    learns to close where the graft's task is absent, so the host runs as itself there.
+    """
+
+    #: The logit a new gate starts at: ``sigmoid(4) = 0.982``.
+    OPEN_LOGIT = 4.0
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False)
+        self.score = nn.Linear(hidden_size, 1)
+        self.reset_open()
+
+    @torch.no_grad()
+    def reset_open(self) -> None:
+        self.score.weight.zero_()
+        self.score.bias.fill_(self.OPEN_LOGIT)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The openness ``[..., 1]`` of each token, in ``[0, 1]``."""
+        return torch.sigmoid(self.score(self.norm(hidden_states)).float()).to(hidden_states.dtype)
+
+
 class GraftedBlock(nn.Module):
-    """``post(block(pre(h)))``: a donor block between a pre- and a post-translator.
+    """``post(block(pre(h)))``: a donor block between a pre- and a post-translator; gated, the
+    stream becomes ``h + g(h) * (post(block(pre(h))) - h)``, the host's own ``h`` where ``g`` is 0.
 
     It takes the host block's call (hidden states plus the host's keyword arguments) and returns
     what the host's blocks return. Rotary position embeddings are recomputed with the donor's own
     settings, as its head size may differ from the host's.
     """
 
-    def __init__(self, host_config, donor_config, block_class, rotary_class, layer_idx: int):
+    def __init__(self, host_config, donor_config, block_class, rotary_class, layer_idx: int, gated: bool = False):
         super().__init__()
         self.pre = Translator(host_config.hidden_size, donor_config.hidden_size)
         self.block = block_class(donor_config, layer_idx)
         self.post = Translator(donor_config.hidden_size, host_config.hidden_size)
         self.rotary_emb = rotary_class(config=donor_config) if rotary_class is not None else None
+        self.gate = Gate(host_config.hidden_size) if gated else None
 
     def forward(self, hidden_states, *args, position_embeddings=None, position_ids=None, **kwargs):
         inner = self.pre(hidden_states)
         if self.rotary_emb is not None and position_embeddings is not None:
             position_embeddings = self.rotary_emb(inner, position_ids)
         output = self.block(inner, *args, position_embeddings=position_embeddings, position_ids=position_ids, **kwargs)
-        if isinstance(output, tuple):
-            return (self.post(output[0]),) + output[1:]
-        return self.post(output)
+        grafted = self.post(output[0] if isinstance(output, tuple) else output)
+        if self.gate is not None:
+            grafted = hidden_states + self.gate(hidden_states) * (grafted - hidden_states)
+        return (grafted,) + output[1:] if isinstance(output, tuple) else grafted
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -97,7 +127,7 @@ class GraftedModelForCausalLM(GraftedModel, GenerationMixin):
                     donor_config = config_from_dict(graft["donor_config"])
                     donor_config._attn_implementation = implementation
                     self._graft_slots[index] = len(blocks)
-                    blocks.append(GraftedBlock(host_config, donor_config, block_class, rotary_class, 0))
+                    blocks.append(GraftedBlock(host_config, donor_config, block_class, rotary_class, 0, bool(graft.get("gate", False))))
             if position < len(layers):
                 blocks.append(layers[position])
         self.host.base_model.layers = layers = nn.ModuleList(blocks)
@@ -109,15 +139,19 @@ class GraftedModelForCausalLM(GraftedModel, GenerationMixin):
         if getattr(self.host.config, "layer_types", None) is not None:
             self.host.config.layer_types = [self.host.config.layer_types[0]] * len(layers)
         self.post_init()
-        # The host's own initialisation reaches the translators inside its stack: make them identities again.
+        # The host's own initialisation reaches the translators and gates inside its stack: reset them.
         for module in self.modules():
             if isinstance(module, Translator):
                 module.reset_to_identity()
+            elif isinstance(module, Gate):
+                module.reset_open()
         self.generation_config = self.host.generation_config  # one generation config: the host's
 
     def _init_weights(self, module):
         if isinstance(module, Translator):
             module.reset_to_identity()
+        elif isinstance(module, Gate):
+            module.reset_open()
 
     @property
     def graft_blocks(self) -> list:
@@ -156,24 +190,27 @@ class GraftedModelForCausalLM(GraftedModel, GenerationMixin):
         position: int,
         translator_init: str = "identity",
         donor_name: Optional[str] = None,
+        gate: bool = False,
     ) -> "GraftedModelForCausalLM":
         """A copy of ``host`` with ``donor``'s block ``donor_layer`` inserted at ``position``.
 
         Translators start as the identity; with ``translator_init="least_squares"`` (needed when
-        the hidden sizes differ) fit them with ``hf_graft.layers.fit_translators``.
+        the hidden sizes differ) fit them with ``hf_graft.layers.fit_translators``. With
+        ``gate=True`` the graft is gated (see :meth:`add_graft`).
         """
         if isinstance(host, GraftedModelForCausalLM):
             raise ValueError("from_models takes a plain host model; use add_graft to graft into a grafted model.")
         return cls.add_graft(
-            host, donor, donor_layer=donor_layer, position=position, translator_init=translator_init, donor_name=donor_name
+            host, donor, donor_layer=donor_layer, position=position, translator_init=translator_init, donor_name=donor_name, gate=gate,
         )
 
     @classmethod
-    def add_graft(cls, host, donor, *, donor_layer, position, translator_init="identity", donor_name=None):
+    def add_graft(cls, host, donor, *, donor_layer, position, translator_init="identity", donor_name=None, gate=False):
         """Like :meth:`from_models`; ``host`` may already be a grafted model, whose grafts are kept.
 
         ``position`` counts the host's own blocks; a new graft at the position of an earlier one
-        runs after it.
+        runs after it. With ``gate=True`` the graft's output passes through a :class:`Gate`
+        (trained by ``hf_graft.layers.train_gate``); several gated grafts each open on their own task.
         """
         grafted = isinstance(host, GraftedModelForCausalLM)
         source = host.host if grafted else host
@@ -186,6 +223,7 @@ class GraftedModelForCausalLM(GraftedModel, GenerationMixin):
                 "translator_init": translator_init,
                 "donor_name": donor_name or getattr(donor, "name_or_path", None) or None,
                 "block": "vanilla",
+                **({"gate": True} if gate else {}),
             }
         )
         config = GraftedCausalLMConfig(
