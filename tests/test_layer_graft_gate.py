@@ -61,7 +61,7 @@ with torch.no_grad():
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_the_gate_learns_to_open_on_the_task_and_shut_on_general_text():
+def test_the_gate_learns_to_open_on_the_task_and_shut_on_general_text(tmp_path):
     """Task batches draw on tokens 0-7, general text on 200-215: the gate, linear in the host's stream, tells them apart."""
     host = make("llama", 0)
     gated = hf_graft.GraftedModelForCausalLM.from_models(host, make("llama", 1), donor_layer=1, position=2, gate=True)
@@ -76,6 +76,12 @@ def test_the_gate_learns_to_open_on_the_task_and_shut_on_general_text():
     assert on_task["tokens"] == off_task["tokens"] == 4 * 4 * 12
     assert on_task["mean"] > 0.9 and on_task["open_share"] > 0.95
     assert off_task["mean"] < 0.2 and off_task["open_share"] < 0.1
+    assert layers.record_openness(gated, task, general) == {"task": on_task, "general": off_task}
+    gated.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    share = f"open on {100 * on_task['open_share']:.0f}% of task tokens, {100 * off_task['open_share']:.0f}% of general-text tokens"
+    assert share in card
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config.grafts[0]["openness"] == {"task": on_task, "general": off_task}
 
 
 def test_gate_errors_name_what_to_do():

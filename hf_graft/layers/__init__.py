@@ -9,13 +9,14 @@
   vanilla block, then the specialised block swapped in); grafting the specialised block from the
   start is the "direct" strategy;
 - gated grafts (``gate=True``): :func:`train_gate` teaches the gate to open on the task and close
-  on general text, :func:`gate_openness` reports how far it opens.
+  on general text, :func:`gate_openness` reports how far it opens and :func:`record_openness` keeps
+  that in the config, for the model card.
 """
 
 from ..models.modeling_grafted_causal_lm import GraftedBlock, Translator, decoder_layers
 from . import evaluation
 from .evaluation import language_scores, task_scores
-from .gating import gate_openness, train_gate
+from .gating import gate_openness, record_openness, train_gate
 from .specialise import block_linear_names, specialise_block
 from .translators import LOSSES, fit_translators, train_translators, translator_batches
 
@@ -28,6 +29,7 @@ __all__ = [
     "evaluation",
     "fit_translators",
     "gate_openness",
+    "record_openness",
     "language_scores",
     "specialise_block",
     "task_scores",

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..errors import HfGraftError
 
-__all__ = ["gate_openness", "train_gate"]
+__all__ = ["gate_openness", "record_openness", "train_gate"]
 
 #: A gate counts as open on a token above this openness.
 OPEN = 0.5
@@ -131,3 +131,11 @@ def gate_openness(grafted, data: Sequence[torch.Tensor], graft: int = 0) -> dict
         raise HfGraftError("gate_openness needs at least one batch of input_ids.")
     values = torch.cat(seen)
     return {"mean": float(values.mean()), "open_share": float((values > OPEN).float().mean()), "tokens": int(values.numel())}
+
+
+def record_openness(grafted, task_data: Sequence[torch.Tensor], general_data: Sequence[torch.Tensor], graft: int = 0) -> dict:
+    """:func:`gate_openness` on the task's batches and on general text, stored in the graft's config
+    entry (``openness``: saved with the model, shown on its card) and returned."""
+    openness = {"task": gate_openness(grafted, task_data, graft), "general": gate_openness(grafted, general_data, graft)}
+    grafted.config.grafts[graft]["openness"] = openness
+    return openness
