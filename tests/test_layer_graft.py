@@ -1,6 +1,7 @@
 """Layer grafting: GraftedModelForCausalLM on GPT-NeoX and Llama hosts, translators, specialisation, Hub."""
 
 import copy
+import json
 import subprocess
 import sys
 
@@ -202,11 +203,17 @@ def test_cli_specialise_graft_eval(tmp_path, tokenizer, capsys):
                        layers.decoder_layers(tuned)[1].attention.query_key_value.weight)
     capsys.readouterr()
     assert main(["layers", "eval", str(tmp_path / "grafted"), "--samples", "8"]) == 0
-    import json
-
     scores = json.loads(capsys.readouterr().out)
     assert set(scores) == {"format_hard", "format_soft", "factual", "lexical_perplexity", "perplexity"}
     assert all(0 <= scores[k] <= 1 for k in ("format_hard", "format_soft", "factual"))
+    assert main(["layers", "graft", "--host", str(tmp_path / "host"), "--donor", str(tmp_path / "vanilla"),
+                 "--tuned", str(tmp_path / "tuned"), "--donor-layer", "1", "--position", "2", "--steps", "5",
+                 "--gate", "--gate-steps", "5", "--out", str(tmp_path / "gated")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    gated = AutoModelForCausalLM.from_pretrained(tmp_path / "gated")
+    assert gated.config.grafts[0]["gate"] is True and gated.config.grafts[0]["openness"] == report["gate_openness"]
+    assert set(report["gate_openness"]) == {"task", "general"} and report["gate_openness"]["task"]["tokens"] > 0
+    assert "of general-text tokens" in (tmp_path / "gated" / "README.md").read_text()
     assert main(["layers", "graft", "--host", str(tmp_path / "host"), "--donor", str(tmp_path / "vanilla"),
                  "--donor-layer", "1", "--position", "9", "--out", str(tmp_path / "bad")]) == 2
     assert "position 9 is outside the host" in capsys.readouterr().err

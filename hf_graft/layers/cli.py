@@ -1,11 +1,12 @@
 """``hf-graft layers ...``: layer grafting from the command line.
 
     hf-graft layers specialise --model M --layer I --out DIR [--modulus 4]
-    hf-graft layers graft --host H --donor D --donor-layer I --position J --out DIR [--tuned T]
+    hf-graft layers graft --host H --donor D --donor-layer I --position J --out DIR [--tuned T] [--gate]
     hf-graft layers eval MODEL [--modulus 4] [--mlm bert-base-uncased]
 
 Models are folders or Hub ids with their tokenizer; the task is modular addition
-(``"a + b mod n"`` -> ``"The result is x"``); translator data is the task, the embedded corpus, or both.
+(``"a + b mod n"`` -> ``"The result is x"``); translator data is the task, the embedded corpus, or both;
+a gated graft's gate is trained on the task against the embedded corpus.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def _specialise(args) -> None:
 def _graft(args) -> None:
     from ..data import modular_addition, pydoc_corpus
     from ..models.modeling_grafted_causal_lm import GraftedModelForCausalLM
+    from .gating import record_openness, train_gate
     from .translators import fit_translators, train_translators, translator_batches
 
     if args.strategy == "direct" and not args.tuned:
@@ -58,17 +60,24 @@ def _graft(args) -> None:
     source = tuned if args.strategy == "direct" else donor
     grafted = GraftedModelForCausalLM.from_models(
         host, source, donor_layer=args.donor_layer, position=args.position,
-        translator_init=args.translator_init, donor_name=args.donor,
+        translator_init=args.translator_init, donor_name=args.donor, gate=args.gate,
     )
-    data = translator_batches(tokenizer, args.data, task=modular_addition(args.modulus), corpus=pydoc_corpus().train)
+    task = modular_addition(args.modulus)
+    data = translator_batches(tokenizer, args.data, task=task, corpus=pydoc_corpus().train)
     if args.translator_init == "least_squares":
         fit_translators(grafted, donor=source, host=host, data=data)
     losses = train_translators(grafted, donor=source, host=host, data=data, loss=args.loss, steps=args.steps)
     if tuned is not None and args.strategy == "original":
         grafted.swap_block(tuned)
+    report = {"translator_losses": losses}
+    if args.gate:
+        task_ids = translator_batches(tokenizer, "task", task=task)
+        general_ids = translator_batches(tokenizer, "corpus", corpus=pydoc_corpus().train)
+        report["gate_loss"] = train_gate(grafted, host=host, task_data=task_ids, general_data=general_ids, steps=args.gate_steps)
+        report["gate_openness"] = record_openness(grafted, task_ids, general_ids)
     grafted.config.graft_dataset = f"{args.data} (modular addition n={args.modulus}, pydoc corpus)"
     grafted.save_pretrained(args.out, tokenizer=tokenizer)
-    print(json.dumps({"translator_losses": losses, "out": args.out}, indent=2))
+    print(json.dumps({**report, "out": args.out}, indent=2))
     if args.push_to_hub:
         print(f"pushed: {grafted.push_to_hub(args.push_to_hub, tokenizer=tokenizer)}")
 
