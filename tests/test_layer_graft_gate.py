@@ -69,7 +69,7 @@ def test_the_gate_learns_to_open_on_the_task_and_shut_on_general_text(tmp_path):
     task = [torch.randint(0, 8, (4, 12), generator=generator) for _ in range(4)]
     general = [torch.randint(200, 216, (4, 12), generator=generator) for _ in range(4)]
     frozen = {name: p.clone() for name, p in gated.named_parameters() if ".gate." not in name}
-    result = layers.train_gate(gated, host=host, task_data=task, general_data=general, steps=150, progress=False)
+    result = layers.train_gate(gated, task_data=task, general_data=general, steps=150, progress=False)
     assert result["last"] < 0.5 * result["first"]
     assert all(torch.equal(p, frozen[name]) for name, p in gated.named_parameters() if name in frozen)  # only the gate moved
     on_task, off_task = layers.gate_openness(gated, task), layers.gate_openness(gated, general)
@@ -82,6 +82,25 @@ def test_the_gate_learns_to_open_on_the_task_and_shut_on_general_text(tmp_path):
     share = f"open on {100 * on_task['open_share']:.0f}% of task tokens, {100 * off_task['open_share']:.0f}% of general-text tokens"
     assert share in card
     assert AutoModelForCausalLM.from_pretrained(tmp_path).config.grafts[0]["openness"] == {"task": on_task, "general": off_task}
+
+
+def test_two_gated_grafts_route_each_task_to_its_own_graft():
+    """Task A draws on tokens 0-7, task B on 100-107, general text on 200-215: trained together, each gate opens on its own task."""
+    host = make("llama", 0)
+    one = hf_graft.GraftedModelForCausalLM.from_models(host, make("llama", 1), donor_layer=1, position=2, gate=True)
+    both = hf_graft.GraftedModelForCausalLM.add_graft(one, make("llama", 2), donor_layer=0, position=1, gate=True)
+    assert [g["gate"] for g in both.config.grafts] == [True, True]
+    generator = torch.Generator().manual_seed(0)
+    task_a, task_b, general = ([torch.randint(low, low + width, (4, 12), generator=generator) for _ in range(4)]
+                               for low, width in ((0, 8), (100, 8), (200, 16)))
+    result = layers.train_gates(both, task_data={0: task_a, 1: task_b}, general_data=general, steps=200, progress=False)
+    assert result["last"] < 0.5 * result["first"]
+    share = {(graft, name): layers.gate_openness(both, data, graft)["open_share"]
+             for graft in (0, 1) for name, data in (("a", task_a), ("b", task_b), ("general", general))}
+    assert share[0, "a"] > 0.95 and share[1, "b"] > 0.95
+    assert max(share[0, "b"], share[0, "general"], share[1, "a"], share[1, "general"]) < 0.1
+    with pytest.raises(HfGraftError, match="needs task batches for each graft"):
+        layers.train_gates(both, task_data={0: task_a, 1: []}, general_data=general)
 
 
 def test_gate_errors_name_what_to_do():

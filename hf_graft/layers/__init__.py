@@ -9,14 +9,14 @@
   vanilla block, then the specialised block swapped in); grafting the specialised block from the
   start is the "direct" strategy;
 - gated grafts (``gate=True``): :func:`train_gate` teaches the gate to open on the task and close
-  on general text, :func:`gate_openness` reports how far it opens and :func:`record_openness` keeps
+  on general text, :func:`train_gates` routes between several gated grafts (each opens on its own task), :func:`gate_openness` reports how far it opens and :func:`record_openness` keeps
   that in the config, for the model card.
 """
 
 from ..models.modeling_grafted_causal_lm import GraftedBlock, Translator, decoder_layers
 from . import evaluation
 from .evaluation import language_scores, task_scores
-from .gating import gate_openness, record_openness, train_gate
+from .gating import gate_openness, record_openness, train_gate, train_gates
 from .specialise import block_linear_names, specialise_block
 from .translators import LOSSES, fit_translators, train_translators, translator_batches
 
@@ -34,6 +34,7 @@ __all__ = [
     "specialise_block",
     "task_scores",
     "train_gate",
+    "train_gates",
     "train_translators",
     "translator_batches",
 ]

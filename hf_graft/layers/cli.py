@@ -73,7 +73,7 @@ def _graft(args) -> None:
     if args.gate:
         task_ids = translator_batches(tokenizer, "task", task=task)
         general_ids = translator_batches(tokenizer, "corpus", corpus=pydoc_corpus().train)
-        report["gate_loss"] = train_gate(grafted, host=host, task_data=task_ids, general_data=general_ids, steps=args.gate_steps)
+        report["gate_loss"] = train_gate(grafted, task_data=task_ids, general_data=general_ids, steps=args.gate_steps)
         report["gate_openness"] = record_openness(grafted, task_ids, general_ids)
     grafted.config.graft_dataset = f"{args.data} (modular addition n={args.modulus}, pydoc corpus)"
     grafted.save_pretrained(args.out, tokenizer=tokenizer)

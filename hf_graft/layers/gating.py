@@ -1,27 +1,30 @@
-"""Gated grafts: train a graft's gate to open on its task and close elsewhere, and measure how far it opens.
+"""Gated grafts: train grafts' gates to open on their own task and stay shut elsewhere, and measure how far they open.
 
 A gated graft (``GraftedModelForCausalLM.from_models(..., gate=True)``) replaces the host's stream
-by ``h + g(h) * (graft(h) - h)``. :func:`train_gate` fits ``g`` with everything else frozen, on two
-kinds of batches: on the task's, the grafted model should predict what it predicts with the gate
-wide open (the graft's own behaviour); on general text, what the host predicts on its own. Both
-are next-token KL divergences, so the gate learns where the graft changes the model's predictions.
-Each target is met exactly by one openness (1 on the task, 0 on general text), so the openness is
-also pulled there directly (binary cross-entropy, weight ``openness_weight``): where the graft
-would change nothing either way, the gate still shuts off the task.
+by ``h + g(h) * (graft(h) - h)``. :func:`train_gates` fits the gates ``g`` of one or several
+grafts, everything else frozen. Each step takes a batch of one graft's task and a batch of
+general text. On the task's batch the grafted model should predict what it predicts with that
+graft wide open and every other graft shut; on general text, what it predicts with every graft
+shut, which is the host's own output. Both are next-token KL divergences, so the gates learn where
+their graft changes the model's predictions, and several gated grafts learn to route: each opens
+on its own task and stays shut on the others' and on general text. Each target is met exactly by
+openness 1 or 0, so the openness is also pulled there directly (binary cross-entropy, weight
+``openness_weight``): where a graft would change nothing either way, its gate still stays shut off its task.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import HfGraftError
 
-__all__ = ["gate_openness", "record_openness", "train_gate"]
+__all__ = ["gate_openness", "record_openness", "train_gate", "train_gates"]
 
 #: A gate counts as open on a token above this openness.
 OPEN = 0.5
@@ -29,21 +32,36 @@ OPEN = 0.5
 
 def _gated_block(grafted, graft: int):
     blocks = grafted.graft_blocks
-    if not 0 <= graft < len(blocks):
-        raise HfGraftError(f"graft must be between 0 and {len(blocks) - 1}, got {graft}.")
+    if not isinstance(graft, int) or not 0 <= graft < len(blocks):
+        raise HfGraftError(f"graft must be between 0 and {len(blocks) - 1}, got {graft!r}.")
     block = blocks[graft]
     if block.gate is None:
         raise HfGraftError(f"Graft {graft} has no gate: graft it with gate=True.")
     return block
 
 
+class _Fixed(nn.Module):
+    """A gate held at one openness on every token (1: wide open, 0: shut)."""
+
+    def __init__(self, openness: float):
+        super().__init__()
+        self.openness = openness
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states.new_full((*hidden_states.shape[:-1], 1), self.openness)
+
+
 @contextlib.contextmanager
-def _wide_open(block):
-    gate, block.gate = block.gate, None
+def _held(blocks: Sequence, openness: Sequence[float]):
+    """Hold each block's gate at its openness for the duration."""
+    kept = [block.gate for block in blocks]
+    for block, value in zip(blocks, openness):
+        block.gate = _Fixed(value)
     try:
         yield
     finally:
-        block.gate = gate
+        for block, gate in zip(blocks, kept):
+            block.gate = gate
 
 
 def _kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -52,64 +70,87 @@ def _kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.kl_div(student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1]), log_target=True, reduction="batchmean")
 
 
-def train_gate(
+def _bce(openness: torch.Tensor, target: float) -> torch.Tensor:
+    openness = openness.float().clamp(1e-6, 1 - 1e-6)
+    return F.binary_cross_entropy(openness, torch.full_like(openness, target))
+
+
+def train_gates(
     grafted,
     *,
-    host,
-    task_data: Sequence[torch.Tensor],
+    task_data: Mapping[int, Sequence[torch.Tensor]],
     general_data: Sequence[torch.Tensor],
-    graft: int = 0,
     steps: int = 300,
     learning_rate: float = 5e-2,
     openness_weight: float = 0.1,
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
-    """Train graft ``graft``'s gate, everything else frozen.
+    """Train the gates of the grafts named in ``task_data`` together, everything else frozen.
 
-    ``task_data`` and ``general_data`` are ``input_ids`` batches of the graft's task and of general
-    text; ``host`` is the host model alone. Each step takes one batch of each: on the task, the
-    KL from the model with the gate wide open; on general text, the KL from the host. Returns the
-    summed loss before and after training (``{"first": ..., "last": ...}``).
+    ``task_data`` maps a graft's index to ``input_ids`` batches of its task; ``general_data`` holds
+    ``input_ids`` batches of general text. Step ``s`` takes a batch of the ``s``-th graft's task in
+    turn and one of general text (see the module docstring). Gates of grafts not named stay as they
+    are and run live. Returns the summed loss before and after training (``{"first": ..., "last": ...}``).
     """
     if openness_weight < 0:
         raise HfGraftError(f"openness_weight must be >= 0, got {openness_weight}.")
-    if not task_data or not general_data:
-        raise HfGraftError("train_gate needs task batches and general-text batches (input_ids).")
-    block = _gated_block(grafted, graft)
+    if not isinstance(steps, int) or steps < 1:
+        raise HfGraftError(f"steps must be a positive integer, got {steps!r}.")
+    if not task_data or not general_data or not all(task_data.values()):
+        raise HfGraftError("train_gates needs task batches for each graft and general-text batches (input_ids).")
+    grafts = list(task_data)
+    blocks = [_gated_block(grafted, graft) for graft in grafts]
     trainable = {name: p.requires_grad for name, p in grafted.named_parameters()}
     grafted.requires_grad_(False)
-    block.gate.requires_grad_(True)
-    optimizer = torch.optim.Adam(block.gate.parameters(), lr=learning_rate)
+    parameters = [p for block in blocks for p in block.gate.parameters()]
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.Adam(parameters, lr=learning_rate)
     generator = torch.Generator().manual_seed(seed)
     was_training = grafted.training
     grafted.eval()
-    host.eval()
-    history, seen = [], []
-    handle = block.gate.register_forward_hook(lambda _, args, output: seen.append(output))
+    history, seen = [], {}
+    handles = [block.gate.register_forward_hook(lambda module, args, output, k=k: seen.setdefault(k, []).append(output))
+               for k, block in enumerate(blocks)]
+
+    def pick(batches):
+        return batches[int(torch.randint(0, len(batches), (1,), generator=generator))]
+
     try:
-        for _ in tqdm(range(steps), desc="Training the graft's gate", disable=not progress):
-            task = task_data[int(torch.randint(0, len(task_data), (1,), generator=generator))]
-            general = general_data[int(torch.randint(0, len(general_data), (1,), generator=generator))]
-            with torch.no_grad(), _wide_open(block):
-                task_target = grafted(input_ids=task).logits
+        for step in tqdm(range(steps), desc="Training the grafts' gates", disable=not progress):
+            owner = step % len(grafts)
+            task, general = pick(task_data[grafts[owner]]), pick(general_data)
             with torch.no_grad():
-                general_target = host(input_ids=general).logits
+                with _held(blocks, [float(k == owner) for k in range(len(blocks))]):
+                    task_target = grafted(input_ids=task).logits
+                with _held(blocks, [0.0] * len(blocks)):
+                    general_target = grafted(input_ids=general).logits
             seen.clear()
-            value = _kl(grafted(input_ids=task).logits, task_target) + _kl(grafted(input_ids=general).logits, general_target)
-            opened, shut = (g.float().clamp(1e-6, 1 - 1e-6) for g in seen)
-            value = value + openness_weight * (F.binary_cross_entropy(opened, torch.ones_like(opened))
-                                               + F.binary_cross_entropy(shut, torch.zeros_like(shut)))
+            value = _kl(grafted(input_ids=task).logits, task_target)
+            on_task = {k: outputs[0] for k, outputs in seen.items()}
+            seen.clear()
+            value = value + _kl(grafted(input_ids=general).logits, general_target)
+            on_general = {k: outputs[0] for k, outputs in seen.items()}
+            value = value + openness_weight * sum(
+                _bce(on_task[k], float(k == owner)) + _bce(on_general[k], 0.0) for k in range(len(blocks))
+            )
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             optimizer.step()
             history.append(value.item())
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         for name, parameter in grafted.named_parameters():
             parameter.requires_grad_(trainable[name])
         grafted.train(was_training)
     return {"first": history[0], "last": history[-1]}
+
+
+def train_gate(grafted, *, task_data: Sequence[torch.Tensor], general_data: Sequence[torch.Tensor], graft: int = 0, **options) -> dict:
+    """:func:`train_gates` for one graft: its gate opens on ``task_data`` and stays shut on ``general_data``."""
+    return train_gates(grafted, task_data={graft: task_data}, general_data=general_data, **options)
 
 
 @torch.no_grad()

@@ -210,7 +210,8 @@ class GraftedModelForCausalLM(GraftedModel, GenerationMixin):
 
         ``position`` counts the host's own blocks; a new graft at the position of an earlier one
         runs after it. With ``gate=True`` the graft's output passes through a :class:`Gate`
-        (trained by ``hf_graft.layers.train_gate``); several gated grafts each open on their own task.
+        (trained by ``hf_graft.layers.train_gate``); several gated grafts route between themselves, each
+        opening on its own task, once ``hf_graft.layers.train_gates`` has trained their gates together.
         """
         grafted = isinstance(host, GraftedModelForCausalLM)
         source = host.host if grafted else host
