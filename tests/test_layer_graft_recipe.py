@@ -50,6 +50,8 @@ def _graft(**changes):
         ({"graft": _graft(loss="mse")}, "graft.loss must be one of residual, residual_kl, logits"),
         ({"graft": _graft(stages=["middle"])}, "graft.stages must be a list of pre and/or post"),
         ({"graft": _graft(strategy="swap")}, "graft.strategy must be one of original, direct"),
+        ({"graft": _graft(gate="yes")}, "graft.gate must be true or false"),
+        ({"graft": _graft(gate=True, gate_steps=-1)}, "graft.gate_steps must be a non-negative integer"),
         ({"task": {"modulus": 1}}, "task.modulus must be at least 2"),
         ({"models": {"donor": "/nonexistent/donor", "host": TINY}}, "models.donor: cannot find the model"),
         ({"models": {"donor": TINY}}, "models.host is required"),
@@ -95,3 +97,18 @@ def test_graft_recipe_end_to_end_then_resume(tmp_path, capsys):
     changed = _recipe(tmp_path, graft=_graft(steps=5))
     with pytest.raises(HfGraftError, match="different recipe"):
         run_recipe(changed)
+
+
+def test_a_gated_graft_recipe_trains_the_gate_and_reports_its_openness(tmp_path, capsys):
+    report = run_recipe(load_recipe(_recipe(tmp_path, graft=_graft(gate=True, gate_steps=6))))
+    shown = capsys.readouterr().out
+    openness = report["gate"]["openness"]
+    assert set(openness) == {"task", "general"} and set(report["gate"]["loss"]) == {"first", "last"}
+    for where in openness.values():
+        assert 0.0 <= where["mean"] <= 1.0 and 0.0 <= where["open_share"] <= 1.0 and where["tokens"] > 0
+    assert f"gate open on {openness['task']['open_share']:.0%} of task tokens" in shown
+    folder = tmp_path / "run" / "grafted"
+    grafted = AutoModelForCausalLM.from_pretrained(folder)
+    assert grafted.config.grafts[0]["gate"] is True and grafted.config.grafts[0]["openness"] == openness
+    assert grafted.graft_blocks[0].gate is not None
+    assert "open on" in (folder / "README.md").read_text()

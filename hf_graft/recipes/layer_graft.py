@@ -24,13 +24,16 @@ specialise, the graft and its translators, the evaluation and where to push::
       stages: [pre, post]         # the translators trained, in order; [] keeps them as initialised
       steps: 300                  # per stage
       learning_rate: 1.0e-3
+      gate: false                 # true: the graft's output passes through a gate trained to open on
+      gate_steps: 300             # the task and stay shut on general text (the host's own output there)
     evaluation: {samples: 200, text_prompts: 64, mlm: bert-base-uncased, top_k: 5}
     push_to_hub: org/grafted-pythia     # optional
 
 The job: 1. the models (tiny ones built, pretrained and saved once); 2. the donor's block
 ``specialise.layer`` learns the task with LoRA on that block only (:func:`specialise_block`);
 3. the graft: :meth:`GraftedModelForCausalLM.from_models`, then :func:`fit_translators` and
-:func:`train_translators`, then the swap; 4. the paper's metrics (format-hard, format-soft,
+:func:`train_translators`, then the swap, then for a gated graft :func:`train_gate` and the gate's
+openness on task prompts and on general text (:func:`record_openness`); 4. the paper's metrics (format-hard, format-soft,
 factual on the task's test split; lexical perplexity, MLM predictability with ``evaluation.mlm``,
 and perplexity on held-out pydoc text) for the specialised donor, the graft, the host and the
 vanilla donor, in ``report.json`` and a table; 5. the push, with the model card.
@@ -66,6 +69,8 @@ _GRAFT = {
     "stages": ["pre", "post"],
     "steps": 300,
     "learning_rate": 1e-3,
+    "gate": False,
+    "gate_steps": 300,
 }
 _EVALUATION = {"samples": 200, "text_prompts": 64, "mlm": None, "top_k": None}
 _CHOICES = {
@@ -101,7 +106,9 @@ def _settings(raw: dict, name: str, defaults: dict) -> dict:
     for key, value in settings.items():
         if key in _CHOICES and value not in _CHOICES[key]:
             raise HfGraftError(f"recipe: {name}.{key} must be one of {', '.join(_CHOICES[key])}, got {value!r}.")
-        if key in ("layer", "position", "rank", "steps", "batch_size", "batches", "modulus", "train_size", "test_size",
+        if key == "gate" and not isinstance(value, bool):
+            raise HfGraftError(f"recipe: {name}.gate must be true or false, got {value!r}.")
+        if key in ("layer", "position", "rank", "steps", "gate_steps", "batch_size", "batches", "modulus", "train_size", "test_size",
                    "samples", "text_prompts") and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise HfGraftError(f"recipe: {name}.{key} must be a non-negative integer, got {value!r}.")
     return settings
@@ -215,6 +222,11 @@ def run(recipe: GraftRecipe, *, progress: bool = True) -> dict:
     scores = {name: _scores(recipe, model, tokenizer, task) for name, model in models.items()}
     report = {"output_dir": str(job.out), "grafted": str(job.out / STEP_FOLDERS["graft"]),
               "translator_losses": done["losses"], "scores": scores}
+    openness = grafted.config.grafts[0].get("openness")
+    if openness is not None:
+        report["gate"] = {"loss": done.get("gate_loss"), "openness": openness}
+        job.say("evaluation", "gate open on {:.0%} of task tokens (mean {:.3f}), {:.0%} of general-text tokens (mean {:.3f})".format(
+            openness["task"]["open_share"], openness["task"]["mean"], openness["general"]["open_share"], openness["general"]["mean"]))
     if job.progress:
         from ..reporting import markdown_table
 
@@ -256,6 +268,7 @@ def _specialise(recipe: GraftRecipe, donor, tokenizer, task, progress: bool):
 
 def _graft(recipe: GraftRecipe, donor, tuned, host, tokenizer, task, progress: bool) -> tuple[Any, dict]:
     from ..data import pydoc_corpus
+    from ..layers.gating import record_openness, train_gate
     from ..layers.translators import fit_translators, train_translators, translator_batches
     from ..models.modeling_grafted_causal_lm import GraftedModelForCausalLM
 
@@ -264,6 +277,7 @@ def _graft(recipe: GraftRecipe, donor, tuned, host, tokenizer, task, progress: b
     grafted = GraftedModelForCausalLM.from_models(
         host, source, donor_layer=recipe.specialise["layer"], position=settings["position"],
         translator_init=settings["translator_init"], donor_name=recipe.models["donor"].reference or "tiny donor",
+        gate=settings["gate"],
     )
     data = translator_batches(tokenizer, settings["data"], task=task, corpus=pydoc_corpus().train,
                               batches=settings["batches"], seed=recipe.seed)
@@ -276,8 +290,16 @@ def _graft(recipe: GraftRecipe, donor, tuned, host, tokenizer, task, progress: b
                                    learning_rate=settings["learning_rate"], seed=recipe.seed, progress=progress)
     if settings["strategy"] == "original":
         grafted.swap_block(tuned)
+    extra = {"losses": losses}
+    if settings["gate"]:
+        task_ids = translator_batches(tokenizer, "task", task=task, batches=settings["batches"], seed=recipe.seed)
+        general_ids = translator_batches(tokenizer, "corpus", corpus=pydoc_corpus().train, batches=settings["batches"],
+                                         seed=recipe.seed)
+        extra["gate_loss"] = train_gate(grafted, task_data=task_ids, general_data=general_ids, steps=settings["gate_steps"],
+                                        seed=recipe.seed, progress=progress)
+        record_openness(grafted, task_ids, general_ids)
     grafted.config.graft_dataset = f"{settings['data']} (modular addition n={recipe.task['modulus']}, pydoc corpus)"
-    return grafted, {"losses": losses}
+    return grafted, extra
 
 
 def _scores(recipe: GraftRecipe, model, tokenizer, task) -> dict:
