@@ -58,6 +58,7 @@ from hf_graft.causal_lm import (
     Schedule,
     build_causal_lm,
     encode_text,
+    example_batches,
     finetune,
     perplexity,
     perplexity_plateau,
@@ -65,7 +66,15 @@ from hf_graft.causal_lm import (
     tiny_gpt_neox_config,
 )
 from hf_graft.data import Task, corpus_tokenizer, modular_addition, pydoc_corpus
-from hf_graft.layers import block_linear_names, fit_translators, specialise_block, train_translators, translator_batches
+from hf_graft.layers import (
+    block_linear_names,
+    fit_translators,
+    gate_openness,
+    specialise_block,
+    train_gate,
+    train_translators,
+    translator_batches,
+)
 from hf_graft.layers.evaluation import language_scores, task_scores, text_prompts
 from hf_graft.layers.masked_lm import corpus_masked_lm
 from hf_graft.model_cache import cached_model
@@ -122,6 +131,13 @@ NEW_TOKENS = 32  # greedy continuation of each held-out text prompt
 PROMPT_TOKENS = 24
 MLM_TOP_K = 5
 TARGETS = {"format_soft": 0.95, "format_hard": 0.5, "factual_vs_tuned": 0.9, "perplexity_vs_host": 1.05}
+GATED_TARGETS = {"perplexity_vs_host": 1.02, "language_vs_host": 0.05, "format": 0.95, "factual_vs_tuned": 0.9}
+GATE_STEPS = 300  # train_gate's default
+GATE_ABLATION = {  # how the gate of the best graft is trained, or not
+    "no gate": None,
+    "gate, openness labels only": {"match_outputs": False},
+    "gate + general text (the host's output)": {"match_outputs": True},
+}
 VANILLA_SEED = 0  # initialisation and data order of the vanilla model
 OTHER_SEED = 1  # data order of every host; initialisation of the "other initialisation" host
 
@@ -368,6 +384,50 @@ def target_checks(scores: dict, tuned: dict, host_perplexity: float) -> list:
     ]
 
 
+def gated_checks(scores: dict, tuned: dict, host: dict) -> list:
+    """The gated graft's targets: the host as it was off the task, the task as the tuned block does it."""
+    factual_ratio = scores["factual"] / tuned["factual"] if tuned["factual"] else math.nan
+    within = GATED_TARGETS["language_vs_host"]
+    checks = [
+        (f"held-out perplexity <= {GATED_TARGETS['perplexity_vs_host']:.2f}x the host's",
+         scores["perplexity"] / host["perplexity"], lambda r: r <= GATED_TARGETS["perplexity_vs_host"]),
+        (f"lexical perplexity within {within:.0%} of the host's", scores["lexical_perplexity"] / host["lexical_perplexity"],
+         lambda r: abs(r - 1) <= within),
+        (f"MLM predictability within {within:.0%} of the host's", scores["mlm_predictability"] / host["mlm_predictability"],
+         lambda r: abs(r - 1) <= within),
+        (f"format-hard >= {GATED_TARGETS['format']}", scores["format_hard"], lambda v: v >= GATED_TARGETS["format"]),
+        (f"format-soft >= {GATED_TARGETS['format']}", scores["format_soft"], lambda v: v >= GATED_TARGETS["format"]),
+        (f"factual >= {GATED_TARGETS['factual_vs_tuned']:.0%} of the tuned model's", factual_ratio,
+         lambda r: r >= GATED_TARGETS["factual_vs_tuned"]),
+    ]
+    return [{"target": target, "measured": measured, "met": bool(test(measured))} for target, measured, test in checks]
+
+
+def with_gate(grafted):
+    """A copy of ``grafted`` (one graft) whose graft is gated: translators and block as they are, the gate new (open)."""
+    config = copy.deepcopy(grafted.config)
+    config.grafts[0]["gate"] = True
+    gated = hf_graft.GraftedModelForCausalLM(config)
+    missing, unexpected = gated.load_state_dict(grafted.state_dict(), strict=False)
+    if unexpected or not all(".gate." in key for key in missing):
+        raise RuntimeError(f"with_gate: unexpected weights {unexpected}, missing {missing}")
+    return gated.eval()
+
+
+def openness_rows_keys() -> list:
+    """The rows :func:`openness_rows` fills, in order."""
+    return [f"gate {what} ({where})" for where in ("task", "general") for what in ("mean", "open share")]
+
+
+def openness_rows(grafted, data: dict) -> dict:
+    """The gate's openness on the task's test prompts (with answers) and on the held-out text, as table rows."""
+    rows = {}
+    for where, batches in data.items():
+        openness = gate_openness(grafted, batches)
+        rows[f"gate mean ({where})"], rows[f"gate open share ({where})"] = openness["mean"], openness["open_share"]
+    return rows
+
+
 def selection_key(scores: dict, tuned: dict, host_perplexity: float) -> tuple:
     """Rank candidates: most targets met on held-back data, then f_H + f_S + factual share, less excess perplexity."""
     checks = target_checks(scores, tuned, host_perplexity)
@@ -552,6 +612,29 @@ def main():
                    for host, (_, variant, _) in fitted.items()}
     final = selector.best([v for options in refinements.values() for v in options.values()], "refinement", progress, keep=True)
     best = {host: variant for host, (_, variant, _) in final.items()}
+    bench.timings["best_configuration_s"] = time.perf_counter() - start
+
+    # Beyond the paper: the best graft of each host gated, its gate trained (or not) as GATE_ABLATION says.
+    start = time.perf_counter()
+    gate_data = {
+        "task_data": translator_batches(bench.tokenizer, "task", task=bench.task, batches=setup["translator_batches"], **TRANSLATOR_BATCH),
+        "general_data": translator_batches(bench.tokenizer, "corpus", corpus=bench.corpus.train,
+                                           batches=setup["translator_batches"], **TRANSLATOR_BATCH),
+    }
+    windows = bench.held_out_ids[: bench.held_out_ids.numel() // PRETRAIN_SEQ_LEN * PRETRAIN_SEQ_LEN].reshape(-1, PRETRAIN_SEQ_LEN)
+    openness_data = {"task": example_batches(bench.tokenizer, bench.task.test, batch_size=64),
+                     "general": list(windows.split(TRANSLATOR_BATCH["batch_size"]))}
+    gated, gate_losses = {}, {}
+    for host, variant in best.items():
+        gated[host], gate_losses[host] = {}, {}
+        for name, how in GATE_ABLATION.items():
+            if how is not None:
+                model = with_gate(selector.kept[variant])
+                gate_losses[host][name] = train_gate(model, **gate_data, steps=GATE_STEPS, progress=False, **how)
+                gated[host][name] = {**bench.evaluate(model), **openness_rows(model, openness_data)}
+    bench.timings["gated_graft_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
     refined, before_swap = {}, {}
     for host, options in refinements.items():
         refined[host] = {name: bench.evaluate(selector.kept[variant]) for name, variant in options.items()}
@@ -560,8 +643,14 @@ def main():
         before_swap[host] = perplexity(grafted, bench.held_out_ids, seq_len=PRETRAIN_SEQ_LEN)["perplexity"]
     chosen = {host: next(refined[host][name] for name, v in refinements[host].items() if v == best[host]) for host in best}
     selection = selector.rows
-    bench.timings["best_configuration_s"] = time.perf_counter() - start
+    bench.timings["best_configuration_s"] += time.perf_counter() - start
     tuned_reference = references["Tuned (rehearsal)"]
+    for host in gated:
+        gated[host] = {"no gate": chosen[host], **gated[host]}
+    gated_name = list(GATE_ABLATION)[-1]
+    host_reference = {host: references[host.replace("host", "Host")] for host in gated}
+    gated_target_checks = {host: {name: gated_checks(scores, tuned_reference, host_reference[host]) for name, scores in options.items()}
+                           for host, options in gated.items()}
     checks = {host: target_checks(chosen[host], tuned_reference, references[host.replace("host", "Host")]["perplexity"])
               for host in chosen}
     paper_checks = target_checks(results[paper], references["Tuned"], references["Host"]["perplexity"])
@@ -582,6 +671,8 @@ def main():
         "Tuned (rehearsal)": tuned_reference,
         f"best, shared init: L_{best['host'].position}": chosen["host"],
         f"best, other init: L_{best['host-other-init'].position}": chosen["host-other-init"],
+        "best + gate, shared init": gated["host"][gated_name],
+        "best + gate, other init": gated["host-other-init"][gated_name],
         "paper procedure": results[paper],
         "Vanilla": references["Vanilla"],
         "Host": references["Host"],
@@ -671,6 +762,34 @@ def main():
             "between two models' residual streams and cannot undo the grafted block's non-linear contribution exactly; "
             "the swap adds the rest.\n"
         )
+    gated_rows = [
+        {"target": c["target"], "shared init": c["measured"], "met": "yes" if c["met"] else "no",
+         "other init": o["measured"], "met (other init)": "yes" if o["met"] else "no"}
+        for c, o in zip(gated_target_checks["host"][gated_name], gated_target_checks["host-other-init"][gated_name])
+    ]
+    lines += [
+        "## Gated graft (beyond the paper)\n",
+        f"The best graft of each host with a gate on its output, `h + g(h) * (graft(h) - h)`, g read from the host's "
+        f"stream before the graft (`from_models(..., gate=True)`), trained alone for {GATE_STEPS} steps "
+        f"(`layers.train_gate`) on the task's training examples and on pretraining text "
+        f"({setup['translator_batches']} batches of each): \"openness labels only\" pulls the gate to 1 on the task "
+        "and to 0 on the text; \"+ general text\" adds the KL divergences to the graft wide open on the task and "
+        "to the host's own output on the text. Openness is measured on the task's test prompts with their answers "
+        f"and on the held-out text ({windows.numel():,} tokens); open share = share of tokens above 0.5.\n",
+        markdown_table(gated_rows, ["target", "shared init", "met", "other init", "met (other init)"]) + "\n",
+    ]
+    for host, title in (("host", "shared-init host"), ("host-other-init", "other-init host")):
+        host_name = host.replace("host", "Host")
+        table = {"Tuned (rehearsal)": tuned_reference, **gated[host], host_name: host_reference[host]}
+        shown = [("f_H", "format_hard"), ("f_S", "format_soft"), ("fact", "factual"), ("P", "lexical_perplexity"),
+                 ("MLM", "mlm_predictability"), ("PPL", "perplexity")] + [(key, key) for key in openness_rows_keys()]
+        body = [{"metric": label, **{name: scores.get(key, math.nan) for name, scores in table.items()}} for label, key in shown]
+        body.append({"metric": "PPL / host", **{name: scores["perplexity"] / host_reference[host]["perplexity"]
+                                                for name, scores in table.items()}})
+        met = {name: sum(c["met"] for c in checks_) for name, checks_ in gated_target_checks[host].items()}
+        lines += [f"### Gate ablation ({title}; targets met of 6: "
+                  + ", ".join(f"{name} {count}" for name, count in met.items()) + ")\n",
+                  markdown_table(body, ["metric", *table]) + "\n"]
     for host, title in (("host", "shared-init host"), ("host-other-init", "other-init host")):
         chosen_name = next(name for name, v in refinements[host].items() if v == best[host])
         lines += [
@@ -714,6 +833,9 @@ def main():
         "refinements": {host: {name: {**asdict(refinements[host][name]), "scores": scores} for name, scores in options.items()}
                         for host, options in refined.items()},
         "paper_targets": paper_checks,
+        "gated": {host: {name: {"scores": scores, "targets": gated_target_checks[host][name],
+                                "gate_loss": gate_losses[host].get(name)} for name, scores in options.items()}
+                  for host, options in gated.items()},
     }
     write_results(args.out, "layer_graft", data, markdown)
     panels = {**{title: cols for title, cols in experiments.items()}, "Best configurations": best_columns}
@@ -721,6 +843,7 @@ def main():
     ratios = {label: results[v]["perplexity"] / host_of[v] for title, variants in wanted.items() for label, v in
               ((f"{title.split('.')[0]}: {name}", v) for name, v in variants.items())}
     ratios.update({f"best, {h}": chosen[h]["perplexity"] / references[h.replace("host", "Host")]["perplexity"] for h in chosen})
+    ratios.update({f"best + gate, {h}": gated[h][gated_name]["perplexity"] / host_reference[h]["perplexity"] for h in gated})
     plot(panels, ratios, os.path.join(args.out, "layer_graft.png"))
     print(markdown)
 

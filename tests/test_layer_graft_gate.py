@@ -84,6 +84,18 @@ def test_the_gate_learns_to_open_on_the_task_and_shut_on_general_text(tmp_path):
     assert AutoModelForCausalLM.from_pretrained(tmp_path).config.grafts[0]["openness"] == {"task": on_task, "general": off_task}
 
 
+def test_a_gate_can_learn_the_openness_labels_alone():
+    """match_outputs=False: a classifier of task against general text, blind to what the graft changes."""
+    gated = _gated()
+    generator = torch.Generator().manual_seed(0)
+    task = [torch.randint(0, 8, (4, 12), generator=generator) for _ in range(4)]
+    general = [torch.randint(200, 216, (4, 12), generator=generator) for _ in range(4)]
+    layers.train_gate(gated, task_data=task, general_data=general, steps=100, match_outputs=False, progress=False)
+    assert layers.gate_openness(gated, task)["open_share"] > 0.95 and layers.gate_openness(gated, general)["open_share"] < 0.05
+    with pytest.raises(HfGraftError, match="> 0 without match_outputs"):
+        layers.train_gate(gated, task_data=task, general_data=general, match_outputs=False, openness_weight=0.0)
+
+
 def test_two_gated_grafts_route_each_task_to_its_own_graft():
     """Task A draws on tokens 0-7, task B on 100-107, general text on 200-215: trained together, each gate opens on its own task."""
     host = make("llama", 0)

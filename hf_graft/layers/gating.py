@@ -83,6 +83,7 @@ def train_gates(
     steps: int = 300,
     learning_rate: float = 5e-2,
     openness_weight: float = 0.1,
+    match_outputs: bool = True,
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
@@ -91,10 +92,11 @@ def train_gates(
     ``task_data`` maps a graft's index to ``input_ids`` batches of its task; ``general_data`` holds
     ``input_ids`` batches of general text. Step ``s`` takes a batch of the ``s``-th graft's task in
     turn and one of general text (see the module docstring). Gates of grafts not named stay as they
-    are and run live. Returns the summed loss before and after training (``{"first": ..., "last": ...}``).
+    are and run live. ``match_outputs=False`` drops the two KL terms: the gates then learn the
+    openness labels alone, a classifier of task against general text blind to what the grafts change. Returns the summed loss before and after training (``{"first": ..., "last": ...}``).
     """
-    if openness_weight < 0:
-        raise HfGraftError(f"openness_weight must be >= 0, got {openness_weight}.")
+    if openness_weight < 0 or (not match_outputs and openness_weight == 0):
+        raise HfGraftError(f"openness_weight must be >= 0 (> 0 without match_outputs), got {openness_weight}.")
     if not isinstance(steps, int) or steps < 1:
         raise HfGraftError(f"steps must be a positive integer, got {steps!r}.")
     if not task_data or not general_data or not all(task_data.values()):
@@ -123,15 +125,16 @@ def train_gates(
             task, general = pick(task_data[grafts[owner]]), pick(general_data)
             with torch.no_grad():
                 with _held(blocks, [float(k == owner) for k in range(len(blocks))]):
-                    task_target = grafted(input_ids=task).logits
+                    task_target = grafted(input_ids=task).logits if match_outputs else None
                 with _held(blocks, [0.0] * len(blocks)):
-                    general_target = grafted(input_ids=general).logits
+                    general_target = grafted(input_ids=general).logits if match_outputs else None
             seen.clear()
-            value = _kl(grafted(input_ids=task).logits, task_target)
+            task_logits = grafted(input_ids=task).logits
             on_task = {k: outputs[0] for k, outputs in seen.items()}
             seen.clear()
-            value = value + _kl(grafted(input_ids=general).logits, general_target)
+            general_logits = grafted(input_ids=general).logits
             on_general = {k: outputs[0] for k, outputs in seen.items()}
+            value = _kl(task_logits, task_target) + _kl(general_logits, general_target) if match_outputs else 0.0
             value = value + openness_weight * sum(
                 _bce(on_task[k], float(k == owner)) + _bce(on_general[k], 0.0) for k in range(len(blocks))
             )
