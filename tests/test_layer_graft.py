@@ -225,10 +225,15 @@ def test_cli_specialise_graft_eval(tmp_path, tokenizer, capsys):
     assert main(["layers", "eval", str(bare), "--samples", "8", "--tokenizer", str(tmp_path / "host")]) == 0
 
 
-def test_text_generation_pipeline_from_the_saved_folder(tmp_path, tokenizer):
+@pytest.mark.parametrize("gate", [False, True])
+def test_text_generation_pipeline_from_the_saved_folder(tmp_path, tokenizer, gate):
     from transformers import pipeline
 
-    grafted = hf_graft.GraftedModelForCausalLM.from_models(make("llama", 0), make("llama", 1), donor_layer=1, position=2)
+    grafted = hf_graft.GraftedModelForCausalLM.from_models(make("llama", 0), make("llama", 1), donor_layer=1, position=2, gate=gate)
+    if gate:
+        with torch.no_grad():  # a gate that opens on some tokens and not others
+            grafted.graft_blocks[0].gate.score.weight.normal_(0, 2.0)
+            grafted.graft_blocks[0].gate.score.bias.zero_()
     assert grafted.can_generate()
     grafted.save_pretrained(tmp_path, tokenizer=tokenizer)
     assert (tmp_path / "tokenizer.json").exists() and (tmp_path / "generation_config.json").exists()
