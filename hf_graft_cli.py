@@ -169,7 +169,7 @@ def _layers_parser(sub) -> None:
     graft.add_argument("--modulus", type=int, default=4, help="n of 'a + b mod n' (default 4)")
     graft.add_argument("--steps", type=int, default=300, help="translator training steps (default 300)")
     graft.add_argument("--gate", action="store_true", help="gate the graft per token, trained to open on the task and shut on pydoc text")
-    graft.add_argument("--gate-steps", type=int, default=300, help="gate training steps (default 300)")
+    graft.add_argument("--gate-steps", type=int, default=1000, help="gate training steps (default 1000)")
     graft.add_argument("--out", required=True, help="folder for the graft and its tokenizer")
     graft.add_argument("--push-to-hub", metavar="REPO_ID", help="push the graft (with its tokenizer) when done")
 

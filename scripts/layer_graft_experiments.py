@@ -132,7 +132,7 @@ PROMPT_TOKENS = 24
 MLM_TOP_K = 5
 TARGETS = {"format_soft": 0.95, "format_hard": 0.5, "factual_vs_tuned": 0.9, "perplexity_vs_host": 1.05}
 GATED_TARGETS = {"perplexity_vs_host": 1.02, "language_vs_host": 0.05, "format": 0.95, "factual_vs_tuned": 0.9}
-GATE_STEPS = 300  # train_gate's default
+GATE_STEPS = 3000  # chosen on the shared-init host's held-back text: KL to the host 0.0054 / 0.0022 / 0.0009 after 300 / 1000 / 3000
 GATE_ABLATION = {  # how the gate of the best graft is trained, or not
     "no gate": None,
     "gate, openness labels only": {"match_outputs": False},

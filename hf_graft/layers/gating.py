@@ -80,7 +80,7 @@ def train_gates(
     *,
     task_data: Mapping[int, Sequence[torch.Tensor]],
     general_data: Sequence[torch.Tensor],
-    steps: int = 300,
+    steps: int = 1000,
     learning_rate: float = 5e-2,
     openness_weight: float = 0.1,
     match_outputs: bool = True,
@@ -92,7 +92,9 @@ def train_gates(
     ``task_data`` maps a graft's index to ``input_ids`` batches of its task; ``general_data`` holds
     ``input_ids`` batches of general text. Step ``s`` takes a batch of the ``s``-th graft's task in
     turn and one of general text (see the module docstring). Gates of grafts not named stay as they
-    are and run live. ``match_outputs=False`` drops the two KL terms: the gates then learn the
+    are and run live. More steps keep shutting the gates further off the task: on the layer-grafting
+    experiment's held-back text, 300, 1000 and 3000 steps leave KL 0.0054, 0.0022 and 0.0009 nats
+    per token from the host. ``match_outputs=False`` drops the two KL terms: the gates then learn the
     openness labels alone, a classifier of task against general text blind to what the grafts change. Returns the summed loss before and after training (``{"first": ..., "last": ...}``).
     """
     if openness_weight < 0 or (not match_outputs and openness_weight == 0):

@@ -25,7 +25,7 @@ specialise, the graft and its translators, the evaluation and where to push::
       steps: 300                  # per stage
       learning_rate: 1.0e-3
       gate: false                 # true: the graft's output passes through a gate trained to open on
-      gate_steps: 300             # the task and stay shut on general text (the host's own output there)
+      gate_steps: 1000            # the task and stay shut on general text (the host's own output there)
     evaluation: {samples: 200, text_prompts: 64, mlm: bert-base-uncased, top_k: 5}
     push_to_hub: org/grafted-pythia     # optional
 
@@ -70,7 +70,7 @@ _GRAFT = {
     "steps": 300,
     "learning_rate": 1e-3,
     "gate": False,
-    "gate_steps": 300,
+    "gate_steps": 1000,
 }
 _EVALUATION = {"samples": 200, "text_prompts": 64, "mlm": None, "top_k": None}
 _CHOICES = {
