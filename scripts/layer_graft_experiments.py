@@ -19,7 +19,9 @@ Everything is trained here, on CPython's pydoc text, so nothing is downloaded:
    (Tables 7-8), host size (Tables 9-10), and the host's initialisation (beyond the paper);
 4. a best configuration, beyond the paper, is picked on held-back training examples (never the
    test split) and checked against targets: the last block specialised with rehearsal of the
-   pretraining text, ridge least-squares translators, over destinations, ridges and hosts.
+   pretraining text, ridge least-squares translators, over destinations, ridges and hosts;
+5. that best graft gated (``gate=True``), its gate trained on the task and on pretraining text or
+   on the openness labels alone (``train_gate``), against the ungated graft and its own targets.
 
 Each model gets the paper's metrics through hf-graft's evaluate modules: format-hard (f_H),
 format-soft (f_S) and factual (fact) on greedy answers to the test prompts; lexical perplexity (P)
@@ -28,7 +30,7 @@ perplexity on the held-out text (PPL). Trained models are cached under ``--out``
 rerun skips training. Writes ``layer_graft.md``, ``layer_graft.json`` and ``layer_graft.png``.
 
     python scripts/layer_graft_experiments.py --quick   # about 2 minutes on 2 CPU cores, tiny models
-    python scripts/layer_graft_experiments.py           # about 20 minutes
+    python scripts/layer_graft_experiments.py           # about 35 minutes
 
 Why one script of this length: it is the experiment's design, not library code. Its variants, the
 ten tables they fill, the targets and the selection beyond the paper belong together so that one
