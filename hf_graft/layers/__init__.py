@@ -9,8 +9,9 @@
   vanilla block, then the specialised block swapped in); grafting the specialised block from the
   start is the "direct" strategy;
 - gated grafts (``gate=True``): :func:`train_gate` teaches the gate to open on the task and close
-  on general text, :func:`train_gates` routes between several gated grafts (each opens on its own task), :func:`gate_openness` reports how far it opens and :func:`record_openness` keeps
-  that in the config, for the model card.
+  on general text, :func:`train_gates` routes between several gated grafts (each opens on its own
+  task), :func:`gate_openness` reports how far a gate opens and :func:`record_openness` keeps that
+  in the config, for the model card.
 """
 
 from ..models.modeling_grafted_causal_lm import GraftedBlock, Translator, decoder_layers
